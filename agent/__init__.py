@@ -1,0 +1,1 @@
+"""qmoi-sync device agent."""

@@ -1,0 +1,1 @@
+"""qmoi-sync wire contract: identities, membership, keys, envelopes, frames (sans-I/O)."""

@@ -1,0 +1,1 @@
+"""qmoi-sync websocket relay: stores and forwards ciphertext it cannot read."""
