@@ -263,10 +263,13 @@ class RelayStore:
         return self._space_count
 
     async def get_space(self, space_id: bytes) -> SpaceRecord | None:
-        async with self._reader() as db, db.execute(
-            "SELECT log, created_at, head_seq, bytes_used FROM spaces WHERE space_id=?",
-            (space_id,),
-        ) as cur:
+        async with (
+            self._reader() as db,
+            db.execute(
+                "SELECT log, created_at, head_seq, bytes_used FROM spaces WHERE space_id=?",
+                (space_id,),
+            ) as cur,
+        ):
             row = await cur.fetchone()
         if row is None:
             return None
@@ -367,9 +370,7 @@ class RelayStore:
     async def append(
         self, space_id: bytes, sender: bytes, sender_seq: int, data: bytes, *, quota_bytes: int
     ) -> AppendResult:
-        return await self.submit_append(
-            space_id, sender, sender_seq, data, quota_bytes=quota_bytes
-        )
+        return await self.submit_append(space_id, sender, sender_seq, data, quota_bytes=quota_bytes)
 
     async def read_page(
         self,
@@ -420,8 +421,7 @@ class RelayStore:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 async with self._db.execute(
-                    "SELECT COALESCE(SUM(size), 0) FROM envelopes "
-                    "WHERE space_id=? AND relay_seq<?",
+                    "SELECT COALESCE(SUM(size), 0) FROM envelopes WHERE space_id=? AND relay_seq<?",
                     (space_id, before_seq),
                 ) as cur:
                     row = await cur.fetchone()
@@ -530,9 +530,7 @@ class RelayStore:
                 w.head_seq += 1
                 w.bytes_used += len(p.data)
                 w.sender_max[p.sender] = p.sender_seq
-                rows.append(
-                    (p.space_id, w.head_seq, p.sender, p.sender_seq, len(p.data), p.data)
-                )
+                rows.append((p.space_id, w.head_seq, p.sender, p.sender_seq, len(p.data), p.data))
                 stored.setdefault(p.space_id, []).append(
                     StoredEnvelope(p.space_id, w.head_seq, p.sender, p.sender_seq, p.data)
                 )
@@ -583,9 +581,7 @@ class RelayStore:
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         self.stats.appended += len(rows)
-        self.stats.duplicates += sum(
-            1 for _p, st, _s in decisions if st is AppendStatus.DUPLICATE
-        )
+        self.stats.duplicates += sum(1 for _p, st, _s in decisions if st is AppendStatus.DUPLICATE)
         self.stats.quota_refusals += sum(
             1 for _p, st, _s in decisions if st is AppendStatus.QUOTA_EXCEEDED
         )

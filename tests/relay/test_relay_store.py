@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
-
 from qmoi_sync.relay.store import (
     AppendStatus,
     RelayStore,
@@ -103,7 +102,9 @@ async def test_group_commit_batches_and_listener_order(store: RelayStore) -> Non
         seen.extend(e.relay_seq for e in envs)
 
     store.add_commit_listener(listener)
-    futs = [store.submit_append(SPACE, ALICE, i, b"x" * 32, quota_bytes=BIG) for i in range(1, 1001)]
+    futs = [
+        store.submit_append(SPACE, ALICE, i, b"x" * 32, quota_bytes=BIG) for i in range(1, 1001)
+    ]
     results = await asyncio.gather(*futs)
     assert [r.relay_seq for r in results] == list(range(1, 1001))
     assert seen == list(range(1, 1001))
