@@ -1,0 +1,363 @@
+"""Relay wire frames (one websocket binary message each): ``type u8`` then the fields.
+
+Field encodings (big-endian): fixed-size byte fields as-is; ``u64``/``u16`` integers; ``bool`` as
+one byte 0/1; byte blobs as ``u32 length | bytes``; strings as ``u16 length | UTF-8``.
+
+=====  ==================  ==========================================================
+type   frame               fields
+=====  ==================  ==========================================================
+0x01   Hello               space_id 16 | sign_pk 32 | proto_version u16
+0x02   Auth                signature 64 | membership_log blob (may be empty)
+0x03   Subscribe           from_seq u64
+0x04   Publish             envelope blob
+0x05   PushMembership      log blob
+0x06   JoinRequest         space_id 16 | invite_id 16 | request blob
+0x07   JoinReply           request_id u64 | accepted bool | reason str | log blob
+0x81   Challenge           nonce 32
+0x82   Welcome             head_seq u64 | log blob
+0x83   Deliver             relay_seq u64 | envelope blob
+0x84   Ack                 sender_seq u64 | relay_seq u64 | duplicate bool
+0x85   CaughtUp            head_seq u64
+0x86   Membership          log blob
+0x87   JoinForward         request_id u64 | request blob
+0x88   JoinResult          ok bool | reason str | log blob
+0x89   Error               code str (<= 64) | message str (<= 1 KiB) | fatal bool
+=====  ==================  ==========================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import _codec as c
+from .envelope import MAX_ENVELOPE
+from .errors import MalformedError, TooLargeError
+from .identity import SIGN_PK_LEN, SIGNATURE_LEN
+from .invite import INVITE_ID_LEN, MAX_JOIN_REQUEST
+from .keys import SPACE_ID_LEN
+from .membership import MAX_LOG_BYTES
+from .version import PROTO_VERSION
+
+__all__ = [
+    "AUTH_CONTEXT",
+    "INVITE_ID_LEN",
+    "MAX_CODE",
+    "MAX_FRAME",
+    "MAX_JOIN_REQUEST",
+    "MAX_REASON",
+    "NONCE_LEN",
+    "PROTO_VERSION",
+    "Ack",
+    "Auth",
+    "CaughtUp",
+    "Challenge",
+    "Deliver",
+    "Error",
+    "Frame",
+    "Hello",
+    "JoinForward",
+    "JoinReply",
+    "JoinRequest",
+    "JoinResult",
+    "Membership",
+    "Publish",
+    "PushMembership",
+    "Subscribe",
+    "Welcome",
+    "auth_message",
+    "decode_frame",
+    "encode_frame",
+]
+
+#: Largest frame: an envelope plus framing.
+MAX_FRAME = MAX_ENVELOPE + 1024
+#: Largest reason / error message (UTF-8 bytes).
+MAX_REASON = 1024
+#: Largest error code (UTF-8 bytes).
+MAX_CODE = 64
+NONCE_LEN = 32
+AUTH_CONTEXT = b"qmoi-sync relay auth v1\0"
+
+
+def auth_message(nonce: bytes, space_id: bytes, sign_pk: bytes) -> bytes:
+    """The bytes a device signs to answer a relay :class:`Challenge`."""
+    return (
+        AUTH_CONTEXT
+        + c.fixed(nonce, NONCE_LEN, "nonce")
+        + c.fixed(space_id, SPACE_ID_LEN, "space_id")
+        + c.fixed(sign_pk, SIGN_PK_LEN, "sign_pk")
+    )
+
+
+# -- client -> relay -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    space_id: bytes
+    sign_pk: bytes
+    proto_version: int = PROTO_VERSION
+
+
+@dataclass(frozen=True)
+class Auth:
+    signature: bytes
+    membership_log: bytes = b""
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    from_seq: int
+
+
+@dataclass(frozen=True)
+class Publish:
+    envelope: bytes
+
+
+@dataclass(frozen=True)
+class PushMembership:
+    log: bytes
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    space_id: bytes
+    invite_id: bytes
+    request: bytes
+
+
+@dataclass(frozen=True)
+class JoinReply:
+    request_id: int
+    accepted: bool
+    reason: str = ""
+    log: bytes = b""
+
+
+# -- relay -> client -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Challenge:
+    nonce: bytes
+
+
+@dataclass(frozen=True)
+class Welcome:
+    head_seq: int
+    log: bytes
+
+
+@dataclass(frozen=True)
+class Deliver:
+    relay_seq: int
+    envelope: bytes
+
+
+@dataclass(frozen=True)
+class Ack:
+    sender_seq: int
+    relay_seq: int
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class CaughtUp:
+    head_seq: int
+
+
+@dataclass(frozen=True)
+class Membership:
+    log: bytes
+
+
+@dataclass(frozen=True)
+class JoinForward:
+    request_id: int
+    request: bytes
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    ok: bool
+    reason: str = ""
+    log: bytes = b""
+
+
+@dataclass(frozen=True)
+class Error:
+    code: str
+    message: str
+    fatal: bool = False
+
+
+Frame = (
+    Hello
+    | Auth
+    | Subscribe
+    | Publish
+    | PushMembership
+    | JoinRequest
+    | JoinReply
+    | Challenge
+    | Welcome
+    | Deliver
+    | Ack
+    | CaughtUp
+    | Membership
+    | JoinForward
+    | JoinResult
+    | Error
+)
+
+_TYPE: dict[type, int] = {
+    Hello: 0x01,
+    Auth: 0x02,
+    Subscribe: 0x03,
+    Publish: 0x04,
+    PushMembership: 0x05,
+    JoinRequest: 0x06,
+    JoinReply: 0x07,
+    Challenge: 0x81,
+    Welcome: 0x82,
+    Deliver: 0x83,
+    Ack: 0x84,
+    CaughtUp: 0x85,
+    Membership: 0x86,
+    JoinForward: 0x87,
+    JoinResult: 0x88,
+    Error: 0x89,
+}
+
+
+def _bool(v: object, what: str) -> bytes:
+    if not isinstance(v, bool):
+        raise MalformedError(f"{what} must be a bool")
+    return c.boolean(v)
+
+
+def encode_frame(msg: Frame) -> bytes:
+    """Encode a frame; refuses fields of the wrong size/type or over their limits."""
+    t = _TYPE.get(type(msg))
+    if t is None:
+        raise MalformedError(f"not a frame: {type(msg).__name__}")
+    parts = [c.u8(t)]
+    if isinstance(msg, Hello):
+        parts += [
+            c.fixed(msg.space_id, SPACE_ID_LEN, "space_id"),
+            c.fixed(msg.sign_pk, SIGN_PK_LEN, "sign_pk"),
+            c.u16(msg.proto_version),
+        ]
+    elif isinstance(msg, Auth):
+        parts += [
+            c.fixed(msg.signature, SIGNATURE_LEN, "signature"),
+            c.blob32(msg.membership_log, MAX_LOG_BYTES, "membership_log"),
+        ]
+    elif isinstance(msg, Subscribe):
+        parts.append(c.u64(msg.from_seq))
+    elif isinstance(msg, Publish):
+        parts.append(c.blob32(msg.envelope, MAX_ENVELOPE, "envelope"))
+    elif isinstance(msg, PushMembership | Membership):
+        parts.append(c.blob32(msg.log, MAX_LOG_BYTES, "log"))
+    elif isinstance(msg, JoinRequest):
+        parts += [
+            c.fixed(msg.space_id, SPACE_ID_LEN, "space_id"),
+            c.fixed(msg.invite_id, INVITE_ID_LEN, "invite_id"),
+            c.blob32(msg.request, MAX_JOIN_REQUEST, "request"),
+        ]
+    elif isinstance(msg, JoinReply):
+        parts += [
+            c.u64(msg.request_id),
+            _bool(msg.accepted, "accepted"),
+            c.str16(msg.reason, MAX_REASON, "reason"),
+            c.blob32(msg.log, MAX_LOG_BYTES, "log"),
+        ]
+    elif isinstance(msg, Challenge):
+        parts.append(c.fixed(msg.nonce, NONCE_LEN, "nonce"))
+    elif isinstance(msg, Welcome):
+        parts += [c.u64(msg.head_seq), c.blob32(msg.log, MAX_LOG_BYTES, "log")]
+    elif isinstance(msg, Deliver):
+        parts += [c.u64(msg.relay_seq), c.blob32(msg.envelope, MAX_ENVELOPE, "envelope")]
+    elif isinstance(msg, Ack):
+        parts += [c.u64(msg.sender_seq), c.u64(msg.relay_seq), _bool(msg.duplicate, "duplicate")]
+    elif isinstance(msg, CaughtUp):
+        parts.append(c.u64(msg.head_seq))
+    elif isinstance(msg, JoinForward):
+        parts += [c.u64(msg.request_id), c.blob32(msg.request, MAX_JOIN_REQUEST, "request")]
+    elif isinstance(msg, JoinResult):
+        parts += [
+            _bool(msg.ok, "ok"),
+            c.str16(msg.reason, MAX_REASON, "reason"),
+            c.blob32(msg.log, MAX_LOG_BYTES, "log"),
+        ]
+    else:  # Error
+        parts += [
+            c.str16(msg.code, MAX_CODE, "code"),
+            c.str16(msg.message, MAX_REASON, "message"),
+            _bool(msg.fatal, "fatal"),
+        ]
+    out = b"".join(parts)
+    if len(out) > MAX_FRAME:  # pragma: no cover - field limits keep frames below MAX_FRAME
+        raise TooLargeError(f"frame is {len(out)} bytes, limit {MAX_FRAME}")
+    return out
+
+
+def decode_frame(data: bytes, max_size: int = MAX_FRAME) -> Frame:
+    """Decode one frame; raises a ProtocolError subclass on anything malformed or oversized."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise MalformedError("frame: expected bytes")
+    if len(data) > max_size:
+        raise TooLargeError(f"frame is {len(data)} bytes, limit {max_size}")
+    r = c.Reader(data, "frame")
+    t = r.u8("type")
+    msg: Frame
+    if t == 0x01:
+        msg = Hello(
+            r.take(SPACE_ID_LEN, "space_id"), r.take(SIGN_PK_LEN, "sign_pk"), r.u16("proto_version")
+        )
+    elif t == 0x02:
+        msg = Auth(r.take(SIGNATURE_LEN, "signature"), r.blob32(MAX_LOG_BYTES, "membership_log"))
+    elif t == 0x03:
+        msg = Subscribe(r.u64("from_seq"))
+    elif t == 0x04:
+        msg = Publish(r.blob32(MAX_ENVELOPE, "envelope"))
+    elif t == 0x05:
+        msg = PushMembership(r.blob32(MAX_LOG_BYTES, "log"))
+    elif t == 0x06:
+        msg = JoinRequest(
+            r.take(SPACE_ID_LEN, "space_id"),
+            r.take(INVITE_ID_LEN, "invite_id"),
+            r.blob32(MAX_JOIN_REQUEST, "request"),
+        )
+    elif t == 0x07:
+        msg = JoinReply(
+            r.u64("request_id"),
+            r.boolean("accepted"),
+            r.str16(MAX_REASON, "reason"),
+            r.blob32(MAX_LOG_BYTES, "log"),
+        )
+    elif t == 0x81:
+        msg = Challenge(r.take(NONCE_LEN, "nonce"))
+    elif t == 0x82:
+        msg = Welcome(r.u64("head_seq"), r.blob32(MAX_LOG_BYTES, "log"))
+    elif t == 0x83:
+        msg = Deliver(r.u64("relay_seq"), r.blob32(MAX_ENVELOPE, "envelope"))
+    elif t == 0x84:
+        msg = Ack(r.u64("sender_seq"), r.u64("relay_seq"), r.boolean("duplicate"))
+    elif t == 0x85:
+        msg = CaughtUp(r.u64("head_seq"))
+    elif t == 0x86:
+        msg = Membership(r.blob32(MAX_LOG_BYTES, "log"))
+    elif t == 0x87:
+        msg = JoinForward(r.u64("request_id"), r.blob32(MAX_JOIN_REQUEST, "request"))
+    elif t == 0x88:
+        msg = JoinResult(
+            r.boolean("ok"), r.str16(MAX_REASON, "reason"), r.blob32(MAX_LOG_BYTES, "log")
+        )
+    elif t == 0x89:
+        msg = Error(r.str16(MAX_CODE, "code"), r.str16(MAX_REASON, "message"), r.boolean("fatal"))
+    else:
+        raise MalformedError(f"unknown frame type 0x{t:02x}")
+    r.end()
+    return msg
