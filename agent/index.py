@@ -1,0 +1,439 @@
+"""The per-space index document: which files exist, where, and whether they are deleted.
+
+One pycrdt ``Doc`` with one root ``Map`` named ``files``. Keys are FLAT, ``"<fid_hex>/<field>"``,
+and every value is a JSON-encoded string. Both choices are deliberate (design brief §4):
+
+* Not a nested Y.Map per file: when two devices concurrently create the same fid (same path and
+  content, hence the same derived id), each would insert its *own* nested map under the fid key
+  and one whole map would silently replace the other. Flat keys merge field by field.
+* JSON strings: pycrdt returns integers stored in a Map as floats (``5`` -> ``5.0``); encoding
+  the leaves ourselves keeps ``int`` as ``int`` and lets us validate what comes back.
+
+Concurrent writes to one key are won by the writer with the *highest client id* (yrs rule), not
+the latest. That is acceptable here because every such race is between values any of which is
+a correct outcome (two renames, two deletes, two identical creations), and the winner is the
+same on every replica. The one race where "who wins" matters — an edit against a concurrent
+delete — is not decided by LWW at all but by per-device edit counters:
+
+* Every local change to a file (content edit, rename, mode change, (re)creation) increments
+  this device's counter ``e:<device>`` (only that device ever writes that key, so it never
+  races).
+* A delete records ``seen``: the counters the deleting device had observed.
+* The entry is alive iff it has a path and either no delete record, or some device's counter is
+  greater than what the deleter saw — i.e. the edit was concurrent with (or after) the delete.
+  An edit beats a concurrent delete; nothing is lost.
+
+Fields per fid: ``path`` (str), ``kind`` ("text"|"binary"|"dir"|"symlink"), ``mode`` (int),
+``created`` ({"ts": float, "dev": str}), ``del`` (null | {"ts", "dev", "seen": {dev: int}}),
+``e:<dev>`` (int).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pycrdt import Doc, Map, TransactionEvent
+
+__all__ = [
+    "FILES",
+    "KINDS",
+    "DeleteRecord",
+    "FileEntry",
+    "IndexDoc",
+    "Kind",
+    "derive_file_id",
+    "fid_hex",
+]
+
+FILES = "files"  # root map name
+Kind = Literal["text", "binary", "dir", "symlink"]
+KINDS: frozenset[str] = frozenset({"text", "binary", "dir", "symlink"})
+FID_BYTES = 16
+_EMPTY_UPDATE = b"\x00\x00"  # v1 update with no structs and an empty delete set
+
+
+def derive_file_id(key: bytes, path: str, content: bytes, *, kind: str = "") -> bytes:
+    """Deterministic 16-byte file id: keyed BLAKE2b over (kind, path, content).
+
+    Two devices that create the same path with the same content get the same fid, so their
+    index entries (and text documents) merge instead of turning into a conflict. The hash is
+    keyed with the space's file-id key so ids reveal nothing about paths or contents to anyone
+    without it. ``kind`` separates e.g. a directory from an empty file, or a symlink from a file
+    holding the same bytes as its target; the same file must always be given the same kind.
+    """
+    if not key:
+        raise ValueError("file id key must not be empty")
+    if len(key) > 64:  # BLAKE2b key limit: compress longer keys first
+        key = hashlib.blake2b(key, digest_size=64).digest()
+    h = hashlib.blake2b(key=key, digest_size=FID_BYTES, person=b"qmoi-fid-v1")
+    for part in (kind.encode("utf-8"), path.encode("utf-8")):
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    h.update(len(content).to_bytes(8, "big"))
+    h.update(content)
+    return h.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRecord:
+    ts: float
+    dev: str
+    seen: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One file of the index as converged state says it is (read-only view)."""
+
+    fid: str  # lowercase hex, 32 chars
+    path: str | None
+    kind: str
+    mode: int
+    created_ts: float
+    created_dev: str
+    edits: Mapping[str, int] = field(default_factory=dict)
+    deleted: DeleteRecord | None = None
+    alive: bool = False
+
+
+def _is_alive(path: str | None, edits: Mapping[str, int], deleted: DeleteRecord | None) -> bool:
+    if path is None:
+        return False
+    if deleted is None:
+        return True
+    return any(count > deleted.seen.get(dev, 0) for dev, count in edits.items())
+
+
+def _check_fid(fid: str) -> str:
+    if len(fid) != 2 * FID_BYTES or any(c not in "0123456789abcdef" for c in fid):
+        raise ValueError(f"file id must be {2 * FID_BYTES} lowercase hex chars: {fid!r}")
+    return fid
+
+
+def _check_device(device: str) -> str:
+    if not device or "/" in device or ":" in device:
+        raise ValueError(f"bad device id: {device!r}")
+    return device
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown file kind {kind!r}")
+    return kind
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    f = float(v)
+    return f if math.isfinite(f) else None
+
+
+def _parse_delete(raw: Any) -> tuple[bool, DeleteRecord | None]:
+    """(valid, record). ``null`` is valid and means not deleted."""
+    if raw is None:
+        return True, None
+    if not isinstance(raw, dict):
+        return False, None
+    ts, dev, seen = _num(raw.get("ts")), raw.get("dev"), raw.get("seen")
+    if ts is None or not isinstance(dev, str) or not isinstance(seen, dict):
+        return False, None
+    clean: dict[str, int] = {}
+    for k, v in seen.items():
+        n = _int(v)
+        if not isinstance(k, str) or n is None:
+            return False, None
+        clean[k] = n
+    return True, DeleteRecord(ts, dev, clean)
+
+
+def _build_entry(fid: str, fields: Mapping[str, Any]) -> FileEntry:
+    """Interpret one fid's decoded fields. Garbage (a buggy or hostile peer) degrades to "no
+    path" / defaults, never to an exception: ``entries()`` must not fail on remote data."""
+    path = fields.get("path")
+    if not isinstance(path, str) or not path:
+        path = None
+    kind = fields.get("kind")
+    if not isinstance(kind, str) or kind not in KINDS:
+        # Unknown kind (e.g. from a newer agent): keep the entry but never materialize it.
+        kind, path = "binary" if kind is None else str(kind), None
+    mode = _int(fields.get("mode"))
+    created = fields.get("created")
+    created_ts, created_dev = 0.0, ""
+    if isinstance(created, dict):
+        created_ts = _num(created.get("ts")) or 0.0
+        dev = created.get("dev")
+        created_dev = dev if isinstance(dev, str) else ""
+    edits: dict[str, int] = {}
+    for k, v in fields.items():
+        if k.startswith("e:"):
+            n = _int(v)
+            if n is not None and n >= 0:
+                edits[k[2:]] = n
+    valid, deleted = _parse_delete(fields.get("del"))
+    if not valid:
+        # A malformed delete record is treated as a delete that saw nothing newer than what
+        # exists: conservative would be "alive", and an edit beats a delete anyway, so alive.
+        deleted = None
+    return FileEntry(
+        fid=fid,
+        path=path,
+        kind=kind,
+        mode=mode if mode is not None else 0o644,
+        created_ts=created_ts,
+        created_dev=created_dev,
+        edits=edits,
+        deleted=deleted,
+        alive=_is_alive(path, edits, deleted),
+    )
+
+
+class IndexDoc:
+    """The index of one space, wrapping a pycrdt ``Doc``.
+
+    Every mutating method runs in one transaction and returns that transaction's incremental
+    update (to persist and send); ``apply_update`` takes remote ones. Not thread-safe: one
+    owner (the agent's state component) drives it.
+
+    Reading the whole Y.Map is slow (≈150 ms for 60k keys), so the wrapper keeps, fed by a map
+    observer, the set of field names of each fid and a cache of parsed entries invalidated
+    per fid. ``entries()`` re-parses only fids touched since the last call, and
+    ``take_changed()`` tells the caller which fids those were.
+    """
+
+    def __init__(self, doc: Doc[Any] | None = None, *, client_id: int | None = None) -> None:
+        if doc is not None and client_id is not None:
+            raise ValueError("pass either doc or client_id")
+        self._doc: Doc[Any] = doc if doc is not None else Doc(client_id=client_id)
+        self._map: Map[Any] = self._doc.get(FILES, type=Map)
+        self._fields: dict[str, set[str]] = {}
+        self._cache: dict[str, FileEntry] = {}
+        self._dirty: set[str] = set()
+        self._changed: set[str] = set()
+        for key in self._map:
+            self._note_key(key, added=True)
+        self._sub = self._map.observe(self._on_map_event)
+
+    @classmethod
+    def from_state(cls, state: bytes, *, client_id: int | None = None) -> IndexDoc:
+        idx = cls(client_id=client_id)
+        idx.apply_update(state)
+        return idx
+
+    @property
+    def doc(self) -> Doc[Any]:
+        return self._doc
+
+    # -- change tracking ---------------------------------------------------------------------
+
+    def _note_key(self, key: str, *, added: bool) -> None:
+        fid, sep, name = key.partition("/")
+        if not sep:
+            return
+        names = self._fields.setdefault(fid, set())
+        if added:
+            names.add(name)
+        else:
+            names.discard(name)
+            if not names:
+                del self._fields[fid]
+        self._dirty.add(fid)
+        self._changed.add(fid)
+
+    def _on_map_event(self, event: Any) -> None:
+        for key, change in event.keys.items():
+            action = change.get("action") if isinstance(change, dict) else None
+            self._note_key(key, added=action != "delete")
+
+    def take_changed(self) -> set[str]:
+        """Fids whose fields changed (locally or remotely) since the previous call."""
+        changed, self._changed = self._changed, set()
+        return changed
+
+    # -- sync --------------------------------------------------------------------------------
+
+    def apply_update(self, update: bytes) -> None:
+        self._doc.apply_update(update)
+
+    def state(self) -> bytes:
+        """Full state as an update (``Doc.get_update()``)."""
+        return self._doc.get_update()
+
+    def state_vector(self) -> bytes:
+        return self._doc.get_state()
+
+    def update_since(self, state_vector: bytes) -> bytes:
+        """What a peer with ``state_vector`` lacks (sync step 2)."""
+        return self._doc.get_update(state_vector)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def _decoded_fields(self, fid: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in self._fields.get(fid, ()):
+            raw = self._map.get(f"{fid}/{name}")
+            if isinstance(raw, str):
+                try:
+                    out[name] = json.loads(raw)
+                except ValueError:
+                    continue
+        return out
+
+    def _refresh(self) -> None:
+        for fid in self._dirty:
+            fields = self._decoded_fields(fid)
+            if fields:
+                self._cache[fid] = _build_entry(fid, fields)
+            else:
+                self._cache.pop(fid, None)
+        self._dirty.clear()
+
+    def entries(self) -> dict[str, FileEntry]:
+        """Every fid known to the index (alive or not), keyed by fid hex."""
+        self._refresh()
+        return dict(self._cache)
+
+    def entry(self, fid: str) -> FileEntry | None:
+        self._refresh()
+        return self._cache.get(fid)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def _mutate(self, fn: Callable[[], None]) -> bytes:
+        captured: list[bytes] = []
+
+        def on_commit(event: TransactionEvent) -> None:
+            captured.append(event.update)
+
+        sub = self._doc.observe(on_commit)
+        try:
+            with self._doc.transaction():
+                fn()
+        finally:
+            self._doc.unobserve(sub)
+        return captured[0] if captured else _EMPTY_UPDATE
+
+    def _get(self, fid: str, name: str) -> Any:
+        raw = self._map.get(f"{fid}/{name}")
+        if not isinstance(raw, str):
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return None
+
+    def _set(self, fid: str, name: str, value: Any) -> None:
+        key = f"{fid}/{name}"
+        encoded = _dump(value)
+        # Rewriting an identical value still creates an item (and a race winner): skip it.
+        if self._map.get(key) != encoded:
+            self._map[key] = encoded
+
+    def _bump(self, fid: str, device: str) -> None:
+        current = _int(self._get(fid, f"e:{device}")) or 0
+        self._set(fid, f"e:{device}", current + 1)
+
+    def _current(self, fid: str) -> FileEntry | None:
+        # Inside a transaction the observer has not fired yet: read the map directly.
+        fields: dict[str, Any] = {}
+        for name in self._fields.get(fid, ()):
+            value = self._get(fid, name)
+            if value is not None or name == "del":
+                fields[name] = value
+        return _build_entry(fid, fields) if fields else None
+
+    def _require(self, fid: str) -> None:
+        if fid not in self._fields:
+            raise KeyError(f"unknown file id {fid}")
+
+    def create(self, fid: str, path: str, kind: str, mode: int, device: str, now: float) -> bytes:
+        """Create the entry, or recreate/undelete it if it exists (deleted or not).
+
+        ``created`` is (re)stamped only when the entry is new or currently deleted: creating
+        an alive fid again (the same file appeared by another route) just merges.
+        """
+        _check_fid(fid)
+        _check_kind(kind)
+        _check_device(device)
+        if not path:
+            raise ValueError("empty path")
+        if not math.isfinite(now):
+            raise ValueError("non-finite timestamp")
+        current = self._current(fid)
+
+        def run() -> None:
+            if current is None or not current.alive:
+                self._set(fid, "created", {"ts": float(now), "dev": device})
+            self._set(fid, "path", path)
+            self._set(fid, "kind", kind)
+            self._set(fid, "mode", int(mode))
+            if current is not None and current.deleted is not None:
+                self._set(fid, "del", None)
+            self._bump(fid, device)
+
+        return self._mutate(run)
+
+    def record_edit(self, fid: str, device: str) -> bytes:
+        """A local content change: bump this device's counter (an edit beats a delete)."""
+        _check_fid(fid)
+        _check_device(device)
+        self._require(fid)
+        return self._mutate(lambda: self._bump(fid, device))
+
+    def rename(self, fid: str, new_path: str, device: str) -> bytes:
+        """Move the file; counts as an edit (a rename beats a concurrent delete)."""
+        _check_fid(fid)
+        _check_device(device)
+        if not new_path:
+            raise ValueError("empty path")
+        self._require(fid)
+
+        def run() -> None:
+            self._set(fid, "path", new_path)
+            self._bump(fid, device)
+
+        return self._mutate(run)
+
+    def set_mode(self, fid: str, mode: int, device: str) -> bytes:
+        """Change the mode (exec bit); counts as an edit."""
+        _check_fid(fid)
+        _check_device(device)
+        self._require(fid)
+
+        def run() -> None:
+            self._set(fid, "mode", int(mode))
+            self._bump(fid, device)
+
+        return self._mutate(run)
+
+    def delete(self, fid: str, device: str, now: float) -> bytes:
+        """Mark deleted, recording the edit counters seen so a concurrent edit still wins."""
+        _check_fid(fid)
+        _check_device(device)
+        if not math.isfinite(now):
+            raise ValueError("non-finite timestamp")
+        current = self._current(fid)
+        if current is None:
+            raise KeyError(f"unknown file id {fid}")
+        record = {"ts": float(now), "dev": device, "seen": dict(current.edits)}
+        return self._mutate(lambda: self._set(fid, "del", record))
+
+
+def fid_hex(fid: bytes) -> str:
+    """The index key form of a file id."""
+    if len(fid) != FID_BYTES:
+        raise ValueError(f"file id must be {FID_BYTES} bytes")
+    return fid.hex()

@@ -1,0 +1,187 @@
+"""Where each alive index entry lives on disk: a PURE function of converged index state.
+
+Every device computes the same layout from the same entries, so conflict copies need no extra
+writes to the index (and no device "decides" a conflict that another device decides
+differently). Nothing here reads the clock, the disk or the local device id.
+
+Rules:
+
+* Each alive entry claims its own ``path``. When several alive entries claim the same path
+  (concurrent creation with different content, or a rename onto an existing path), the
+  **winner** is the one created earliest, ties broken by creating device then fid; it keeps
+  the path. Every loser is placed at ``conflict_name(path, created_ts, created_dev)``.
+* A file (non-directory) whose path is a proper ancestor of another alive entry's path (one
+  device created file ``a``, another ``a/b``) cannot coexist with it on disk: the file is
+  placed under a conflict name and the directory keeps the path.
+* Directory entries claiming the same path do not conflict: they are the same directory. The
+  winner is the one listed in ``Layout.paths``; ``by_fid`` maps all of them to the path.
+* A conflict name never collides with a path claimed by another alive entry, an ancestor
+  directory of one, or another conflict name: a numeric suffix (``-2``, ``-3``, ...) is added
+  deterministically before the extension.
+* No conflict copies of conflict copies: when the losing entry's own path is already a
+  conflict name, the new name is derived from the original path it was derived from.
+
+Out of scope for now (a later issue): paths that differ only by case or by Unicode
+normalization (``Café`` NFC vs NFD) collide on case-insensitive / normalizing filesystems
+(macOS, Windows) but are distinct here.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from .index import FileEntry
+
+__all__ = ["CONFLICT_MARKER", "Layout", "compute_layout", "strip_conflict_marker"]
+
+CONFLICT_MARKER = ".sync-conflict-"
+
+ConflictNamer = Callable[[str, float, str], str]
+
+
+def _local_conflict_name(path: str, when: float, short_id: str) -> str:
+    """Fallback implementing the documented contract of
+    ``qmoi_sync.protocol.paths.conflict_name``: ``stem.sync-conflict-YYYYMMDD-HHMMSS-ID.ext``.
+
+    UTC, because the name must be the same on every device whatever its time zone.
+    """
+    head, base = posixpath.split(path)
+    stem, ext = _split_ext(base)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(max(0.0, when)))
+    return posixpath.join(head, f"{stem}{CONFLICT_MARKER}{stamp}-{short_id}{ext}")
+
+
+try:  # The protocol module is written concurrently; the contract is documented.
+    from qmoi_sync.protocol.paths import conflict_name as _protocol_conflict_name
+except ImportError:  # pragma: no cover - transitional
+    _protocol_conflict_name = None
+
+conflict_name: ConflictNamer = (
+    _protocol_conflict_name if _protocol_conflict_name is not None else _local_conflict_name
+)
+
+
+def _split_ext(base: str) -> tuple[str, str]:
+    """("report", ".pdf"); a leading dot is not an extension (".bashrc" -> (".bashrc", ""))."""
+    dot = base.rfind(".")
+    if dot <= 0:
+        return base, ""
+    return base[:dot], base[dot:]
+
+
+# stem.sync-conflict-YYYYMMDD-HHMMSS-ID[-N].ext  (ID: base32-ish device short id)
+_CONFLICT_RE = re.compile(r"^(?P<stem>.+?)\.sync-conflict-\d{8}-\d{6}-[A-Za-z0-9]+(?:-\d+)?$")
+
+
+def strip_conflict_marker(path: str) -> str:
+    """The original path a conflict name was derived from (the path itself if it is not one)."""
+    head, base = posixpath.split(path)
+    stem, ext = _split_ext(base)
+    m = _CONFLICT_RE.match(stem)
+    if m is None:
+        return path
+    return posixpath.join(head, m.group("stem") + ext)
+
+
+def _with_suffix(path: str, n: int) -> str:
+    head, base = posixpath.split(path)
+    stem, ext = _split_ext(base)
+    return posixpath.join(head, f"{stem}-{n}{ext}")
+
+
+def _ancestors(path: str) -> Iterable[str]:
+    parent = posixpath.dirname(path)
+    while parent:
+        yield parent
+        parent = posixpath.dirname(parent)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The on-disk layout of one space."""
+
+    paths: Mapping[str, str] = field(default_factory=dict)
+    """relative path -> fid hex (one entry per path; for merged directories, the winner)."""
+    by_fid: Mapping[str, str] = field(default_factory=dict)
+    """fid hex -> relative path, for every alive entry."""
+    conflicts: frozenset[str] = frozenset()
+    """fids placed under a conflict name (the ``conflicts`` count shown by ``status``)."""
+
+    def path_of(self, fid: str) -> str | None:
+        return self.by_fid.get(fid)
+
+
+def _rank(e: FileEntry) -> tuple[float, str, str]:
+    return (e.created_ts, e.created_dev, e.fid)
+
+
+def compute_layout(
+    entries: Mapping[str, FileEntry], *, namer: ConflictNamer | None = None
+) -> Layout:
+    """The layout of the alive ``entries`` (keyed by fid hex; dead entries are ignored).
+
+    ``namer`` overrides the conflict naming function (tests); by default it is
+    ``qmoi_sync.protocol.paths.conflict_name``.
+    """
+    name_of = namer or conflict_name
+    alive = sorted(
+        (e for e in entries.values() if e.alive and e.path is not None),
+        key=lambda e: (e.path or "", _rank(e)),
+    )
+
+    claims: dict[str, list[FileEntry]] = {}
+    for e in alive:
+        assert e.path is not None
+        claims.setdefault(e.path, []).append(e)
+    # Every directory some alive entry needs to exist.
+    needed_dirs: set[str] = set()
+    for p in claims:
+        needed_dirs.update(_ancestors(p))
+    # Paths a conflict name must avoid: every claimed path and every needed directory.
+    taken: set[str] = set(claims) | needed_dirs
+
+    paths: dict[str, str] = {}
+    by_fid: dict[str, str] = {}
+    losers: list[FileEntry] = []
+    for path, group in claims.items():  # sorted by path then rank, so group[0] is earliest
+        dirs = [e for e in group if e.kind == "dir"]
+        files = [e for e in group if e.kind != "dir"]
+        if path in needed_dirs:
+            # Something lives under this path: it must be a directory. Files lose.
+            winners, losers_here = dirs, files
+        elif dirs and files:
+            # A directory and a file claim the path and nothing needs it as a directory:
+            # earliest creation wins, as for any other collision.
+            if _rank(dirs[0]) <= _rank(files[0]):
+                winners, losers_here = dirs, files
+            else:
+                winners, losers_here = [files[0]], files[1:] + dirs
+        elif dirs:
+            winners, losers_here = dirs, []
+        else:
+            winners, losers_here = [files[0]], files[1:]
+        if winners:
+            paths[path] = winners[0].fid
+            for w in winners:  # several only for merged directories
+                by_fid[w.fid] = path
+        losers.extend(losers_here)
+
+    conflicts: set[str] = set()
+    for e in sorted(losers, key=lambda e: (e.path or "", _rank(e))):
+        assert e.path is not None
+        candidate = name_of(strip_conflict_marker(e.path), e.created_ts, e.created_dev)
+        n = 1
+        final = candidate
+        while final in taken:
+            n += 1
+            final = _with_suffix(candidate, n)
+        taken.add(final)
+        paths[final] = e.fid
+        by_fid[e.fid] = final
+        conflicts.add(e.fid)
+
+    return Layout(paths=paths, by_fid=by_fid, conflicts=frozenset(conflicts))

@@ -1,0 +1,335 @@
+"""Turn "old text -> new text" into a few CRDT text operations, and apply them to a pycrdt Text.
+
+Two facts shape this module:
+
+* pycrdt ``Text`` indices are **UTF-8 byte offsets**, not Python character indices. Inserting at
+  a byte offset that falls inside a multi-byte character corrupts the text silently, so every
+  position computed here (in characters) is converted explicitly before it reaches pycrdt.
+* Yrs gets slower as a text fragments into many small items (each op splits items). A naive
+  character diff of a rewritten paragraph yields dozens of tiny ops; a line diff yields one or
+  two. So we diff lines first and only refine *small* replaced blocks at character level, and
+  we coalesce ops that are close together.
+
+Position convention of :class:`TextOp` (this is the contract ``apply_ops`` relies on):
+ops are sorted by position and applied **in list order**; ``op.pos`` is a Python character
+index into the text *as it is after all earlier ops of the list have been applied* (so the
+first op's ``pos`` is an index into ``old``). Ops never overlap: each op starts at or after the
+end of the text inserted by the previous op.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = [
+    "TextOp",
+    "apply_ops",
+    "apply_ops_to_str",
+    "char_offset",
+    "diff_ops",
+    "utf8_offset",
+]
+
+# A replaced line block is refined at character level only when both sides together are at
+# most this many characters: SequenceMatcher is quadratic-ish on characters, and a big rewritten
+# block is better expressed as one delete + one insert anyway.
+CHAR_REFINE_MAX_CHARS = 4000
+# If a character-level refinement needs more ops than this, the block was really rewritten:
+# emit a single replace instead (fewer items in the CRDT, faster later edits).
+CHAR_REFINE_MAX_OPS = 8
+# Two ops separated by an unchanged run shorter than this are merged into one op (re-deleting
+# and re-inserting a couple of characters is cheaper than one more item split).
+COALESCE_GAP = 3
+# Line diff guard: SequenceMatcher on lines can go quadratic on inputs made of many identical
+# lines. Above this many lines on each side of the changed middle, replace the middle wholesale.
+LINE_DIFF_MAX_LINES = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class TextOp:
+    """Delete ``delete`` characters at ``pos``, then insert ``insert`` at ``pos``.
+
+    ``pos`` and ``delete`` count Python characters (code points), in the coordinate space of
+    the text after all earlier ops of the same list were applied (see the module docstring).
+    """
+
+    pos: int
+    delete: int
+    insert: str
+
+    def __post_init__(self) -> None:
+        if self.pos < 0 or self.delete < 0:
+            raise ValueError(f"negative position or length in {self!r}")
+        if self.delete == 0 and not self.insert:
+            raise ValueError("empty TextOp")
+
+
+# --------------------------------------------------------------------------------------------
+# UTF-8 offsets
+
+
+def utf8_offset(s: str, char_index: int) -> int:
+    """Byte offset, in the UTF-8 encoding of ``s``, of the character at ``char_index``.
+
+    ``char_index`` may equal ``len(s)`` (the end). Characters outside the BMP (emoji) take 4
+    bytes, CJK 3, accented Latin 2; combining marks are separate code points and count on their
+    own, exactly as pycrdt counts them.
+    """
+    if not 0 <= char_index <= len(s):
+        raise IndexError(f"char index {char_index} out of range 0..{len(s)}")
+    return len(s[:char_index].encode("utf-8"))
+
+
+def char_offset(s: str, byte_offset: int) -> int:
+    """Inverse of :func:`utf8_offset`: the character index whose UTF-8 offset is ``byte_offset``.
+
+    Raises ValueError when ``byte_offset`` falls inside a multi-byte character (exactly the
+    position at which pycrdt would corrupt the text).
+    """
+    data = s.encode("utf-8")
+    if not 0 <= byte_offset <= len(data):
+        raise IndexError(f"byte offset {byte_offset} out of range 0..{len(data)}")
+    try:
+        return len(data[:byte_offset].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"byte offset {byte_offset} is inside a multi-byte character") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Diff
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    """Length of the common prefix, with C-speed slice comparisons (galloping then bisection).
+
+    A Python per-character loop over a 1 MB file costs tens of milliseconds; this costs
+    O(n log n) byte comparisons done by memcmp, i.e. well under a millisecond per MB.
+    """
+    n = min(len(a), len(b))
+    if n == 0 or a[0] != b[0]:
+        return 0
+    # Gallop: find a length `hi` at which the prefixes differ.
+    lo, step = 1, 64
+    while True:
+        hi = min(n, lo + step)
+        if a[lo:hi] != b[lo:hi]:
+            break
+        if hi == n:
+            return n
+        lo, step = hi, step * 2
+    # Invariant: a[:lo] == b[:lo] and a[:hi] != b[:hi]; bisect in between.
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _common_suffix_len(a: str, b: str, limit: int) -> int:
+    """Length of the common suffix of ``a`` and ``b``, at most ``limit``."""
+    n = min(len(a), len(b), limit)
+    if n == 0 or a[-1] != b[-1]:
+        return 0
+    la, lb = len(a), len(b)
+    lo, step = 1, 64
+    while True:
+        hi = min(n, lo + step)
+        if a[la - hi : la - lo] != b[lb - hi : lb - lo]:
+            break
+        if hi == n:
+            return n
+        lo, step = hi, step * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[la - mid : la - lo] == b[lb - mid : lb - lo]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# A raw edit in *old* coordinates: replace old[start:end] with `insert`.
+_Edit = tuple[int, int, str]
+
+
+def _char_edits(old: str, new: str, base: int) -> list[_Edit] | None:
+    """Character-level edits turning ``old`` into ``new`` (offset by ``base``), or None when
+    the refinement would be too fragmented to be worth it."""
+    sm = difflib.SequenceMatcher(None, old, new, autojunk=False)
+    edits: list[_Edit] = []
+    for tag, i1, i2, j1, j2 in sm.get_opcodes():
+        if tag != "equal":
+            edits.append((base + i1, base + i2, new[j1:j2]))
+    edits = _coalesce(edits, old, base)
+    if len(edits) > CHAR_REFINE_MAX_OPS:
+        return None
+    return edits
+
+
+def _coalesce(edits: list[_Edit], old: str, base: int) -> list[_Edit]:
+    """Merge edits separated by fewer than COALESCE_GAP unchanged characters of ``old``.
+
+    ``old`` is the text that ``edits`` index into, starting at absolute offset ``base``.
+    """
+    out: list[_Edit] = []
+    for start, end, ins in edits:
+        if out:
+            pstart, pend, pins = out[-1]
+            if start - pend < COALESCE_GAP:
+                gap = old[pend - base : start - base]
+                out[-1] = (pstart, end, pins + gap + ins)
+                continue
+        out.append((start, end, ins))
+    return out
+
+
+def _line_edits(old: str, new: str, base: int) -> list[_Edit]:
+    """Edits for the changed middle: a line diff, with small replaced blocks refined."""
+    old_lines = old.splitlines(keepends=True)
+    new_lines = new.splitlines(keepends=True)
+    if len(old_lines) > LINE_DIFF_MAX_LINES or len(new_lines) > LINE_DIFF_MAX_LINES:
+        return [(base, base + len(old), new)]
+
+    # Character offsets of each old/new line start, to map line opcodes back to characters.
+    old_starts = [0]
+    for line in old_lines:
+        old_starts.append(old_starts[-1] + len(line))
+    new_starts = [0]
+    for line in new_lines:
+        new_starts.append(new_starts[-1] + len(line))
+
+    sm = difflib.SequenceMatcher(None, old_lines, new_lines, autojunk=False)
+    edits: list[_Edit] = []
+    for tag, i1, i2, j1, j2 in sm.get_opcodes():
+        if tag == "equal":
+            continue
+        o1, o2 = old_starts[i1], old_starts[i2]
+        n1, n2 = new_starts[j1], new_starts[j2]
+        old_block, new_block = old[o1:o2], new[n1:n2]
+        if tag == "replace" and len(old_block) + len(new_block) <= CHAR_REFINE_MAX_CHARS:
+            refined = _char_edits(old_block, new_block, base + o1)
+            if refined is not None:
+                edits.extend(refined)
+                continue
+        edits.append((base + o1, base + o2, new_block))
+    return edits
+
+
+def diff_ops(old: str, new: str) -> list[TextOp]:
+    """Ops that turn ``old`` into ``new``, few and small (see the module docstring for the
+    position convention).
+
+    The common prefix and suffix are trimmed first, so a one-character edit in a 1 MB file
+    costs O(n) memcmp and yields a single op. The changed middle is diffed by lines; replaced
+    line blocks of at most ``CHAR_REFINE_MAX_CHARS`` are refined by characters, so changing a
+    word on a line does not replace the whole line.
+    """
+    if old == new:
+        return []
+    prefix = _common_prefix_len(old, new)
+    suffix = _common_suffix_len(old, new, min(len(old), len(new)) - prefix)
+    old_mid = old[prefix : len(old) - suffix]
+    new_mid = new[prefix : len(new) - suffix]
+
+    if not old_mid or not new_mid:
+        edits: list[_Edit] = [(prefix, prefix + len(old_mid), new_mid)]
+    elif (
+        "\n" not in old_mid
+        and "\n" not in new_mid
+        and (len(old_mid) + len(new_mid) <= CHAR_REFINE_MAX_CHARS)
+    ):
+        # Change within one line: go straight to characters.
+        edits = _char_edits(old_mid, new_mid, prefix) or [(prefix, prefix + len(old_mid), new_mid)]
+    else:
+        edits = _line_edits(old_mid, new_mid, prefix)
+    edits = _coalesce(edits, old_mid, prefix)
+
+    # Old coordinates -> sequential coordinates: shift by the net growth of earlier ops.
+    ops: list[TextOp] = []
+    shift = 0
+    for start, end, ins in edits:
+        if end == start and not ins:
+            continue
+        ops.append(TextOp(start + shift, end - start, ins))
+        shift += len(ins) - (end - start)
+    return ops
+
+
+# --------------------------------------------------------------------------------------------
+# Apply
+
+
+class _TextLike(Protocol):
+    """The subset of ``pycrdt.Text`` we use (typed here because pycrdt's own hints are loose)."""
+
+    def insert(self, index: int, value: str, attrs: Any = None) -> None: ...
+
+    def __delitem__(self, key: int | slice) -> None: ...
+
+
+def _check_ops(ops: Sequence[TextOp], old: str) -> None:
+    """Reject ops that break the sequential, non-overlapping convention."""
+    old_pos = 0  # first old character not yet consumed
+    shift = 0
+    for op in ops:
+        start = op.pos - shift
+        if start < old_pos:
+            raise ValueError(f"ops overlap or are out of order at {op!r}")
+        if start + op.delete > len(old):
+            raise ValueError(f"op {op!r} runs past the end of the text")
+        old_pos = start + op.delete
+        shift += len(op.insert) - op.delete
+
+
+def apply_ops_to_str(old: str, ops: Iterable[TextOp]) -> str:
+    """Pure-Python reference application of ``ops`` (used by tests and for checking)."""
+    ops = list(ops)
+    _check_ops(ops, old)
+    parts: list[str] = []
+    old_pos = 0
+    shift = 0
+    for op in ops:
+        start = op.pos - shift
+        parts.append(old[old_pos:start])
+        parts.append(op.insert)
+        old_pos = start + op.delete
+        shift += len(op.insert) - op.delete
+    parts.append(old[old_pos:])
+    return "".join(parts)
+
+
+def apply_ops(text: Any, ops: Iterable[TextOp], old: str) -> None:
+    """Apply ``ops`` (character positions) to the pycrdt ``Text`` ``text``, whose current
+    content must be ``old``, converting each position to a UTF-8 byte offset.
+
+    Call inside a transaction to make the whole change one update. Conversion is incremental
+    (ops are sorted), so the cost is O(len(old)) in total however many ops there are, not
+    O(len(old)) per op.
+    """
+    ops = list(ops)
+    _check_ops(ops, old)
+    t: _TextLike = text
+    old_pos = 0  # old character index matching `byte_pos` in the *old* text
+    old_byte = 0  # UTF-8 offset of old[old_pos] in old
+    byte_shift = 0  # net bytes inserted so far (intermediate text vs old)
+    char_shift = 0
+    for op in ops:
+        start = op.pos - char_shift
+        old_byte += len(old[old_pos:start].encode("utf-8"))
+        deleted = old[start : start + op.delete]
+        del_bytes = len(deleted.encode("utf-8"))
+        at = old_byte + byte_shift
+        if del_bytes:
+            del t[at : at + del_bytes]
+        if op.insert:
+            t.insert(at, op.insert)
+        ins_bytes = len(op.insert.encode("utf-8"))
+        old_pos = start + op.delete
+        old_byte += del_bytes
+        byte_shift += ins_bytes - del_bytes
+        char_shift += len(op.insert) - op.delete
