@@ -1,0 +1,5 @@
+import sys
+
+from qmoi_sync.agent.cli import main
+
+sys.exit(main())

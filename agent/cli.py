@@ -1,0 +1,403 @@
+"""`qmoi-sync` command line. User mistakes print one readable line (no traceback).
+
+Exit codes: 0 ok, 1 unexpected failure, 2 usage or user error, 3 agent not running (status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from qmoi_sync.agent.home import AgentLock, Home, UserError, resolve_home
+from qmoi_sync.protocol.version import __version__
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+
+
+def parse_duration(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 30m, 1h, 7d)")
+    n, unit = int(m.group(1)), m.group(2) or "s"
+    return n * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qmoi-sync", description="CRDT folder sync over an E2E relay")
+    p.add_argument("--home", help="device home (default: $QMOI_SYNC_HOME or platform data dir)")
+    p.add_argument("--version", action="version", version=f"qmoi-sync {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("init", help="create this device's identity")
+    s.add_argument("--name", required=True)
+
+    sp = sub.add_parser("space", help="manage spaces").add_subparsers(dest="space_cmd", required=True)
+    s = sp.add_parser("create", help="create a space (prints its id)")
+    s.add_argument("name")
+    s.add_argument("--folder", required=True)
+    s.add_argument("--relay", help="relay URL (wss://…; ws:// only to loopback)")
+    s.add_argument("--insecure", action="store_true", help="allow ws:// to a non-loopback relay")
+    sp.add_parser("list", help="list spaces")
+
+    s = sub.add_parser("invite", help="print a one-time invite token")
+    s.add_argument("space")
+    s.add_argument("--role", choices=["admin", "member", "reader"], default="member")
+    s.add_argument("--expires", type=parse_duration, default=3600, help="e.g. 30m, 1h (default)")
+
+    s = sub.add_parser("join", help="join a space with an invite token")
+    s.add_argument("token")
+    s.add_argument("--folder", required=True)
+    s.add_argument("--name", help="local name for the space (default: the inviter's name)")
+    s.add_argument("--timeout", type=parse_duration, default=600)
+    s.add_argument("--insecure", action="store_true")
+
+    s = sub.add_parser("run", help="run the agent in the foreground")
+    s.add_argument("--headless", action="store_true", help="JSON log lines on stdout")
+
+    s = sub.add_parser("status", help="show this device, its spaces and peers")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("stop", help="ask the running agent to stop")
+
+    rp = sub.add_parser("relay", help="relay server").add_subparsers(dest="relay_cmd", required=True)
+    s = rp.add_parser("serve", help="run a relay")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--data", required=True)
+    s.add_argument("--tls-cert")
+    s.add_argument("--tls-key")
+    s.add_argument("--quota-mb", type=int, default=1024, help="per-space storage quota")
+
+    s = sub.add_parser("demo", help="watch two local devices sync through an embedded relay")
+    s.add_argument("--keep", action="store_true", help="keep the temporary folders")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args)
+    try:
+        return int(_dispatch(args) or 0)
+    except UserError as exc:
+        print(f"qmoi-sync: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if getattr(args, "headless", False):
+        from qmoi_sync.agent.logjson import JsonFormatter
+
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=level, handlers=[handler])
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    elif args.cmd in ("run", "relay"):
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    else:
+        logging.basicConfig(level=logging.WARNING if not args.verbose else logging.DEBUG)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.cmd == "relay":
+        return _relay_serve(args)
+    if args.cmd == "demo":
+        from qmoi_sync.agent.demo import run_demo
+
+        return run_demo(keep=args.keep)
+    home = Home(resolve_home(args.home))
+    if args.cmd == "init":
+        identity = home.init(args.name)
+        print(f"device {identity.public.device_id} ({args.name}) initialized in {home.root}")
+        return EXIT_OK
+    if args.cmd == "run":
+        return _run_agent(home)
+    if args.cmd == "status":
+        return _status(home, as_json=args.json)
+    if args.cmd == "stop":
+        return _control_or_fail(home, {"cmd": "stop"}, lambda r: print("agent stopping"))
+    if args.cmd == "space":
+        if args.space_cmd == "create":
+            return _space_create(home, args)
+        return _space_list(home)
+    if args.cmd == "invite":
+        return _invite(home, args)
+    if args.cmd == "join":
+        return _join(home, args)
+    raise UserError(f"unknown command {args.cmd}")
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _agent_running(home: Home) -> bool:
+    return AgentLock(home.lock_path).is_held_by_other()
+
+
+def _with_offline_store(home: Home, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run fn(store) while holding the agent lock, so no agent writes concurrently."""
+    from qmoi_sync.agent.store import Store
+
+    lock = AgentLock(home.lock_path)
+    if not lock.try_acquire():
+        raise UserError("the agent is running; this command needs it stopped")
+
+    async def go() -> Any:
+        store = await Store.open(home.db_path)
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(go())
+    finally:
+        lock.release()
+
+
+def _control(home: Home, payload: dict[str, Any]) -> Any:
+    from qmoi_sync.agent.control import request
+
+    return asyncio.run(request(home.control_path, payload))
+
+
+def _control_or_fail(home: Home, payload: dict[str, Any], show: Callable[[Any], None]) -> int:
+    from qmoi_sync.agent.control import AgentNotRunning
+
+    try:
+        show(_control(home, payload))
+    except AgentNotRunning as exc:
+        raise UserError("the agent is not running", exit_code=EXIT_NOT_RUNNING) from exc
+    return EXIT_OK
+
+
+# -- commands --------------------------------------------------------------------------------
+def _run_agent(home: Home) -> int:
+    from qmoi_sync.agent.daemon import Agent
+
+    agent = Agent(home)
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stop.set)
+        await agent.run()
+
+    asyncio.run(go())
+    return EXIT_OK
+
+
+def _space_create(home: Home, args: argparse.Namespace) -> int:
+    from qmoi_sync.agent.membership_ops import create_space
+
+    identity = home.load_identity()
+    running = _agent_running(home)
+    if running:
+        raise UserError("stop the agent before creating a space (qmoi-sync stop)")
+
+    async def go(store: Any) -> Any:
+        return await create_space(
+            store, identity, home.root, args.name, Path(args.folder), args.relay, args.insecure
+        )
+
+    record = _with_offline_store(home, go)
+    print(record.space_id)
+    return EXIT_OK
+
+
+def _space_list(home: Home) -> int:
+    from qmoi_sync.agent.control import AgentNotRunning
+
+    try:
+        report = _control(home, {"cmd": "status"})
+        spaces = report["spaces"]
+    except AgentNotRunning:
+        spaces = [s.model_dump(mode="json") for s in _offline_status(home).spaces]
+    for s in spaces:
+        print(f"{s['name']}\t{s['id']}\t{s['folder']}\t{s['relay']['url'] or '(LAN only)'}")
+    return EXIT_OK
+
+
+def _invite(home: Home, args: argparse.Namespace) -> int:
+    from qmoi_sync.agent.control import AgentNotRunning
+
+    payload = {"cmd": "invite", "space": args.space, "role": args.role, "expires_s": args.expires}
+    try:
+        token = _control(home, payload)["token"]
+    except AgentNotRunning:
+        token = _offline_invite(home, args)
+    print(
+        f"Invite for space {args.space!r} (role {args.role}, single use, expires in "
+        f"{args.expires}s). On the new device run: qmoi-sync join <token> --folder DIR",
+        file=sys.stderr,
+    )
+    print(token)
+    return EXIT_OK
+
+
+def _offline_invite(home: Home, args: argparse.Namespace) -> str:
+    from qmoi_sync.agent.membership_ops import create_invite
+    from qmoi_sync.protocol.membership import MembershipLog
+
+    identity = home.load_identity()
+
+    async def go(store: Any) -> str:
+        for rec in await store.spaces():
+            if args.space in (rec.name, rec.space_id):
+                data = await store.load_membership(rec.space_id)
+                mlog = MembershipLog.from_bytes(data)
+                return await create_invite(store, identity, mlog, rec, args.role, args.expires)
+        raise UserError(f"no space named {args.space!r} on this device")
+
+    return str(_with_offline_store(home, go))
+
+
+def _join(home: Home, args: argparse.Namespace) -> int:
+    from qmoi_sync.agent.membership_ops import check_folder, join_via_relay
+    from qmoi_sync.agent.store import SpaceRecord
+
+    identity = home.load_identity()
+    name = home.load_config().name
+    if _agent_running(home):
+        raise UserError("stop the agent before joining a space (qmoi-sync stop)")
+    print("waiting for an admin device of the space to accept…", file=sys.stderr)
+    joined = asyncio.run(join_via_relay(identity, name, args.token, float(args.timeout)))
+    space_id = joined.log.space_id.hex()
+    space_name = args.name or f"space-{space_id[:8]}"
+
+    async def go(store: Any) -> SpaceRecord:
+        existing = await store.spaces()
+        if any(s.space_id == space_id for s in existing):
+            raise UserError("this device is already in that space")
+        if any(s.name == space_name for s in existing):
+            raise UserError(f"a space named {space_name!r} exists here; pass --name")
+        folder = check_folder(Path(args.folder), home.root, existing)
+        record = SpaceRecord(
+            space_id=space_id,
+            name=space_name,
+            folder=folder,
+            relay_url=joined.invite.relay_url,
+            insecure=args.insecure,
+            created_at=time.time(),
+            seeded=False,
+            paused=False,
+        )
+        async with store.transaction():
+            await store.add_space(record)
+            await store.save_membership(space_id, joined.log.to_bytes())
+        return record
+
+    record = _with_offline_store(home, go)
+    print(f"joined space {record.name} ({record.space_id}) into {record.folder}")
+    return EXIT_OK
+
+
+def _status(home: Home, as_json: bool) -> int:
+    from qmoi_sync.agent.control import AgentNotRunning
+    from qmoi_sync.agent.status import StatusReport
+
+    try:
+        report = StatusReport.model_validate(_control(home, {"cmd": "status"}))
+        code = EXIT_OK
+    except AgentNotRunning:
+        report = _offline_status(home)
+        code = EXIT_NOT_RUNNING
+    if as_json:
+        print(report.model_dump_json(indent=2))
+    else:
+        from qmoi_sync.agent.status_view import render_status
+
+        render_status(report)
+    return code
+
+
+def _offline_status(home: Home) -> Any:
+    """What can be shown from disk when no agent runs (read-only, under the agent lock)."""
+    from qmoi_sync.agent.status import (
+        DeviceStatus,
+        RelayStatus,
+        SpaceStatus,
+        StatusReport,
+    )
+
+    identity = home.load_identity()
+    config = home.load_config()
+    pub = identity.public
+
+    async def go(store: Any) -> list[SpaceStatus]:
+        out = []
+        for rec in await store.spaces():
+            out.append(
+                SpaceStatus(
+                    id=rec.space_id,
+                    name=rec.name,
+                    folder=str(rec.folder),
+                    role=None,
+                    state="offline",
+                    relay=RelayStatus(url=rec.relay_url, connected=False),
+                    pending_out=await store.outbox_count(rec.space_id),
+                    last_sync=None,
+                    conflicts=0,
+                    quarantined=await store.quarantine_count(rec.space_id),
+                    files=len(await store.files(rec.space_id)),
+                    warnings=["agent not running"],
+                    devices=[],
+                )
+            )
+        return out
+
+    spaces = _with_offline_store(home, go) if home.db_path.exists() else []
+    return StatusReport(
+        device=DeviceStatus(id=pub.device_id, short_id=pub.short_id, name=config.name),
+        agent_running=False,
+        spaces=spaces,
+    )
+
+
+def _relay_serve(args: argparse.Namespace) -> int:
+    from qmoi_sync.relay.server import RelayConfig, run_relay
+
+    config = RelayConfig(
+        host=args.host,
+        port=args.port,
+        data_dir=Path(args.data),
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        space_quota_bytes=args.quota_mb * 1024 * 1024,
+    )
+
+    def ready(port: int) -> None:
+        scheme = "wss" if config.tls_cert else "ws"
+        print(f"relay listening on {scheme}://{args.host}:{port}", flush=True)
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_relay(config, ready=ready, stop=stop)
+
+    asyncio.run(go())
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
+    os._exit(0)

@@ -1,0 +1,159 @@
+"""The local control endpoint: a Unix socket (0600) speaking versioned JSON lines.
+
+The CLI talks to a running agent only through this socket. One request line, one reply line:
+`{"v": 1, "cmd": "status"}` → `{"ok": true, "result": {...}}` or
+`{"ok": false, "error": "readable message"}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from qmoi_sync.agent.home import UserError
+
+if TYPE_CHECKING:
+    from qmoi_sync.agent.daemon import Agent
+
+CONTROL_VERSION = 1
+MAX_REQUEST = 64 * 1024
+
+
+class StatusRequest(BaseModel):
+    v: Literal[1] = 1
+    cmd: Literal["status"] = "status"
+
+
+class InviteRequest(BaseModel):
+    v: Literal[1] = 1
+    cmd: Literal["invite"] = "invite"
+    space: str
+    role: Literal["admin", "member", "reader"] = "member"
+    expires_s: int = Field(default=3600, gt=0, le=30 * 24 * 3600)
+
+
+class AddSpaceRequest(BaseModel):
+    v: Literal[1] = 1
+    cmd: Literal["add_space"] = "add_space"
+    space_id: str
+
+
+class StopRequest(BaseModel):
+    v: Literal[1] = 1
+    cmd: Literal["stop"] = "stop"
+
+
+_REQUESTS: dict[str, type[BaseModel]] = {
+    "status": StatusRequest,
+    "invite": InviteRequest,
+    "add_space": AddSpaceRequest,
+    "stop": StopRequest,
+}
+
+
+class ControlServer:
+    def __init__(self, path: Path, agent: Agent) -> None:
+        self.path = path
+        self.agent = agent
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old = os.umask(0o177)
+        try:
+            self.server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout=10)
+            reply = await self._dispatch(line)
+        except TimeoutError:
+            reply = {"ok": False, "error": "request timed out"}
+        writer.write(json.dumps(reply).encode() + b"\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    async def _dispatch(self, line: bytes) -> dict[str, Any]:
+        if len(line) > MAX_REQUEST:
+            return {"ok": False, "error": "request too large"}
+        try:
+            raw = json.loads(line)
+            if not isinstance(raw, dict):
+                raise ValueError("request must be a JSON object")
+            if raw.get("v") != CONTROL_VERSION:
+                return {"ok": False, "error": f"unsupported control version {raw.get('v')!r}"}
+            model = _REQUESTS.get(str(raw.get("cmd")))
+            if model is None:
+                return {"ok": False, "error": f"unknown command {raw.get('cmd')!r}"}
+            req = model.model_validate(raw)
+        except (ValueError, ValidationError) as exc:
+            return {"ok": False, "error": f"bad request: {exc}"}
+        try:
+            return {"ok": True, "result": await self._handle(req)}
+        except UserError as exc:
+            return {"ok": False, "error": str(exc)}
+
+    async def _handle(self, req: BaseModel) -> Any:
+        from qmoi_sync.agent import membership_ops
+
+        agent = self.agent
+        if isinstance(req, StatusRequest):
+            return (await agent.status()).model_dump(mode="json")
+        if isinstance(req, InviteRequest):
+            rt = agent.find_space(req.space)
+            token = await membership_ops.create_invite(
+                agent.store, agent.identity, rt.keyring.log, rt.record, req.role, req.expires_s
+            )
+            return {"token": token}
+        if isinstance(req, AddSpaceRequest):
+            for record in await agent.store.spaces():
+                if record.space_id == req.space_id and record.space_id not in agent.spaces:
+                    await agent.start_space(record)
+                    return {"started": record.space_id}
+            raise UserError(f"no new space {req.space_id} to start")
+        if isinstance(req, StopRequest):
+            agent.stop.set()
+            return {"stopping": True}
+        raise UserError("unhandled request")
+
+
+class AgentNotRunning(Exception):
+    pass
+
+
+async def request(path: Path, payload: dict[str, Any], timeout: float = 30) -> Any:
+    """Send one request to the running agent; raises AgentNotRunning if nobody listens."""
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise AgentNotRunning(str(exc)) from exc
+    try:
+        writer.write(json.dumps({"v": CONTROL_VERSION, **payload}).encode() + b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout=timeout)
+    finally:
+        writer.close()
+    if not line:
+        raise AgentNotRunning("agent closed the control connection")
+    reply = json.loads(line)
+    if not reply.get("ok"):
+        raise UserError(str(reply.get("error", "agent refused the request")))
+    return reply["result"]

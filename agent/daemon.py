@@ -1,0 +1,266 @@
+"""The running agent: every space of this device, its watcher and its relay link.
+
+`Agent` wires components together and owns their lifecycles; it holds no sync logic itself.
+Each `SpaceRuntime` starts its watcher first, waits until the watch is provably live, rescans
+(so nothing changed while the agent was down is missed), then follows the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import platform
+import time
+from datetime import UTC, datetime
+
+from qmoi_sync.agent import membership_ops
+from qmoi_sync.agent.control import ControlServer
+from qmoi_sync.agent.home import AgentLock, Home, UserError
+from qmoi_sync.agent.keyring import Keyring
+from qmoi_sync.agent.relay_link import RelayLink
+from qmoi_sync.agent.space import SpaceSync
+from qmoi_sync.agent.status import (
+    DeviceStatus,
+    MemberStatus,
+    RelayStatus,
+    SpaceState,
+    SpaceStatus,
+    StatusReport,
+)
+from qmoi_sync.agent.store import SpaceRecord, Store
+from qmoi_sync.agent.watcher import watch_folder
+from qmoi_sync.protocol import frames as F
+from qmoi_sync.protocol.errors import ProtocolError
+from qmoi_sync.protocol.identity import DeviceIdentity, device_id
+from qmoi_sync.protocol.membership import MembershipLog
+from qmoi_sync.protocol.version import __version__
+
+log = logging.getLogger("qmoi_sync.agent")
+
+WATCH_READY_TIMEOUT = 10.0
+
+
+class SpaceRuntime:
+    def __init__(self, agent: Agent, record: SpaceRecord, keyring: Keyring) -> None:
+        self.agent = agent
+        self.record = record
+        self.keyring = keyring
+        self.sync = SpaceSync(agent.store, agent.identity, record, keyring)
+        self.stop = asyncio.Event()
+        self.link: RelayLink | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.revoked = False
+        self.scanned = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.sync.load()
+        watch_ready = asyncio.Event()
+        self.tasks.append(
+            asyncio.create_task(
+                watch_folder(self.record.folder, self._on_paths, self.stop, watch_ready)
+            )
+        )
+        if self.record.relay_url:
+            self.link = RelayLink(
+                self.sync,
+                self.record.relay_url,
+                membership_log=lambda: self.keyring.log.to_bytes(),
+                on_membership=self.on_membership,
+                on_join_forward=self.on_join_forward,
+            )
+            self.tasks.append(asyncio.create_task(self.link.run(self.stop)))
+        await asyncio.wait_for(watch_ready.wait(), WATCH_READY_TIMEOUT)
+        self.tasks.append(asyncio.create_task(self._initial_scan()))
+        await self.sync.send_device_info(
+            self.agent.device_name, f"{platform.system()}-{platform.machine()}", __version__
+        )
+
+    async def _initial_scan(self) -> None:
+        # A device that joined an existing space learns the remote state before it ingests its
+        # own folder, so files already present on both sides are recognized, not duplicated.
+        if not self.record.seeded and self.link is not None:
+            await self.link.caught_up.wait()
+        await self.sync.rescan()
+        if not self.record.seeded:
+            async with self.agent.store.transaction():
+                await self.agent.store.set_space_seeded(self.record.space_id)
+        self.scanned.set()
+
+    async def _on_paths(self, abspaths: set[str]) -> None:
+        if not self.scanned.is_set():
+            # Changes before the first scan are covered by that scan.
+            return
+        rel = {r for p in abspaths if (r := self.sync.relpath_of(p)) is not None}
+        if rel:
+            await self.sync.handle_local(rel)
+
+    async def on_membership(self, data: bytes) -> None:
+        try:
+            new = MembershipLog.from_bytes(data, expected_space_id=self.keyring.space_id)
+        except ProtocolError as exc:
+            self.sync.warnings["membership"] = f"ignored an invalid membership log: {exc}"
+            return
+        current = self.keyring.log
+        if len(new) <= len(current):
+            return
+        if not new.is_extension_of(current):
+            self.sync.warnings["membership"] = "ignored a membership log that rewrites history"
+            return
+        async with self.agent.store.transaction():
+            await self.agent.store.save_membership(self.record.space_id, new.to_bytes())
+        self.keyring = Keyring.build(new, self.agent.identity)
+        self.sync.keyring = self.keyring
+        if not new.is_member(self.agent.identity.public.sign_pk):
+            self.revoked = True
+            self.sync.warnings["membership"] = "this device was removed from the space"
+
+    async def on_join_forward(self, request_id: int, request: bytes) -> F.JoinReply:
+        reply, new_log = await membership_ops.answer_join(
+            self.agent.store, self.agent.identity, self.keyring.log, self.record, request_id, request
+        )
+        if new_log is not None:
+            self.keyring = Keyring.build(new_log, self.agent.identity)
+            self.sync.keyring = self.keyring
+        return reply
+
+    async def close(self) -> None:
+        self.stop.set()
+        # Holding the owner's lock means no batch is half-applied when the tasks are cancelled.
+        async with self.sync.lock:
+            for t in self.tasks:
+                t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    async def status(self) -> SpaceStatus:
+        store = self.agent.store
+        pending = await store.outbox_count(self.record.space_id)
+        link = self.link
+        connected = bool(link and link.state.connected)
+        state: SpaceState
+        if self.revoked:
+            state = "error"
+        elif self.record.paused:
+            state = "paused"
+        elif link is not None and not connected:
+            state = "offline"
+        elif pending or (link is not None and not link.state.caught_up) or self.sync.lock.locked():
+            state = "syncing"
+        else:
+            state = "idle"
+        warnings = list(self.sync.warnings.values())
+        if link is not None and link.state.quota_exceeded:
+            warnings.append("relay quota exceeded: changes are kept in the outbox until room is made")
+        if self.sync.stats.quarantined:
+            warnings.append(
+                f"{self.sync.stats.quarantined} envelope(s) quarantined (malformed or unverifiable)"
+            )
+        infos = await store.device_infos(self.record.space_id)
+        me = self.agent.identity.public.sign_pk
+        devices = []
+        for pk, member in sorted(self.keyring.log.members().items()):
+            info = infos.get(pk, {})
+            devices.append(
+                MemberStatus(
+                    id=device_id(pk),
+                    short_id=member.public.short_id,
+                    name=self.agent.device_name if pk == me else info.get("name"),
+                    role=member.role.value,
+                    platform=info.get("platform"),
+                    this_device=pk == me,
+                )
+            )
+        last = self.sync.stats.last_sync
+        role = self.keyring.role_of(me)
+        return SpaceStatus(
+            id=self.record.space_id,
+            name=self.record.name,
+            folder=str(self.record.folder),
+            role=role.value if role else None,
+            state=state,
+            relay=RelayStatus(
+                url=self.record.relay_url,
+                connected=connected,
+                last_error=link.state.last_error if link else None,
+            ),
+            pending_out=pending,
+            last_sync=_iso(last),
+            conflicts=self.sync.conflicts,
+            quarantined=self.sync.stats.quarantined,
+            files=len(self.sync.files),
+            warnings=warnings,
+            devices=devices,
+        )
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, UTC).isoformat() if ts else None
+
+
+class Agent:
+    def __init__(self, home: Home) -> None:
+        self.home = home
+        self.identity: DeviceIdentity = home.load_identity()
+        self.device_name = home.load_config().name
+        self.lock = AgentLock(home.lock_path)
+        self.store: Store
+        self.spaces: dict[str, SpaceRuntime] = {}
+        self.control: ControlServer | None = None
+        self.stop = asyncio.Event()
+        self.started_at = time.time()
+
+    async def run(self) -> None:
+        if not self.lock.try_acquire():
+            raise UserError(f"an agent is already running for {self.home.root}")
+        try:
+            self.store = await Store.open(self.home.db_path)
+            try:
+                for record in await self.store.spaces():
+                    await self.start_space(record)
+                self.control = ControlServer(self.home.control_path, self)
+                await self.control.start()
+                log.info(
+                    "agent running: device %s (%s), %d space(s)",
+                    self.identity.public.short_id,
+                    self.device_name,
+                    len(self.spaces),
+                )
+                await self.stop.wait()
+            finally:
+                await self.shutdown()
+        finally:
+            self.lock.release()
+
+    async def start_space(self, record: SpaceRecord) -> SpaceRuntime:
+        data = await self.store.load_membership(record.space_id)
+        if data is None:
+            raise UserError(f"space {record.name} has no membership log; the database is damaged")
+        keyring = Keyring.build(MembershipLog.from_bytes(data), self.identity)
+        runtime = SpaceRuntime(self, record, keyring)
+        self.spaces[record.space_id] = runtime
+        await runtime.start()
+        return runtime
+
+    async def shutdown(self) -> None:
+        if self.control is not None:
+            await self.control.close()
+        for runtime in self.spaces.values():
+            await runtime.close()
+        await self.store.close()
+
+    async def status(self) -> StatusReport:
+        spaces = [await rt.status() for rt in self.spaces.values()]
+        pub = self.identity.public
+        return StatusReport(
+            device=DeviceStatus(id=pub.device_id, short_id=pub.short_id, name=self.device_name),
+            agent_running=True,
+            spaces=spaces,
+        )
+
+    def find_space(self, name_or_id: str) -> SpaceRuntime:
+        for rt in self.spaces.values():
+            if name_or_id in (rt.record.name, rt.record.space_id):
+                return rt
+        raise UserError(f"no space named {name_or_id!r} on this device")

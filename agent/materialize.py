@@ -1,0 +1,208 @@
+"""Writing remote state to disk without ever leaving the space's root.
+
+Every operation walks the relative path component by component with directory file descriptors
+opened `O_NOFOLLOW | O_DIRECTORY`, so a symlink inside the folder (planted by a user or by a
+race) is never followed out of it. Files are replaced atomically: temp file in the same
+directory, fsync, rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from qmoi_sync.protocol.errors import PathError
+from qmoi_sync.protocol.paths import validate_relpath
+
+TEMP_PREFIX = ".qmoi-tmp-"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnsafePathError(Exception):
+    """A path that would leave the root or pass through a symlink."""
+
+
+@dataclass(frozen=True)
+class DiskStat:
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+def content_hash(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(TEMP_PREFIX)
+
+
+@contextlib.contextmanager
+def _open_parent(root: Path, relpath: str, create: bool) -> Iterator[tuple[int, str]]:
+    """Yield (fd of the parent directory, final component) for a validated relpath."""
+    try:
+        clean = validate_relpath(relpath)
+    except PathError as exc:
+        raise UnsafePathError(str(exc)) from exc
+    parts = clean.split("/")
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        for part in parts[:-1]:
+            try:
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafePathError(
+                        f"{clean!r}: component {part!r} is a symlink or not a folder"
+                    ) from exc
+                raise
+            os.close(fd)
+            fd = nfd
+        yield fd, parts[-1]
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(root: Path, relpath: str, data: bytes, mode: int = 0o644) -> DiskStat:
+    with _open_parent(root, relpath, create=True) as (dfd, name):
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not _is_regular(st.st_mode):
+                raise UnsafePathError(f"{relpath!r} exists and is not a regular file")
+        except FileNotFoundError:
+            pass
+        tmp = f"{TEMP_PREFIX}{secrets.token_hex(6)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dfd)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+            os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+        os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        return DiskStat(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def read_file(root: Path, relpath: str, max_size: int) -> tuple[bytes, DiskStat] | None:
+    """Read a regular file without following symlinks; None if missing or not a regular file."""
+    try:
+        with _open_parent(root, relpath, create=False) as (dfd, name):
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                st = os.fstat(fd)
+                if not _is_regular(st.st_mode):
+                    return None
+                if st.st_size > max_size:
+                    raise FileTooLargeError(relpath, st.st_size)
+                chunks = []
+                while True:
+                    b = os.read(fd, 1 << 20)
+                    if not b:
+                        break
+                    chunks.append(b)
+                data = b"".join(chunks)
+                if len(data) > max_size:
+                    raise FileTooLargeError(relpath, len(data))
+                return data, DiskStat(st.st_size, st.st_mtime_ns, st.st_ino)
+            finally:
+                os.close(fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise
+
+
+class FileTooLargeError(Exception):
+    def __init__(self, path: str, size: int) -> None:
+        super().__init__(f"{path}: {size} bytes is over the text limit")
+        self.path = path
+        self.size = size
+
+
+def stat_file(root: Path, relpath: str) -> DiskStat | None:
+    try:
+        with _open_parent(root, relpath, create=False) as (dfd, name):
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not _is_regular(st.st_mode):
+                return None
+            return DiskStat(st.st_size, st.st_mtime_ns, st.st_ino)
+    except (FileNotFoundError, NotADirectoryError, UnsafePathError):
+        return None
+
+
+def delete_file(root: Path, relpath: str) -> bool:
+    """Remove a regular file and any now-empty parent folders we may have created."""
+    try:
+        with _open_parent(root, relpath, create=False) as (dfd, name):
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not _is_regular(st.st_mode):
+                return False
+            os.unlink(name, dir_fd=dfd)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    _prune_empty_parents(root, relpath)
+    return True
+
+
+def rename_file(root: Path, src: str, dst: str) -> DiskStat | None:
+    """Move a regular file inside the root; None if the source is gone."""
+    try:
+        with (
+            _open_parent(root, src, create=False) as (sfd, sname),
+            _open_parent(root, dst, create=True) as (dfd, dname),
+        ):
+            st = os.stat(sname, dir_fd=sfd, follow_symlinks=False)
+            if not _is_regular(st.st_mode):
+                return None
+            try:
+                dst_st = os.stat(dname, dir_fd=dfd, follow_symlinks=False)
+                if not _is_regular(dst_st.st_mode):
+                    raise UnsafePathError(f"{dst!r} exists and is not a regular file")
+            except FileNotFoundError:
+                pass
+            os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+            st = os.stat(dname, dir_fd=dfd, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    _prune_empty_parents(root, src)
+    return DiskStat(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _prune_empty_parents(root: Path, relpath: str) -> None:
+    parts = relpath.split("/")[:-1]
+    while parts:
+        parent = "/".join(parts)
+        try:
+            with _open_parent(root, parent, create=False) as (dfd, name):
+                os.rmdir(name, dir_fd=dfd)
+        except (OSError, UnsafePathError):
+            return
+        parts.pop()
+
+
+def _is_regular(mode: int) -> bool:
+    import stat
+
+    return stat.S_ISREG(mode)

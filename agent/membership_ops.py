@@ -1,0 +1,235 @@
+"""Creating spaces, issuing invites, answering join requests (admin side) and joining (joiner
+side). Everything here is a short, explicit step of the membership protocol in protocol/."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from websockets.asyncio.client import connect
+
+from qmoi_sync.agent.home import UserError
+from qmoi_sync.agent.store import InviteRecord, SpaceRecord, Store
+from qmoi_sync.protocol import frames as F
+from qmoi_sync.protocol.errors import InviteError, ProtocolError
+from qmoi_sync.protocol.identity import DeviceIdentity
+from qmoi_sync.protocol.invite import (
+    Invite,
+    build_join_request,
+    decode_invite,
+    invite_id,
+    parse_join_request,
+    verify_join_proof,
+)
+from qmoi_sync.protocol.membership import MembershipLog, Role
+
+log = logging.getLogger("qmoi_sync.membership")
+
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+
+def check_relay_url(url: str, insecure: bool) -> str:
+    """`wss://` everywhere; `ws://` only to loopback or with an explicit --insecure."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("ws", "wss") or not parsed.hostname:
+        raise UserError(f"relay URL must look like wss://host:port (got {url!r})")
+    if parsed.scheme == "ws" and not insecure:
+        host = parsed.hostname
+        if host not in LOOPBACK_HOSTS and not host.startswith("127."):
+            raise UserError(
+                f"refusing unencrypted ws:// to {host}: use wss:// (or --insecure if you must)"
+            )
+    return url
+
+
+def check_folder(folder: Path, home: Path, existing: list[SpaceRecord]) -> Path:
+    folder = folder.expanduser().resolve()
+    if folder == home or home in folder.parents or folder in home.parents:
+        raise UserError(f"{folder} overlaps the device home {home}; pick another folder")
+    for rec in existing:
+        other = rec.folder
+        if folder == other or other in folder.parents or folder in other.parents:
+            raise UserError(f"{folder} overlaps the folder of space {rec.name!r} ({other})")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+async def create_space(
+    store: Store,
+    identity: DeviceIdentity,
+    home: Path,
+    name: str,
+    folder: Path,
+    relay_url: str | None,
+    insecure: bool,
+) -> SpaceRecord:
+    spaces = await store.spaces()
+    if any(s.name == name for s in spaces):
+        raise UserError(f"a space named {name!r} already exists on this device")
+    if relay_url:
+        check_relay_url(relay_url, insecure)
+    folder = check_folder(folder, home, spaces)
+    mlog, _secret = MembershipLog.create(identity, time.time())
+    record = SpaceRecord(
+        space_id=mlog.space_id.hex(),
+        name=name,
+        folder=folder,
+        relay_url=relay_url,
+        insecure=insecure,
+        created_at=time.time(),
+        seeded=True,
+        paused=False,
+    )
+    async with store.transaction():
+        await store.add_space(record)
+        await store.save_membership(record.space_id, mlog.to_bytes())
+    return record
+
+
+async def create_invite(
+    store: Store,
+    identity: DeviceIdentity,
+    mlog: MembershipLog,
+    record: SpaceRecord,
+    role: str,
+    expires_s: int,
+) -> str:
+    if mlog.role_of(identity.public.sign_pk) is not Role.admin:
+        raise UserError("only an admin device of this space can invite")
+    secret = os.urandom(32)
+    expires_at = int(time.time() + expires_s)
+    invite = Invite(
+        space_id=mlog.space_id,
+        relay_url=record.relay_url,
+        inviter=identity.public.sign_pk,
+        secret=secret,
+        expires_at=expires_at,
+        role=Role(role),
+    )
+    async with store.transaction():
+        await store.add_invite(
+            InviteRecord(
+                space_id=record.space_id,
+                invite_id=invite_id(secret),
+                secret=secret,
+                role=role,
+                expires_at=expires_at,
+                used_at=None,
+            )
+        )
+    return invite.encode()
+
+
+async def answer_join(
+    store: Store,
+    identity: DeviceIdentity,
+    mlog: MembershipLog,
+    record: SpaceRecord,
+    request_id: int,
+    request: bytes,
+) -> tuple[F.JoinReply, MembershipLog | None]:
+    """Admin side: check the joiner's proof against an invite we issued; add it on success."""
+
+    def refuse(reason: str) -> tuple[F.JoinReply, None]:
+        log.warning("refused a join request for space %s: %s", record.space_id[:8], reason)
+        return F.JoinReply(request_id=request_id, accepted=False, reason=reason), None
+
+    try:
+        body = parse_join_request(request)
+    except ProtocolError as exc:
+        return refuse(f"malformed join request: {exc}")
+    if mlog.role_of(identity.public.sign_pk) is not Role.admin:
+        return refuse("this device is not an admin")
+    inv = await store.get_invite(record.space_id, body.invite_id)
+    if inv is None:
+        return refuse("invite_invalid: unknown invite")
+    if inv.used_at is not None:
+        return refuse("invite_used: this invite was already used")
+    if inv.expires_at < time.time():
+        return refuse("invite_expired: this invite has expired")
+    if body.space_id != mlog.space_id:
+        return refuse("invite_invalid: join request is for another space")
+    try:
+        verify_join_proof(body, inv.secret)
+    except InviteError as exc:
+        return refuse(f"invite_invalid: {exc}")
+    if mlog.is_member(body.joiner.sign_pk):
+        return refuse("device is already a member")
+    new = mlog.copy()
+    secrets = new.unwrap_epoch_secrets(identity)
+    new.add_member(identity, body.joiner, Role(inv.role), secrets, time.time())
+    async with store.transaction():
+        await store.mark_invite_used(record.space_id, body.invite_id)
+        await store.save_membership(record.space_id, new.to_bytes())
+        await store.put_device_info(
+            record.space_id, body.joiner.sign_pk, {"name": body.name, "platform": None}
+        )
+    log.info("added device %s to space %s", body.joiner.short_id, record.space_id[:8])
+    return (
+        F.JoinReply(request_id=request_id, accepted=True, reason="", log=new.to_bytes()),
+        new,
+    )
+
+
+@dataclass(frozen=True)
+class Joined:
+    invite: Invite
+    log: MembershipLog
+
+
+async def join_via_relay(
+    identity: DeviceIdentity, device_name: str, token: str, timeout: float
+) -> Joined:
+    """Joiner side: prove the invite secret to an admin device through the relay and receive the
+    membership log that adds us (with the epoch secrets wrapped to our key)."""
+    try:
+        invite = decode_invite(token)
+    except InviteError as exc:
+        raise UserError(f"cannot use this invite: {exc}") from exc
+    if invite.is_expired(time.time()):
+        raise UserError("this invite has expired; ask for a new one")
+    if not invite.relay_url:
+        raise UserError("this invite names no relay; LAN joining is not available yet")
+    request = build_join_request(invite, identity.public, device_name)
+    frame = F.JoinRequest(
+        space_id=invite.space_id, invite_id=invite_id(invite.secret), request=request
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            async with connect(
+                invite.relay_url, compression=None, max_size=F.MAX_FRAME, proxy=None
+            ) as ws:
+                await ws.send(F.encode_frame(frame))
+                while True:
+                    data = await ws.recv()
+                    if isinstance(data, str):
+                        raise UserError("the relay sent something unexpected (text frame)")
+                    msg = F.decode_frame(data)
+                    if isinstance(msg, F.Error):
+                        raise UserError(f"the relay refused the join: {msg.code}: {msg.message}")
+                    if isinstance(msg, F.JoinResult):
+                        break
+    except TimeoutError as exc:
+        raise UserError(
+            f"no admin device of this space came online within {timeout:.0f}s; try again"
+        ) from exc
+    except OSError as exc:
+        raise UserError(f"cannot reach the relay {invite.relay_url}: {exc}") from exc
+    if not msg.ok:
+        raise UserError(f"join refused: {msg.reason}")
+    try:
+        mlog = MembershipLog.from_bytes(msg.log, expected_space_id=invite.space_id)
+    except ProtocolError as exc:
+        raise UserError(f"the membership log we received is invalid: {exc}") from exc
+    if mlog.role_of(invite.inviter) is not Role.admin:
+        raise UserError("the membership log does not list the inviter as an admin")
+    if not mlog.is_member(identity.public.sign_pk):
+        raise UserError("the membership log does not include this device")
+    return Joined(invite=invite, log=mlog)

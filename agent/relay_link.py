@@ -1,0 +1,232 @@
+"""One space's connection to its relay: authenticate, follow the log, drain the outbox.
+
+The link reconnects by itself with exponential backoff and jitter. Delivered envelopes are handed
+to the space owner in batches (whatever arrived while the previous batch was being applied), so a
+burst of a thousand files costs a handful of transactions while a single edit goes through alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from qmoi_sync.agent.space import SpaceSync
+from qmoi_sync.protocol import frames as F
+from qmoi_sync.protocol.errors import ProtocolError
+
+log = logging.getLogger("qmoi_sync.relay_link")
+
+MAX_DELIVER_BATCH = 512
+BACKOFF_MIN = 0.2
+BACKOFF_MAX = 30.0
+
+
+class RelayRefused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+@dataclass
+class LinkState:
+    connected: bool = False
+    caught_up: bool = False
+    last_error: str | None = None
+    quota_exceeded: bool = False
+    attempts: int = 0
+
+
+MembershipHandler = Callable[[bytes], Awaitable[None]]
+JoinHandler = Callable[[int, bytes], Awaitable[F.JoinReply]]
+
+
+class RelayLink:
+    def __init__(
+        self,
+        sync: SpaceSync,
+        url: str,
+        membership_log: Callable[[], bytes],
+        on_membership: MembershipHandler,
+        on_join_forward: JoinHandler,
+        ssl_context: ssl.SSLContext | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.sync = sync
+        self.url = url
+        self.membership_log = membership_log
+        self.on_membership = on_membership
+        self.on_join_forward = on_join_forward
+        self.ssl_context = ssl_context
+        self.rng = rng or random.Random()
+        self.state = LinkState()
+        self.caught_up = asyncio.Event()
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Retry now (e.g. the user asked, or the network came back)."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay = BACKOFF_MIN
+        while not stop.is_set():
+            self.state.attempts += 1
+            try:
+                await self._session(stop)
+                delay = BACKOFF_MIN
+            except RelayRefused as exc:
+                self.state.last_error = str(exc)
+                log.warning("relay refused space %s: %s", self.sync.space_id[:8], exc)
+                if exc.code in ("revoked", "not_a_member"):
+                    delay = BACKOFF_MAX
+            except (OSError, websockets.WebSocketException, ProtocolError, TimeoutError) as exc:
+                self.state.last_error = f"relay unreachable: {exc}"
+                log.info("relay link for %s down: %s", self.sync.space_id[:8], exc)
+            finally:
+                self.state.connected = False
+                self.state.caught_up = False
+            if stop.is_set():
+                break
+            # Full jitter keeps a fleet of agents from reconnecting in lockstep after an outage.
+            sleep_for = self.rng.uniform(BACKOFF_MIN, delay)
+            delay = min(BACKOFF_MAX, delay * 2)
+            self._wake.clear()
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+            _done, pending = await asyncio.wait(waiters, timeout=sleep_for, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        async with connect(
+            self.url,
+            compression=None,
+            max_size=F.MAX_FRAME,
+            ssl=self.ssl_context,
+            open_timeout=10,
+            ping_interval=20,
+            ping_timeout=20,
+            proxy=None,
+        ) as ws:
+            await self._handshake(ws)
+            self.state.connected = True
+            self.state.last_error = None
+            await ws.send(F.encode_frame(F.Subscribe(from_seq=self.sync.cursor)))
+            deliveries: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
+            acks: asyncio.Queue[int] = asyncio.Queue()
+            tasks = [
+                asyncio.create_task(self._reader(ws, deliveries, acks)),
+                asyncio.create_task(self._acker(acks)),
+                asyncio.create_task(self._applier(deliveries)),
+                asyncio.create_task(self._writer(ws)),
+                asyncio.create_task(stop.wait()),
+            ]
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                for t in tasks:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
+            for t in done:
+                if not t.cancelled() and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+
+    async def _handshake(self, ws: ClientConnection) -> None:
+        me = self.sync.identity.public.sign_pk
+        await ws.send(
+            F.encode_frame(
+                F.Hello(space_id=self.sync.space_bytes, sign_pk=me, proto_version=F.PROTO_VERSION)
+            )
+        )
+        challenge = await self._recv(ws)
+        if not isinstance(challenge, F.Challenge):
+            raise ProtocolError("malformed", f"expected a challenge, got {type(challenge).__name__}")
+        sig = self.sync.identity.sign(F.auth_message(challenge.nonce, self.sync.space_bytes, me))
+        await ws.send(F.encode_frame(F.Auth(signature=sig, membership_log=self.membership_log())))
+        welcome = await self._recv(ws)
+        if not isinstance(welcome, F.Welcome):
+            raise ProtocolError("malformed", f"expected welcome, got {type(welcome).__name__}")
+        if welcome.log:
+            await self.on_membership(welcome.log)
+
+    async def _recv(self, ws: ClientConnection) -> F.Frame:
+        data = await asyncio.wait_for(ws.recv(), timeout=30)
+        if isinstance(data, str):
+            raise ProtocolError("malformed", "relay sent a text frame")
+        frame = F.decode_frame(data)
+        if isinstance(frame, F.Error):
+            raise RelayRefused(frame.code, frame.message)
+        return frame
+
+    async def _reader(
+        self,
+        ws: ClientConnection,
+        deliveries: asyncio.Queue[tuple[int, bytes]],
+        acks: asyncio.Queue[int],
+    ) -> None:
+        async for data in ws:
+            if isinstance(data, str):
+                raise ProtocolError("malformed", "relay sent a text frame")
+            frame = F.decode_frame(data)
+            if isinstance(frame, F.Deliver):
+                deliveries.put_nowait((frame.relay_seq, frame.envelope))
+            elif isinstance(frame, F.Ack):
+                acks.put_nowait(frame.sender_seq)
+                self.state.quota_exceeded = False
+            elif isinstance(frame, F.CaughtUp):
+                deliveries.put_nowait((-1, b""))
+            elif isinstance(frame, F.Membership):
+                await self.on_membership(frame.log)
+            elif isinstance(frame, F.JoinForward):
+                reply = await self.on_join_forward(frame.request_id, frame.request)
+                await ws.send(F.encode_frame(reply))
+            elif isinstance(frame, F.Error):
+                if frame.code == "quota_exceeded":
+                    self.state.quota_exceeded = True
+                self.state.last_error = f"{frame.code}: {frame.message}"
+                log.warning("relay error for %s: %s %s", self.sync.space_id[:8], frame.code, frame.message)
+                if frame.fatal:
+                    raise RelayRefused(frame.code, frame.message)
+
+    async def _acker(self, acks: asyncio.Queue[int]) -> None:
+        """Delete acknowledged envelopes from the outbox, many per transaction under load."""
+        store = self.sync.store
+        while True:
+            seqs = [await acks.get()]
+            while not acks.empty():
+                seqs.append(acks.get_nowait())
+            async with store.transaction():
+                await store.delete_outbox(self.sync.space_id, seqs)
+
+    async def _applier(self, deliveries: asyncio.Queue[tuple[int, bytes]]) -> None:
+        while True:
+            first = await deliveries.get()
+            batch = [first]
+            while len(batch) < MAX_DELIVER_BATCH and not deliveries.empty():
+                batch.append(deliveries.get_nowait())
+            real = [(s, e) for s, e in batch if s >= 0]
+            if real:
+                await self.sync.handle_remote(real)
+            if len(real) != len(batch):
+                self.state.caught_up = True
+                self.caught_up.set()
+
+    async def _writer(self, ws: ClientConnection) -> None:
+        sent_upto = 0
+        while True:
+            self.sync.outbox_changed.clear()
+            rows = await self.sync.store.outbox(self.sync.space_id, after_seq=sent_upto, limit=256)
+            if rows:
+                for seq, envelope in rows:
+                    await ws.send(F.encode_frame(F.Publish(envelope=envelope)))
+                    sent_upto = seq
+                continue
+            await self.sync.outbox_changed.wait()

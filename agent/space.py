@@ -1,0 +1,676 @@
+"""The single owner of one space's CRDT state.
+
+Watchers and sync links never touch documents directly: they hand this object batches (changed
+paths, delivered envelopes) and it serializes all work behind one lock. The order inside a batch
+is what makes the agent crash-safe:
+
+1. local edits that are already on disk are ingested *before* remote updates touch the same
+   documents, so a remote change never overwrites unsaved-to-CRDT user work;
+2. document updates, the relay cursor, replay windows, the outbox and the set of documents that
+   still need materializing commit in one SQLite transaction;
+3. only then are files written (temp + fsync + rename) and the pending set cleared. A crash
+   between 2 and 3 is repaired at start-up from the pending set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pycrdt import Doc
+
+from qmoi_sync.agent.index import FileEntry, IndexDoc, derive_file_id
+from qmoi_sync.agent.keyring import Keyring
+from qmoi_sync.agent.layout import compute_layout
+from qmoi_sync.agent.materialize import (
+    DiskStat,
+    FileTooLargeError,
+    UnsafePathError,
+    content_hash,
+    delete_file,
+    is_temp_name,
+    read_file,
+    rename_file,
+    stat_file,
+    write_file_atomic,
+)
+from qmoi_sync.agent.store import FileRecord, SpaceRecord, Store
+from qmoi_sync.agent.textdoc import ingest_disk_text, load_text_doc, new_text_doc, text_of
+from qmoi_sync.protocol.envelope import open_envelope, seal
+from qmoi_sync.protocol.errors import PathError, ProtocolError
+from qmoi_sync.protocol.identity import DeviceIdentity
+from qmoi_sync.protocol.payload import DeviceInfo, DocUpdate, Updates, decode_payload, encode_payload
+from qmoi_sync.protocol.paths import validate_relpath
+from qmoi_sync.protocol.replay import ReplayWindow
+
+log = logging.getLogger("qmoi_sync.space")
+
+INDEX_DOC_ID = bytes(16)
+# Files above this size are not text documents (the chunked binary path owns them).
+TEXT_MAX_BYTES = 4 * 1024 * 1024
+# Keep each envelope comfortably under protocol.envelope.MAX_ENVELOPE.
+ENVELOPE_PAYLOAD_BUDGET = 6 * 1024 * 1024
+# Text documents kept in memory; the rest live in SQLite until touched.
+DOC_CACHE_SIZE = 128
+# Editor and OS droppings that are never synced (the full ignore-file support is issue 3's).
+BUILTIN_IGNORES_SUFFIX = (".swp", ".swx", "~", ".tmp", ".part", ".crdownload")
+BUILTIN_IGNORES_NAME = {".DS_Store", "Thumbs.db", "desktop.ini", "4913"}
+
+
+def is_ignored(relpath: str) -> bool:
+    name = relpath.rsplit("/", 1)[-1]
+    if is_temp_name(name) or name in BUILTIN_IGNORES_NAME or name.startswith("~$"):
+        return True
+    return name.endswith(BUILTIN_IGNORES_SUFFIX)
+
+
+@dataclass
+class SpaceStats:
+    quarantined: int = 0
+    last_sync: float | None = None
+    last_error: str | None = None
+    applied_envelopes: int = 0
+    sent_envelopes: int = 0
+
+
+@dataclass
+class _LocalChange:
+    path: str
+    data: bytes
+    stat: DiskStat
+
+
+@dataclass
+class _Batch:
+    """Updates produced while handling one batch, sealed together at the end."""
+
+    items: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    def add(self, doc_id: bytes, update: bytes | None) -> None:
+        if update:
+            self.items.append((doc_id, update))
+
+
+class SpaceSync:
+    def __init__(
+        self,
+        store: Store,
+        identity: DeviceIdentity,
+        record: SpaceRecord,
+        keyring: Keyring,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.identity = identity
+        self.record = record
+        self.keyring = keyring
+        self.clock = clock
+        self.space_id = record.space_id
+        self.space_bytes = bytes.fromhex(record.space_id)
+        self.root = record.folder
+        self.device = identity.public.short_id
+        self.index = IndexDoc()
+        self._docs: OrderedDict[bytes, Doc] = OrderedDict()
+        self.files: dict[str, FileRecord] = {}
+        self.windows: dict[bytes, ReplayWindow] = {}
+        self.lock = asyncio.Lock()
+        self.outbox_changed = asyncio.Event()
+        self.stats = SpaceStats()
+        self.warnings: dict[str, str] = {}
+        self.conflicts = 0
+        self.seq = 0
+        self.cursor = 0
+
+    # -- loading ------------------------------------------------------------------------------
+    async def load(self) -> None:
+        state, updates = await self.store.load_doc(self.space_id, INDEX_DOC_ID)
+        if state:
+            self.index.apply_update(state)
+        for u in updates:
+            self.index.apply_update(u)
+        self.files = await self.store.files(self.space_id)
+        self.windows = {
+            s: ReplayWindow.from_bytes(w)
+            for s, w in (await self.store.load_replay(self.space_id)).items()
+        }
+        self.seq = await self.store.get_counter(self.space_id, "seq")
+        self.cursor = await self.store.get_counter(self.space_id, "relay_cursor")
+        self.stats.quarantined = await self.store.quarantine_count(self.space_id)
+        last = await self.store.get_counter(self.space_id, "last_sync_ms", 0)
+        self.stats.last_sync = last / 1000 if last else None
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    async def _doc(self, fid: bytes) -> Doc:
+        doc = self._docs.get(fid)
+        if doc is not None:
+            self._docs.move_to_end(fid)
+            return doc
+        state, updates = await self.store.load_doc(self.space_id, fid)
+        doc = load_text_doc(state) if state else new_text_doc()
+        for u in updates:
+            doc.apply_update(u)
+        self._docs[fid] = doc
+        while len(self._docs) > DOC_CACHE_SIZE:
+            self._docs.popitem(last=False)
+        return doc
+
+    # -- local side ---------------------------------------------------------------------------
+    def relpath_of(self, abspath: str) -> str | None:
+        try:
+            rel = os.path.relpath(abspath, self.root)
+        except ValueError:
+            return None
+        if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
+            return None
+        return rel.replace(os.sep, "/")
+
+    async def handle_local(self, paths: Iterable[str]) -> None:
+        """Ingest the current disk state of these relative paths (files or folders)."""
+        async with self.lock:
+            batch = _Batch()
+            await self._ingest_local(set(paths), batch)
+            await self._finish(batch, dirty=set(), delivered=[])
+
+    async def rescan(self) -> None:
+        """Pick up everything that changed while the agent was not watching."""
+        async with self.lock:
+            batch = _Batch()
+            pending = await self._pending_materialize()
+            on_disk = await asyncio.to_thread(self._walk_files, "")
+            await self._ingest_local(set(on_disk) | set(self.files), batch, walked=True)
+            await self._finish(batch, dirty=pending, delivered=[])
+
+    def _walk_files(self, under: str) -> list[str]:
+        base = self.root / under if under else self.root
+        out: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+            rel_dir = os.path.relpath(dirpath, self.root)
+            rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
+            dirnames[:] = [d for d in dirnames if not is_temp_name(d)]
+            for name in filenames:
+                out.append(rel_dir + name)
+        return out
+
+    async def _ingest_local(self, paths: set[str], batch: _Batch, walked: bool = False) -> None:
+        changed: list[_LocalChange] = []
+        gone: list[str] = []
+        expanded: set[str] = set()
+        for path in sorted(paths):
+            full = self.root / path
+            if not walked and full.is_dir() and not full.is_symlink():
+                expanded.update(await asyncio.to_thread(self._walk_files, path))
+                continue
+            expanded.add(path)
+            # A folder moved away or deleted reports only itself: its tracked files are gone.
+            prefix = path + "/"
+            expanded.update(p for p in self.files if p.startswith(prefix))
+        for path in sorted(expanded):
+            if is_ignored(path):
+                continue
+            try:
+                validate_relpath(path)
+            except PathError as exc:
+                self.warnings[f"path:{path}"] = f"not synced: {exc}"
+                continue
+            rec = self.files.get(path)
+            st = stat_file(self.root, path)
+            if st is None:
+                if rec is not None:
+                    gone.append(path)
+                continue
+            if rec is not None and (st.size, st.mtime_ns, st.inode) == (
+                rec.size,
+                rec.mtime_ns,
+                rec.inode,
+            ):
+                continue
+            try:
+                got = await asyncio.to_thread(read_file, self.root, path, TEXT_MAX_BYTES)
+            except FileTooLargeError:
+                self.warnings[f"binary:{path}"] = (
+                    f"{path}: larger than {TEXT_MAX_BYTES} bytes; binary/large files are not "
+                    "synced yet (skipped, left untouched)"
+                )
+                continue
+            except (OSError, UnsafePathError) as exc:
+                self.warnings[f"read:{path}"] = f"{path}: cannot read ({exc}); will retry"
+                continue
+            if got is None:
+                if rec is not None:
+                    gone.append(path)
+                continue
+            data, st = got
+            self.warnings.pop(f"read:{path}", None)
+            if rec is not None and content_hash(data) == rec.hash:
+                await self._record(path, rec.fid, data, st)
+                continue
+            changed.append(_LocalChange(path, data, st))
+
+        # A delete plus an add of identical content in one batch is a rename: keep the file id.
+        gone_by_hash: dict[bytes, list[str]] = {}
+        for path in gone:
+            gone_by_hash.setdefault(self.files[path].hash, []).append(path)
+        entries = self.index.entries()
+        for ch in changed:
+            rec = self.files.get(ch.path)
+            text = _as_text(ch.data)
+            if text is None:
+                self.warnings[f"binary:{ch.path}"] = (
+                    f"{ch.path}: binary file; binary files are not synced yet (skipped, left "
+                    "untouched)"
+                )
+                continue
+            self.warnings.pop(f"binary:{ch.path}", None)
+            if rec is not None:
+                await self._ingest_edit(rec.fid, ch, text, batch)
+                continue
+            candidates = gone_by_hash.get(content_hash(ch.data))
+            if candidates:
+                old = candidates.pop(0)
+                fid = self.files[old].fid
+                batch.add(INDEX_DOC_ID, self.index.rename(fid.hex(), ch.path, self.device))
+                await self._forget(old)
+                await self._record(ch.path, fid, ch.data, ch.stat)
+                gone.remove(old)
+                continue
+            await self._ingest_new(ch, text, entries, batch)
+        for path in gone:
+            rec = self.files[path]
+            entry = entries.get(rec.fid.hex())
+            if entry is not None and entry.alive:
+                batch.add(INDEX_DOC_ID, self.index.delete(rec.fid.hex(), self.device, self.clock()))
+            await self._forget(path)
+
+    async def _ingest_edit(self, fid: bytes, ch: _LocalChange, text: str, batch: _Batch) -> None:
+        doc = await self._doc(fid)
+        update = ingest_disk_text(doc, text)
+        if update:
+            batch.add(fid, update)
+            batch.add(INDEX_DOC_ID, self.index.record_edit(fid.hex(), self.device))
+        mode = _mode_of(ch.stat, self.root / ch.path)
+        entry = self.index.entries().get(fid.hex())
+        if entry is not None and entry.mode != mode:
+            batch.add(INDEX_DOC_ID, self.index.set_mode(fid.hex(), mode, self.device))
+        await self._record(ch.path, fid, ch.data, ch.stat)
+
+    async def _ingest_new(
+        self, ch: _LocalChange, text: str, entries: dict[str, FileEntry], batch: _Batch
+    ) -> None:
+        # Same path + same content on two devices ⇒ same file id and byte-identical seed updates,
+        # so a folder that already exists on both sides merges instead of doubling.
+        fid = derive_file_id(self.keyring.file_id_key, ch.path, ch.data)
+        existing = entries.get(fid.hex())
+        if existing is not None and not (existing.alive and existing.path == ch.path):
+            fid = os.urandom(16)
+            existing = None
+        mode = _mode_of(ch.stat, self.root / ch.path)
+        if existing is None:
+            batch.add(
+                INDEX_DOC_ID,
+                self.index.create(fid.hex(), ch.path, "text", mode, self.device, self.clock()),
+            )
+        doc = await self._doc(fid)
+        batch.add(fid, ingest_disk_text(doc, text))
+        await self._record(ch.path, fid, ch.data, ch.stat)
+
+    async def _record(self, path: str, fid: bytes, data: bytes, st: DiskStat) -> None:
+        rec = FileRecord(path, fid, content_hash(data), st.size, st.mtime_ns, st.inode)
+        self.files[path] = rec
+        await self.store.put_file(self.space_id, rec)
+
+    async def _record_stat(self, path: str, fid: bytes, digest: bytes, st: DiskStat) -> None:
+        rec = FileRecord(path, fid, digest, st.size, st.mtime_ns, st.inode)
+        self.files[path] = rec
+        await self.store.put_file(self.space_id, rec)
+
+    async def _forget(self, path: str) -> None:
+        self.files.pop(path, None)
+        await self.store.delete_file(self.space_id, path)
+
+    # -- remote side --------------------------------------------------------------------------
+    async def handle_remote(self, delivered: list[tuple[int, bytes]]) -> None:
+        """Apply envelopes delivered by a sync link (relay_seq, envelope), in order."""
+        async with self.lock:
+            batch = _Batch()
+            dirty: set[bytes] = set()
+            for relay_seq, envelope in delivered:
+                await self._apply_envelope(envelope, batch, dirty)
+                self.cursor = max(self.cursor, relay_seq)
+            await self._finish(batch, dirty=dirty, delivered=delivered)
+
+    async def _apply_envelope(self, envelope: bytes, batch: _Batch, dirty: set[bytes]) -> None:
+        try:
+            opened = open_envelope(
+                envelope,
+                expected_space_id=self.space_bytes,
+                msg_keys=self.keyring.msg_keys(),
+                is_member=self.keyring.is_member,
+            )
+        except ProtocolError as exc:
+            await self._quarantine(None, f"{exc.code}: {exc}", envelope)
+            return
+        sender = opened.header.sender
+        seq = opened.header.seq
+        if sender == self.identity.public.sign_pk:
+            return
+        window = self.windows.setdefault(sender, ReplayWindow())
+        if window.seen(seq):
+            return
+        try:
+            payload = decode_payload(opened.plaintext)
+        except ProtocolError as exc:
+            await self._quarantine(sender, f"{exc.code}: {exc}", envelope)
+            window.mark(seq)
+            return
+        if isinstance(payload, Updates):
+            if not _updates_are_sane(payload.items):
+                await self._quarantine(sender, "malformed CRDT update", envelope)
+                window.mark(seq)
+                return
+            # Before a remote change lands on a document, make sure any edit the user already
+            # saved to that file is in the CRDT; otherwise materializing would overwrite it.
+            await self._absorb_unsaved(
+                [i.doc_id for i in payload.items if i.doc_id != INDEX_DOC_ID], batch
+            )
+            for item in payload.items:
+                try:
+                    if item.doc_id == INDEX_DOC_ID:
+                        self.index.apply_update(item.update)
+                    else:
+                        (await self._doc(item.doc_id)).apply_update(item.update)
+                except BaseException as exc:  # noqa: BLE001 - pycrdt panics are BaseException
+                    if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
+                        raise
+                    await self._quarantine(sender, f"update rejected by CRDT: {exc!r}", envelope)
+                    await self._reload_doc(item.doc_id)
+                    continue
+                dirty.add(item.doc_id)
+            await self.store.append_doc_updates(
+                self.space_id, [(i.doc_id, i.update) for i in payload.items]
+            )
+        elif isinstance(payload, DeviceInfo):
+            await self.store.put_device_info(
+                self.space_id,
+                sender,
+                {
+                    "name": payload.name,
+                    "platform": payload.platform,
+                    "agent_version": payload.agent_version,
+                },
+            )
+        window.mark(seq)
+        self.stats.applied_envelopes += 1
+
+    async def _absorb_unsaved(self, fids: list[bytes], batch: _Batch) -> None:
+        by_fid = {rec.fid: rec for rec in self.files.values()}
+        for fid in fids:
+            rec = by_fid.get(fid)
+            if rec is None:
+                continue
+            st = stat_file(self.root, rec.path)
+            if st is None or (st.size, st.mtime_ns, st.inode) == (rec.size, rec.mtime_ns, rec.inode):
+                continue
+            await self._ingest_local({rec.path}, batch)
+
+    async def _reload_doc(self, doc_id: bytes) -> None:
+        """Rebuild a document from its durable state after a failed apply (it may be poisoned)."""
+        if doc_id == INDEX_DOC_ID:
+            self.index = IndexDoc()
+            state, updates = await self.store.load_doc(self.space_id, INDEX_DOC_ID)
+            if state:
+                self.index.apply_update(state)
+            for u in updates:
+                self.index.apply_update(u)
+        else:
+            self._docs.pop(doc_id, None)
+
+    async def _quarantine(self, sender: bytes | None, reason: str, envelope: bytes) -> None:
+        log.warning("quarantined an envelope in space %s: %s", self.space_id[:8], reason)
+        self.stats.quarantined += 1
+        await self.store.quarantine(self.space_id, sender, reason, envelope)
+
+    # -- commit + materialize -----------------------------------------------------------------
+    async def _finish(
+        self, batch: _Batch, dirty: set[bytes], delivered: list[tuple[int, bytes]]
+    ) -> None:
+        await self._commit(batch.items, delivered, pending=dirty)
+        for _attempt in range(4):
+            extra = _Batch()
+            blocked = await self._reconcile_once(dirty, extra)
+            if blocked:
+                # Untracked local files sat where remote files belong: ingest them as concurrent
+                # creations (the layout then gives one a conflict name) and settle again.
+                await self._ingest_local(set(blocked), extra)
+            await self._commit(extra.items, [], pending=set() if dirty else None)
+            dirty = set()
+            if not extra.items and not blocked:
+                break
+
+    async def _pending_materialize(self) -> set[bytes]:
+        return set(await self.store.get_pending(self.space_id))
+
+    async def _reconcile_once(self, dirty: set[bytes], batch: _Batch) -> list[str]:
+        entries = self.index.entries()
+        layout = compute_layout(entries)
+        self.conflicts = len(layout.conflicts)
+        desired: dict[bytes, str] = {}
+        for path, fid_hex in layout.paths.items():
+            entry = entries[fid_hex]
+            if entry.kind != "text":
+                continue
+            try:
+                validate_relpath(path)
+            except PathError as exc:
+                self.warnings[f"remote:{fid_hex}"] = f"refused a remote path: {exc}"
+                continue
+            desired[bytes.fromhex(fid_hex)] = path
+        current = {rec.fid: path for path, rec in self.files.items()}
+
+        # Files whose entry is no longer alive: delete, unless the user changed them since we
+        # last saw them (then the change is an edit, and an edit beats a delete).
+        for fid, path in list(current.items()):
+            if fid in desired:
+                continue
+            rec = self.files[path]
+            st = stat_file(self.root, path)
+            if st is not None and (st.size, st.mtime_ns, st.inode) != (
+                rec.size,
+                rec.mtime_ns,
+                rec.inode,
+            ):
+                got = read_file(self.root, path, TEXT_MAX_BYTES)
+                if got is not None and content_hash(got[0]) != rec.hash:
+                    text = _as_text(got[0])
+                    if text is not None:
+                        fid_hex = fid.hex()
+                        batch.add(INDEX_DOC_ID, self.index.rename(fid_hex, path, self.device))
+                        await self._ingest_edit(fid, _LocalChange(path, got[0], got[1]), text, batch)
+                        continue
+            delete_file(self.root, path)
+            await self._forget(path)
+
+        # Moves go through temporary names so swaps and chains never clobber each other.
+        blocked: list[str] = []
+        staged: list[tuple[bytes, str, str, str]] = []
+        for fid, p in desired.items():
+            old = current.get(fid)
+            if old is None or old == p:
+                continue
+            tmp = f".qmoi-tmp-mv-{fid.hex()}"
+            try:
+                st = rename_file(self.root, old, tmp)
+            except (OSError, UnsafePathError) as exc:
+                self.warnings[f"move:{old}"] = f"cannot move {old} to {p}: {exc}"
+                continue
+            if st is not None:
+                staged.append((fid, old, tmp, p))
+        for fid, old, tmp, new in staged:
+            rec = self.files[old]
+            target = new
+            if new not in self.files and stat_file(self.root, new) is not None:
+                # Someone's untracked file is in the way: put ours back and settle it first.
+                blocked.append(new)
+                target = old
+            try:
+                st = rename_file(self.root, tmp, target)
+            except (OSError, UnsafePathError) as exc:
+                self.warnings[f"move:{new}"] = f"cannot move to {new}: {exc}"
+                continue
+            if st is None or target == old:
+                continue
+            await self._forget(old)
+            await self._record_stat(new, fid, rec.hash, st)
+        if staged:
+            log.debug("moved %d file(s)", len(staged))
+
+        # Content: new files and documents that changed.
+        current = {rec.fid: path for path, rec in self.files.items()}
+        for fid, path in desired.items():
+            if fid in current and fid not in dirty:
+                continue
+            if fid not in current:
+                existing = stat_file(self.root, path)
+                if existing is not None and path not in self.files:
+                    got = read_file(self.root, path, TEXT_MAX_BYTES)
+                    doc = await self._doc(fid)
+                    if got is not None and got[0] == text_of(doc).encode():
+                        await self._record(path, fid, got[0], got[1])
+                        continue
+                    blocked.append(path)
+                    continue
+            await self._materialize_text(fid, path, entries[fid.hex()])
+        return blocked
+
+    async def _materialize_text(self, fid: bytes, path: str, entry: FileEntry) -> None:
+        doc = await self._doc(fid)
+        data = text_of(doc).encode("utf-8")
+        rec = self.files.get(path)
+        if rec is not None and rec.hash == content_hash(data):
+            st = stat_file(self.root, path)
+            if st is not None:
+                return
+        mode = 0o755 if entry.mode & 0o111 else 0o644
+        try:
+            st = await asyncio.to_thread(write_file_atomic, self.root, path, data, mode)
+        except (OSError, UnsafePathError) as exc:
+            self.warnings[f"write:{path}"] = f"cannot write {path}: {exc}"
+            return
+        self.warnings.pop(f"write:{path}", None)
+        await self._record(path, fid, data, st)
+
+    async def _commit(
+        self,
+        items: list[tuple[bytes, bytes]],
+        delivered: list[tuple[int, bytes]],
+        pending: set[bytes] | None,
+    ) -> None:
+        """One transaction: document updates, their sealed envelopes, the relay cursor, replay
+        windows and the set of documents still to be written to disk."""
+        if not items and not delivered and pending is None:
+            return
+        now = self.clock()
+        due: list[bytes] = []
+        async with self.store.transaction():
+            if items:
+                due = await self.store.append_doc_updates(self.space_id, items)
+                for chunk in _split(items):
+                    self.seq += 1
+                    payload = encode_payload(
+                        Updates(items=[DocUpdate(doc_id=d, update=u) for d, u in chunk])
+                    )
+                    envelope = seal(
+                        identity=self.identity,
+                        space_id=self.space_bytes,
+                        epoch=self.keyring.current_epoch,
+                        msg_key=self.keyring.msg_key,
+                        seq=self.seq,
+                        plaintext=payload,
+                    )
+                    await self.store.add_outbox(self.space_id, self.seq, envelope)
+                await self.store.set_counter(self.space_id, "seq", self.seq)
+            if delivered:
+                await self.store.set_counter(self.space_id, "relay_cursor", self.cursor)
+                for sender, window in self.windows.items():
+                    await self.store.save_replay(self.space_id, sender, window.to_bytes())
+            if pending is not None:
+                await self.store.set_pending(self.space_id, sorted(pending))
+            if items or delivered:
+                self.stats.last_sync = now
+                await self.store.set_counter(self.space_id, "last_sync_ms", int(now * 1000))
+        if items:
+            self.stats.sent_envelopes += 1
+            self.outbox_changed.set()
+        for doc_id in due:
+            await self._compact(doc_id)
+
+    async def _compact(self, doc_id: bytes) -> None:
+        if doc_id == INDEX_DOC_ID:
+            state = self.index.state()
+        else:
+            state = (await self._doc(doc_id)).get_update()
+        async with self.store.transaction():
+            await self.store.compact_doc(self.space_id, doc_id, state)
+
+    async def send_device_info(self, name: str, platform: str, version: str) -> None:
+        async with self.lock, self.store.transaction():
+            self.seq += 1
+            payload = encode_payload(DeviceInfo(name=name, platform=platform, agent_version=version))
+            envelope = seal(
+                identity=self.identity,
+                space_id=self.space_bytes,
+                epoch=self.keyring.current_epoch,
+                msg_key=self.keyring.msg_key,
+                seq=self.seq,
+                plaintext=payload,
+            )
+            await self.store.add_outbox(self.space_id, self.seq, envelope)
+            await self.store.set_counter(self.space_id, "seq", self.seq)
+        self.outbox_changed.set()
+
+
+def _split(items: list[tuple[bytes, bytes]]) -> list[list[tuple[bytes, bytes]]]:
+    out: list[list[tuple[bytes, bytes]]] = [[]]
+    size = 0
+    for doc_id, update in items:
+        if out[-1] and size + len(update) > ENVELOPE_PAYLOAD_BUDGET:
+            out.append([])
+            size = 0
+        out[-1].append((doc_id, update))
+        size += len(update) + 32
+    return out
+
+
+def _as_text(data: bytes) -> str | None:
+    if len(data) > TEXT_MAX_BYTES or b"\x00" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _mode_of(st: DiskStat, path: Path) -> int:
+    try:
+        return 0o755 if os.stat(path, follow_symlinks=False).st_mode & 0o111 else 0o644
+    except OSError:
+        return 0o644
+
+
+def _updates_are_sane(items: list[DocUpdate]) -> bool:
+    """Apply each update to a throwaway document first: a crafted update that makes yrs panic
+    must never reach a live document (a panicked document may be unusable afterwards)."""
+    for item in items:
+        scratch = Doc()
+        try:
+            scratch.apply_update(item.update)
+        except BaseException as exc:  # noqa: BLE001 - pyo3 PanicException derives BaseException
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
+                raise
+            return False
+    return True

@@ -1,0 +1,409 @@
+"""The agent's durable state: one SQLite database (WAL) per device home.
+
+Everything that must survive a crash lives here: space configs, membership logs, CRDT document
+states (a compacted state plus appended updates), the outbox of sealed envelopes, per-sender replay
+windows, the relay cursor, the record of what was last materialized on disk, pending invites and
+quarantined envelopes. A delta is acknowledged (relay cursor advanced) only in the same
+transaction that makes its effect durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS spaces (
+    space_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    relay_url TEXT,
+    insecure INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    seeded INTEGER NOT NULL DEFAULT 0,
+    paused INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS membership (space_id TEXT PRIMARY KEY, log BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS docs (
+    space_id TEXT NOT NULL, doc_id BLOB NOT NULL, state BLOB NOT NULL,
+    PRIMARY KEY (space_id, doc_id)
+);
+CREATE TABLE IF NOT EXISTS doc_updates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    space_id TEXT NOT NULL, doc_id BLOB NOT NULL, data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS doc_updates_by_doc ON doc_updates (space_id, doc_id, id);
+CREATE TABLE IF NOT EXISTS outbox (
+    space_id TEXT NOT NULL, seq INTEGER NOT NULL, envelope BLOB NOT NULL,
+    PRIMARY KEY (space_id, seq)
+);
+CREATE TABLE IF NOT EXISTS counters (
+    space_id TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
+    PRIMARY KEY (space_id, name)
+);
+CREATE TABLE IF NOT EXISTS replay (
+    space_id TEXT NOT NULL, sender BLOB NOT NULL, window BLOB NOT NULL,
+    PRIMARY KEY (space_id, sender)
+);
+CREATE TABLE IF NOT EXISTS files (
+    space_id TEXT NOT NULL, path TEXT NOT NULL, fid BLOB NOT NULL, hash BLOB NOT NULL,
+    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, inode INTEGER NOT NULL,
+    PRIMARY KEY (space_id, path)
+);
+CREATE TABLE IF NOT EXISTS invites (
+    space_id TEXT NOT NULL, invite_id BLOB NOT NULL, secret BLOB NOT NULL,
+    role TEXT NOT NULL, expires_at REAL NOT NULL, created_at REAL NOT NULL, used_at REAL,
+    PRIMARY KEY (space_id, invite_id)
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, space_id TEXT NOT NULL, sender BLOB,
+    reason TEXT NOT NULL, at REAL NOT NULL, envelope BLOB
+);
+CREATE TABLE IF NOT EXISTS pending_materialize (
+    space_id TEXT NOT NULL, doc_id BLOB NOT NULL, PRIMARY KEY (space_id, doc_id)
+);
+CREATE TABLE IF NOT EXISTS device_info (
+    space_id TEXT NOT NULL, sign_pk BLOB NOT NULL, info TEXT NOT NULL, seen_at REAL NOT NULL,
+    PRIMARY KEY (space_id, sign_pk)
+);
+"""
+
+# Appended updates per document before they are folded into one state blob.
+COMPACT_AFTER = 64
+
+
+@dataclass(frozen=True)
+class SpaceRecord:
+    space_id: str
+    name: str
+    folder: Path
+    relay_url: str | None
+    insecure: bool
+    created_at: float
+    seeded: bool
+    paused: bool
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str
+    fid: bytes
+    hash: bytes
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+@dataclass(frozen=True)
+class InviteRecord:
+    space_id: str
+    invite_id: bytes
+    secret: bytes
+    role: str
+    expires_at: float
+    used_at: float | None
+
+
+class Store:
+    """Thin typed wrapper over one aiosqlite connection. Not shared across processes' writers:
+    the running agent owns it; offline CLI commands open it only while holding the agent lock."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
+        # One connection is shared by every space of the agent; transactions must not overlap.
+        self.tx_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        db = await aiosqlite.connect(path, isolation_level=None)
+        await db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode is durable across process crashes (SIGKILL), which is what a sync
+        # agent must survive; FULL would add an fsync per commit for power loss only.
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA busy_timeout=5000")
+        await db.executescript(_SCHEMA)
+        await db.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+        )
+        return cls(db)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    # -- transactions -------------------------------------------------------------------------
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        async with self.tx_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            await self.db.execute("COMMIT")
+
+    # -- spaces -------------------------------------------------------------------------------
+    async def add_space(self, rec: SpaceRecord) -> None:
+        await self.db.execute(
+            "INSERT INTO spaces(space_id, name, folder, relay_url, insecure, created_at, seeded,"
+            " paused) VALUES (?,?,?,?,?,?,?,?)",
+            (
+                rec.space_id,
+                rec.name,
+                str(rec.folder),
+                rec.relay_url,
+                int(rec.insecure),
+                rec.created_at,
+                int(rec.seeded),
+                int(rec.paused),
+            ),
+        )
+
+    async def spaces(self) -> list[SpaceRecord]:
+        async with self.db.execute(
+            "SELECT space_id, name, folder, relay_url, insecure, created_at, seeded, paused"
+            " FROM spaces ORDER BY created_at"
+        ) as cur:
+            rows = await cur.fetchall()
+        return [
+            SpaceRecord(r[0], r[1], Path(r[2]), r[3], bool(r[4]), r[5], bool(r[6]), bool(r[7]))
+            for r in rows
+        ]
+
+    async def set_space_seeded(self, space_id: str) -> None:
+        await self.db.execute("UPDATE spaces SET seeded=1 WHERE space_id=?", (space_id,))
+
+    async def set_space_name(self, space_id: str, name: str) -> None:
+        await self.db.execute("UPDATE spaces SET name=? WHERE space_id=?", (name, space_id))
+
+    async def set_space_paused(self, space_id: str, paused: bool) -> None:
+        await self.db.execute(
+            "UPDATE spaces SET paused=? WHERE space_id=?", (int(paused), space_id)
+        )
+
+    # -- membership ---------------------------------------------------------------------------
+    async def save_membership(self, space_id: str, log: bytes) -> None:
+        await self.db.execute(
+            "INSERT INTO membership(space_id, log) VALUES (?, ?)"
+            " ON CONFLICT(space_id) DO UPDATE SET log=excluded.log",
+            (space_id, log),
+        )
+
+    async def load_membership(self, space_id: str) -> bytes | None:
+        async with self.db.execute(
+            "SELECT log FROM membership WHERE space_id=?", (space_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return bytes(row[0]) if row else None
+
+    # -- documents ----------------------------------------------------------------------------
+    async def load_doc(self, space_id: str, doc_id: bytes) -> tuple[bytes | None, list[bytes]]:
+        """The compacted state (if any) and the updates appended since, in order."""
+        async with self.db.execute(
+            "SELECT state FROM docs WHERE space_id=? AND doc_id=?", (space_id, doc_id)
+        ) as cur:
+            row = await cur.fetchone()
+        async with self.db.execute(
+            "SELECT data FROM doc_updates WHERE space_id=? AND doc_id=? ORDER BY id",
+            (space_id, doc_id),
+        ) as cur:
+            updates = [bytes(r[0]) for r in await cur.fetchall()]
+        return (bytes(row[0]) if row else None), updates
+
+    async def doc_ids(self, space_id: str) -> list[bytes]:
+        async with self.db.execute(
+            "SELECT doc_id FROM docs WHERE space_id=? UNION SELECT doc_id FROM doc_updates"
+            " WHERE space_id=?",
+            (space_id, space_id),
+        ) as cur:
+            return [bytes(r[0]) for r in await cur.fetchall()]
+
+    async def append_doc_updates(
+        self, space_id: str, items: Iterable[tuple[bytes, bytes]]
+    ) -> list[bytes]:
+        """Append updates; returns doc ids that crossed the compaction threshold."""
+        rows = list(items)
+        await self.db.executemany(
+            "INSERT INTO doc_updates(space_id, doc_id, data) VALUES (?,?,?)",
+            [(space_id, d, u) for d, u in rows],
+        )
+        due: list[bytes] = []
+        for doc_id in {d for d, _ in rows}:
+            async with self.db.execute(
+                "SELECT COUNT(*) FROM doc_updates WHERE space_id=? AND doc_id=?",
+                (space_id, doc_id),
+            ) as cur:
+                row = await cur.fetchone()
+            if row and row[0] >= COMPACT_AFTER:
+                due.append(doc_id)
+        return due
+
+    async def compact_doc(self, space_id: str, doc_id: bytes, state: bytes) -> None:
+        await self.db.execute(
+            "INSERT INTO docs(space_id, doc_id, state) VALUES (?,?,?)"
+            " ON CONFLICT(space_id, doc_id) DO UPDATE SET state=excluded.state",
+            (space_id, doc_id, state),
+        )
+        await self.db.execute(
+            "DELETE FROM doc_updates WHERE space_id=? AND doc_id=?", (space_id, doc_id)
+        )
+
+    # -- counters -----------------------------------------------------------------------------
+    async def get_counter(self, space_id: str, name: str, default: int = 0) -> int:
+        async with self.db.execute(
+            "SELECT value FROM counters WHERE space_id=? AND name=?", (space_id, name)
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else default
+
+    async def set_counter(self, space_id: str, name: str, value: int) -> None:
+        await self.db.execute(
+            "INSERT INTO counters(space_id, name, value) VALUES (?,?,?)"
+            " ON CONFLICT(space_id, name) DO UPDATE SET value=excluded.value",
+            (space_id, name, value),
+        )
+
+    # -- outbox -------------------------------------------------------------------------------
+    async def add_outbox(self, space_id: str, seq: int, envelope: bytes) -> None:
+        await self.db.execute(
+            "INSERT INTO outbox(space_id, seq, envelope) VALUES (?,?,?)", (space_id, seq, envelope)
+        )
+
+    async def outbox(self, space_id: str, after_seq: int = 0, limit: int = 256) -> list[
+        tuple[int, bytes]
+    ]:
+        async with self.db.execute(
+            "SELECT seq, envelope FROM outbox WHERE space_id=? AND seq>? ORDER BY seq LIMIT ?",
+            (space_id, after_seq, limit),
+        ) as cur:
+            return [(int(r[0]), bytes(r[1])) for r in await cur.fetchall()]
+
+    async def outbox_count(self, space_id: str) -> int:
+        async with self.db.execute(
+            "SELECT COUNT(*) FROM outbox WHERE space_id=?", (space_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def delete_outbox(self, space_id: str, seqs: Sequence[int]) -> None:
+        await self.db.executemany(
+            "DELETE FROM outbox WHERE space_id=? AND seq=?", [(space_id, s) for s in seqs]
+        )
+
+    # -- replay windows -----------------------------------------------------------------------
+    async def load_replay(self, space_id: str) -> dict[bytes, bytes]:
+        async with self.db.execute(
+            "SELECT sender, window FROM replay WHERE space_id=?", (space_id,)
+        ) as cur:
+            return {bytes(r[0]): bytes(r[1]) for r in await cur.fetchall()}
+
+    async def save_replay(self, space_id: str, sender: bytes, window: bytes) -> None:
+        await self.db.execute(
+            "INSERT INTO replay(space_id, sender, window) VALUES (?,?,?)"
+            " ON CONFLICT(space_id, sender) DO UPDATE SET window=excluded.window",
+            (space_id, sender, window),
+        )
+
+    # -- materialized files -------------------------------------------------------------------
+    async def files(self, space_id: str) -> dict[str, FileRecord]:
+        async with self.db.execute(
+            "SELECT path, fid, hash, size, mtime_ns, inode FROM files WHERE space_id=?",
+            (space_id,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return {
+            r[0]: FileRecord(r[0], bytes(r[1]), bytes(r[2]), r[3], r[4], r[5]) for r in rows
+        }
+
+    async def put_file(self, space_id: str, rec: FileRecord) -> None:
+        await self.db.execute(
+            "INSERT INTO files(space_id, path, fid, hash, size, mtime_ns, inode)"
+            " VALUES (?,?,?,?,?,?,?) ON CONFLICT(space_id, path) DO UPDATE SET"
+            " fid=excluded.fid, hash=excluded.hash, size=excluded.size,"
+            " mtime_ns=excluded.mtime_ns, inode=excluded.inode",
+            (space_id, rec.path, rec.fid, rec.hash, rec.size, rec.mtime_ns, rec.inode),
+        )
+
+    async def delete_file(self, space_id: str, path: str) -> None:
+        await self.db.execute("DELETE FROM files WHERE space_id=? AND path=?", (space_id, path))
+
+    # -- invites ------------------------------------------------------------------------------
+    async def add_invite(self, rec: InviteRecord) -> None:
+        await self.db.execute(
+            "INSERT INTO invites(space_id, invite_id, secret, role, expires_at, created_at,"
+            " used_at) VALUES (?,?,?,?,?,?,NULL)",
+            (rec.space_id, rec.invite_id, rec.secret, rec.role, rec.expires_at, time.time()),
+        )
+
+    async def get_invite(self, space_id: str, invite_id: bytes) -> InviteRecord | None:
+        async with self.db.execute(
+            "SELECT space_id, invite_id, secret, role, expires_at, used_at FROM invites"
+            " WHERE space_id=? AND invite_id=?",
+            (space_id, invite_id),
+        ) as cur:
+            r = await cur.fetchone()
+        if r is None:
+            return None
+        return InviteRecord(r[0], bytes(r[1]), bytes(r[2]), r[3], r[4], r[5])
+
+    async def mark_invite_used(self, space_id: str, invite_id: bytes) -> None:
+        await self.db.execute(
+            "UPDATE invites SET used_at=? WHERE space_id=? AND invite_id=?",
+            (time.time(), space_id, invite_id),
+        )
+
+    # -- documents committed but not yet written to disk (crash repair) ------------------------
+    async def set_pending(self, space_id: str, doc_ids: Sequence[bytes]) -> None:
+        await self.db.execute("DELETE FROM pending_materialize WHERE space_id=?", (space_id,))
+        await self.db.executemany(
+            "INSERT OR IGNORE INTO pending_materialize(space_id, doc_id) VALUES (?,?)",
+            [(space_id, d) for d in doc_ids],
+        )
+
+    async def get_pending(self, space_id: str) -> list[bytes]:
+        async with self.db.execute(
+            "SELECT doc_id FROM pending_materialize WHERE space_id=?", (space_id,)
+        ) as cur:
+            return [bytes(r[0]) for r in await cur.fetchall()]
+
+    # -- quarantine ---------------------------------------------------------------------------
+    async def quarantine(
+        self, space_id: str, sender: bytes | None, reason: str, envelope: bytes | None
+    ) -> None:
+        await self.db.execute(
+            "INSERT INTO quarantine(space_id, sender, reason, at, envelope) VALUES (?,?,?,?,?)",
+            (space_id, sender, reason[:500], time.time(), envelope),
+        )
+
+    async def quarantine_count(self, space_id: str) -> int:
+        async with self.db.execute(
+            "SELECT COUNT(*) FROM quarantine WHERE space_id=?", (space_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    # -- device info (names travel encrypted, so they are only known from the space) ----------
+    async def put_device_info(self, space_id: str, sign_pk: bytes, info: dict[str, Any]) -> None:
+        await self.db.execute(
+            "INSERT INTO device_info(space_id, sign_pk, info, seen_at) VALUES (?,?,?,?)"
+            " ON CONFLICT(space_id, sign_pk) DO UPDATE SET info=excluded.info,"
+            " seen_at=excluded.seen_at",
+            (space_id, sign_pk, json.dumps(info), time.time()),
+        )
+
+    async def device_infos(self, space_id: str) -> dict[bytes, dict[str, Any]]:
+        async with self.db.execute(
+            "SELECT sign_pk, info FROM device_info WHERE space_id=?", (space_id,)
+        ) as cur:
+            return {bytes(r[0]): json.loads(r[1]) for r in await cur.fetchall()}
