@@ -28,41 +28,41 @@ normalization (``Café`` NFC vs NFD) collide on case-insensitive / normalizing f
 
 from __future__ import annotations
 
+import math
 import posixpath
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from qmoi_sync.protocol.errors import PathError
+from qmoi_sync.protocol.paths import CONFLICT_MARKER, conflict_name
+
 from .index import FileEntry
 
 __all__ = ["CONFLICT_MARKER", "Layout", "compute_layout", "strip_conflict_marker"]
 
-CONFLICT_MARKER = ".sync-conflict-"
-
 ConflictNamer = Callable[[str, float, str], str]
 
 
-def _local_conflict_name(path: str, when: float, short_id: str) -> str:
-    """Fallback implementing the documented contract of
-    ``qmoi_sync.protocol.paths.conflict_name``: ``stem.sync-conflict-YYYYMMDD-HHMMSS-ID.ext``.
-
-    UTC, because the name must be the same on every device whatever its time zone.
-    """
+def _fallback_conflict_name(path: str, when: float, short_id: str) -> str:
+    """Used only when ``conflict_name`` refuses its input (a path or device id from a buggy
+    peer): still deterministic, same shape. The runtime validates every path it materializes,
+    so a name built from an invalid path is refused there, not here (a pure function of
+    remote data must not raise)."""
     head, base = posixpath.split(path)
     stem, ext = _split_ext(base)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(max(0.0, when)))
-    return posixpath.join(head, f"{stem}{CONFLICT_MARKER}{stamp}-{short_id}{ext}")
+    when = min(max(0.0, when), 253402300799.0) if math.isfinite(when) else 0.0
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(when))
+    dev = re.sub(r"[^A-Za-z0-9]", "", short_id)[:16] or "X"
+    return posixpath.join(head, f"{stem}{CONFLICT_MARKER}{stamp}-{dev}{ext}")
 
 
-try:  # The protocol module is written concurrently; the contract is documented.
-    from qmoi_sync.protocol.paths import conflict_name as _protocol_conflict_name
-except ImportError:  # pragma: no cover - transitional
-    _protocol_conflict_name = None
-
-conflict_name: ConflictNamer = (
-    _protocol_conflict_name if _protocol_conflict_name is not None else _local_conflict_name
-)
+def _safe_conflict_name(path: str, when: float, short_id: str) -> str:
+    try:
+        return conflict_name(path, when, short_id)
+    except PathError:
+        return _fallback_conflict_name(path, when, short_id)
 
 
 def _split_ext(base: str) -> tuple[str, str]:
@@ -127,7 +127,7 @@ def compute_layout(
     ``namer`` overrides the conflict naming function (tests); by default it is
     ``qmoi_sync.protocol.paths.conflict_name``.
     """
-    name_of = namer or conflict_name
+    name_of = namer or _safe_conflict_name
     alive = sorted(
         (e for e in entries.values() if e.alive and e.path is not None),
         key=lambda e: (e.path or "", _rank(e)),
