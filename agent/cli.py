@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import re
@@ -46,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("init", help="create this device's identity")
     s.add_argument("--name", required=True)
 
-    sp = sub.add_parser("space", help="manage spaces").add_subparsers(dest="space_cmd", required=True)
+    sp = sub.add_parser("space", help="manage spaces").add_subparsers(
+        dest="space_cmd", required=True
+    )
     s = sp.add_parser("create", help="create a space (prints its id)")
     s.add_argument("name")
     s.add_argument("--folder", required=True)
@@ -74,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stop", help="ask the running agent to stop")
 
-    rp = sub.add_parser("relay", help="relay server").add_subparsers(dest="relay_cmd", required=True)
+    rp = sub.add_parser("relay", help="relay server").add_subparsers(
+        dest="relay_cmd", required=True
+    )
     s = rp.add_parser("serve", help="run a relay")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8765)

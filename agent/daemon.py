@@ -117,7 +117,12 @@ class SpaceRuntime:
 
     async def on_join_forward(self, request_id: int, request: bytes) -> F.JoinReply:
         reply, new_log = await membership_ops.answer_join(
-            self.agent.store, self.agent.identity, self.keyring.log, self.record, request_id, request
+            self.agent.store,
+            self.agent.identity,
+            self.keyring.log,
+            self.record,
+            request_id,
+            request,
         )
         if new_log is not None:
             self.keyring = Keyring.build(new_log, self.agent.identity)
@@ -152,7 +157,9 @@ class SpaceRuntime:
             state = "idle"
         warnings = list(self.sync.warnings.values())
         if link is not None and link.state.quota_exceeded:
-            warnings.append("relay quota exceeded: changes are kept in the outbox until room is made")
+            warnings.append(
+                "relay quota exceeded: changes are kept in the outbox until room is made"
+            )
         if self.sync.stats.quarantined:
             warnings.append(
                 f"{self.sync.stats.quarantined} envelope(s) quarantined (malformed or unverifiable)"

@@ -89,7 +89,8 @@ class Home:
     def load_identity(self) -> DeviceIdentity:
         if not self.is_initialized():
             raise UserError(
-                f"no device identity in {self.root}: run `qmoi-sync --home {self.root} init --name NAME`"
+                f"no device identity in {self.root}: "
+                f"run `qmoi-sync --home {self.root} init --name NAME`"
             )
         mode = self.key_path.stat().st_mode & 0o777
         if mode & 0o077:

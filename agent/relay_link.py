@@ -99,7 +99,7 @@ class RelayLink:
             delay = min(BACKOFF_MAX, delay * 2)
             self._wake.clear()
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-            _done, pending = await asyncio.wait(waiters, timeout=sleep_for, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, timeout=sleep_for, return_when=asyncio.FIRST_COMPLETED)
             for w in waiters:
                 w.cancel()
 
@@ -148,7 +148,9 @@ class RelayLink:
         )
         challenge = await self._recv(ws)
         if not isinstance(challenge, F.Challenge):
-            raise ProtocolError("malformed", f"expected a challenge, got {type(challenge).__name__}")
+            raise ProtocolError(
+                "malformed", f"expected a challenge, got {type(challenge).__name__}"
+            )
         sig = self.sync.identity.sign(F.auth_message(challenge.nonce, self.sync.space_bytes, me))
         await ws.send(F.encode_frame(F.Auth(signature=sig, membership_log=self.membership_log())))
         welcome = await self._recv(ws)
@@ -192,7 +194,9 @@ class RelayLink:
                 if frame.code == "quota_exceeded":
                     self.state.quota_exceeded = True
                 self.state.last_error = f"{frame.code}: {frame.message}"
-                log.warning("relay error for %s: %s %s", self.sync.space_id[:8], frame.code, frame.message)
+                log.warning(
+                    "relay error for %s: %s %s", self.sync.space_id[:8], frame.code, frame.message
+                )
                 if frame.fatal:
                     raise RelayRefused(frame.code, frame.message)
 

@@ -45,8 +45,14 @@ from qmoi_sync.agent.textdoc import ingest_disk_text, load_text_doc, new_text_do
 from qmoi_sync.protocol.envelope import open_envelope, seal
 from qmoi_sync.protocol.errors import PathError, ProtocolError
 from qmoi_sync.protocol.identity import DeviceIdentity
-from qmoi_sync.protocol.payload import DeviceInfo, DocUpdate, Updates, decode_payload, encode_payload
 from qmoi_sync.protocol.paths import validate_relpath
+from qmoi_sync.protocol.payload import (
+    DeviceInfo,
+    DocUpdate,
+    Updates,
+    decode_payload,
+    encode_payload,
+)
 from qmoi_sync.protocol.replay import ReplayWindow
 
 log = logging.getLogger("qmoi_sync.space")
@@ -384,7 +390,7 @@ class SpaceSync:
                         self.index.apply_update(item.update)
                     else:
                         (await self._doc(item.doc_id)).apply_update(item.update)
-                except BaseException as exc:  # noqa: BLE001 - pycrdt panics are BaseException
+                except BaseException as exc:
                     if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
                         raise
                     await self._quarantine(sender, f"update rejected by CRDT: {exc!r}", envelope)
@@ -414,7 +420,11 @@ class SpaceSync:
             if rec is None:
                 continue
             st = stat_file(self.root, rec.path)
-            if st is None or (st.size, st.mtime_ns, st.inode) == (rec.size, rec.mtime_ns, rec.inode):
+            if st is None or (st.size, st.mtime_ns, st.inode) == (
+                rec.size,
+                rec.mtime_ns,
+                rec.inode,
+            ):
                 continue
             await self._ingest_local({rec.path}, batch)
 
@@ -490,7 +500,9 @@ class SpaceSync:
                     if text is not None:
                         fid_hex = fid.hex()
                         batch.add(INDEX_DOC_ID, self.index.rename(fid_hex, path, self.device))
-                        await self._ingest_edit(fid, _LocalChange(path, got[0], got[1]), text, batch)
+                        await self._ingest_edit(
+                            fid, _LocalChange(path, got[0], got[1]), text, batch
+                        )
                         continue
             delete_file(self.root, path)
             await self._forget(path)
@@ -620,7 +632,9 @@ class SpaceSync:
     async def send_device_info(self, name: str, platform: str, version: str) -> None:
         async with self.lock, self.store.transaction():
             self.seq += 1
-            payload = encode_payload(DeviceInfo(name=name, platform=platform, agent_version=version))
+            payload = encode_payload(
+                DeviceInfo(name=name, platform=platform, agent_version=version)
+            )
             envelope = seal(
                 identity=self.identity,
                 space_id=self.space_bytes,
@@ -669,7 +683,7 @@ def _updates_are_sane(items: list[DocUpdate]) -> bool:
         scratch = Doc()
         try:
             scratch.apply_update(item.update)
-        except BaseException as exc:  # noqa: BLE001 - pyo3 PanicException derives BaseException
+        except BaseException as exc:
             if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
                 raise
             return False

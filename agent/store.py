@@ -280,9 +280,9 @@ class Store:
             "INSERT INTO outbox(space_id, seq, envelope) VALUES (?,?,?)", (space_id, seq, envelope)
         )
 
-    async def outbox(self, space_id: str, after_seq: int = 0, limit: int = 256) -> list[
-        tuple[int, bytes]
-    ]:
+    async def outbox(
+        self, space_id: str, after_seq: int = 0, limit: int = 256
+    ) -> list[tuple[int, bytes]]:
         async with self.db.execute(
             "SELECT seq, envelope FROM outbox WHERE space_id=? AND seq>? ORDER BY seq LIMIT ?",
             (space_id, after_seq, limit),
@@ -322,9 +322,7 @@ class Store:
             (space_id,),
         ) as cur:
             rows = await cur.fetchall()
-        return {
-            r[0]: FileRecord(r[0], bytes(r[1]), bytes(r[2]), r[3], r[4], r[5]) for r in rows
-        }
+        return {r[0]: FileRecord(r[0], bytes(r[1]), bytes(r[2]), r[3], r[4], r[5]) for r in rows}
 
     async def put_file(self, space_id: str, rec: FileRecord) -> None:
         await self.db.execute(
