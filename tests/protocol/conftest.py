@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from qmoi_sync.protocol.identity import DeviceIdentity
 
 

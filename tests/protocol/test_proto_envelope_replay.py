@@ -4,6 +4,7 @@ import struct
 from typing import Any
 
 import pytest
+
 from qmoi_sync.protocol.envelope import (
     HEADER_LEN,
     MAX_ENVELOPE,

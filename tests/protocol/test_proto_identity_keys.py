@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from qmoi_sync.protocol import errors
 from qmoi_sync.protocol.errors import (
     DecryptError,

@@ -4,6 +4,7 @@ import dataclasses
 from typing import Any
 
 import pytest
+
 from qmoi_sync.protocol import _codec as c
 from qmoi_sync.protocol.errors import (
     MalformedError,
