@@ -40,7 +40,7 @@ DEFAULT_MAX_RATE_STRIKES = 100
 #: Pending (unanswered) join requests per space.
 DEFAULT_MAX_PENDING_JOINS_PER_SPACE = 16
 #: Largest opaque join request the relay will hold and forward.
-DEFAULT_MAX_JOIN_REQUEST_BYTES = 16 * KiB
+DEFAULT_MAX_JOIN_REQUEST_BYTES = 4 * KiB  # = protocol.invite.MAX_JOIN_REQUEST
 #: Publishes accepted from one connection but not yet acknowledged (back-pressure on pipelining).
 DEFAULT_MAX_INFLIGHT_PUBLISHES = 1_024
 #: Live deliveries buffered for one subscriber before it falls back to reading from the store.

@@ -31,7 +31,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -97,6 +97,9 @@ class StoredEnvelope:
     sender: bytes
     sender_seq: int
     data: bytes
+    #: Opaque tag given to :meth:`RelayStore.submit_append` (e.g. the publishing connection);
+    #: not persisted.
+    origin: object | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +130,7 @@ class _Pending:
     data: bytes
     quota_bytes: int
     future: asyncio.Future[AppendResult]
+    origin: object | None = None
 
 
 @dataclass(slots=True)
@@ -355,7 +359,14 @@ class RelayStore:
     # ------------------------------------------------------------------ envelopes
 
     def submit_append(
-        self, space_id: bytes, sender: bytes, sender_seq: int, data: bytes, *, quota_bytes: int
+        self,
+        space_id: bytes,
+        sender: bytes,
+        sender_seq: int,
+        data: bytes,
+        *,
+        quota_bytes: int,
+        origin: object | None = None,
     ) -> asyncio.Future[AppendResult]:
         """Queue one envelope for the next group commit; the future resolves after the commit.
 
@@ -364,7 +375,9 @@ class RelayStore:
         """
         self._check_open()
         fut: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(space_id, sender, sender_seq, data, quota_bytes, fut))
+        self._queue.put_nowait(
+            _Pending(space_id, sender, sender_seq, data, quota_bytes, fut, origin)
+        )
         return fut
 
     async def append(
@@ -532,7 +545,7 @@ class RelayStore:
                 w.sender_max[p.sender] = p.sender_seq
                 rows.append((p.space_id, w.head_seq, p.sender, p.sender_seq, len(p.data), p.data))
                 stored.setdefault(p.space_id, []).append(
-                    StoredEnvelope(p.space_id, w.head_seq, p.sender, p.sender_seq, p.data)
+                    StoredEnvelope(p.space_id, w.head_seq, p.sender, p.sender_seq, p.data, p.origin)
                 )
                 decisions.append((p, AppendStatus.STORED, w.head_seq))
 

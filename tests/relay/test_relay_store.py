@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
+
 from qmoi_sync.relay.store import (
     AppendStatus,
     RelayStore,

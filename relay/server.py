@@ -1,0 +1,1032 @@
+"""The websocket relay: authenticates devices against each space's membership log, stores the
+envelopes they publish (ciphertext it cannot read) and fans them out to the space's other devices.
+
+One websocket = one device in one space. The flow, frame by frame, is documented in
+``docs/architecture.md``; in short::
+
+    client Hello(space_id, sign_pk, proto_version)   relay Challenge(nonce)
+    client Auth(signature, membership_log)            relay Welcome(head_seq, log)
+    client Subscribe(from_seq)                        relay Deliver* CaughtUp(head) Deliver*
+    client Publish(envelope)                          relay Ack(sender_seq, relay_seq, duplicate)
+    client PushMembership(log)                        relay Membership(log) to the whole space
+
+or, for a device that wants to join with an invite (no Hello)::
+
+    joiner JoinRequest(space_id, invite_id, request)
+                                     relay JoinForward(request_id, request) to every admin online
+    admin  JoinReply(request_id, accepted, reason, log)
+                                     relay JoinResult(ok, reason, log) to the joiner
+
+Design points:
+
+* Every connection has exactly one reader (its handler task). Publishes are *pipelined*: the
+  handler verifies a Publish, queues it for the store's group commit and goes on reading; a
+  per-connection ack task awaits the commits in order and sends the Acks. A bounded in-flight
+  queue gives back-pressure (the handler stops reading, TCP does the rest).
+* Live fan-out never blocks a publisher: the store calls :meth:`RelayServer._on_commit`
+  synchronously after each commit, which appends to each subscriber's bounded buffer. A subscriber
+  whose buffer is full simply falls back to reading from the store from its cursor, so a slow
+  device costs disk reads, never memory, and never slows anyone else down.
+* Backlog and live meet without gaps or duplicates because a subscription tracks one cursor (the
+  last relay sequence it sent) and the store's committed head: it registers for live delivery
+  first, then sends from the store while ``head > cursor``, then from its buffer, skipping
+  anything ``<= cursor``.
+* Messages to *other* connections (Membership broadcasts, JoinForward, revocation) go through
+  that connection's mailbox task, so one stuck client cannot stall the sender.
+* The relay never sees a content key: it checks envelope *signatures* (the sender's public key is
+  in the header) and membership, nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+
+from qmoi_sync.protocol import frames as F
+from qmoi_sync.protocol.envelope import verify_envelope_signature
+from qmoi_sync.protocol.errors import ProtocolError
+from qmoi_sync.protocol.identity import verify
+from qmoi_sync.protocol.invite import parse_join_request
+from qmoi_sync.protocol.membership import MembershipLog, Role
+
+from .limits import (
+    DEFAULT_HANDSHAKE_TIMEOUT_S,
+    DEFAULT_JOIN_TIMEOUT_S,
+    DEFAULT_MAX_ERRORS,
+    DEFAULT_MAX_INFLIGHT_PUBLISHES,
+    DEFAULT_MAX_JOIN_REQUEST_BYTES,
+    DEFAULT_MAX_PENDING_JOINS_PER_SPACE,
+    DEFAULT_MAX_RATE_STRIKES,
+    DEFAULT_MAX_SPACES,
+    DEFAULT_RATE_BURST,
+    DEFAULT_RATE_BYTES_PER_S,
+    DEFAULT_RATE_MSGS_PER_S,
+    DEFAULT_SPACE_QUOTA_BYTES,
+    DEFAULT_SUBSCRIBER_BUFFER_BYTES,
+    ConnectionLimiter,
+    RateLimits,
+    Verdict,
+)
+from .store import (
+    AppendResult,
+    AppendStatus,
+    RelayStore,
+    SpaceLimitError,
+    StoredEnvelope,
+    StoreError,
+)
+
+__all__ = ["RelayConfig", "RelayServer", "run_relay"]
+
+log = logging.getLogger("qmoi_sync.relay")
+
+MAILBOX_LIMIT = 256
+BACKLOG_PAGE_COUNT = 256
+BACKLOG_PAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class RelayConfig:
+    """Everything the relay needs to run. Limits may be changed on a running server's config
+    (they are read when used), e.g. ``server.config.space_quota_bytes = ...``."""
+
+    host: str
+    port: int
+    data_dir: Path
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    space_quota_bytes: int = DEFAULT_SPACE_QUOTA_BYTES
+    max_spaces: int = DEFAULT_MAX_SPACES
+    rate_msgs_per_s: float = DEFAULT_RATE_MSGS_PER_S
+    rate_burst: int = DEFAULT_RATE_BURST
+    rate_bytes_per_s: float = DEFAULT_RATE_BYTES_PER_S
+    #: Byte-bucket capacity; None = max(2 s of ``rate_bytes_per_s``, 2 * MAX_FRAME).
+    rate_bytes_burst: int | None = None
+    max_rate_strikes: int = DEFAULT_MAX_RATE_STRIKES
+    join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S
+    handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S
+    max_errors: int = DEFAULT_MAX_ERRORS
+    max_pending_joins_per_space: int = DEFAULT_MAX_PENDING_JOINS_PER_SPACE
+    max_join_request_bytes: int = DEFAULT_MAX_JOIN_REQUEST_BYTES
+    max_inflight_publishes: int = DEFAULT_MAX_INFLIGHT_PUBLISHES
+    subscriber_buffer_bytes: int = DEFAULT_SUBSCRIBER_BUFFER_BYTES
+    #: Extra time the group-commit writer waits for more publishes (0 = natural batching only).
+    commit_linger_s: float = 0.0
+    ping_interval_s: float | None = 20.0
+    ping_timeout_s: float | None = 20.0
+
+    def rate_limits(self) -> RateLimits:
+        bytes_burst = self.rate_bytes_burst
+        if bytes_burst is None:
+            bytes_burst = max(int(2 * self.rate_bytes_per_s), 2 * F.MAX_FRAME)
+        return RateLimits(
+            msgs_per_s=self.rate_msgs_per_s,
+            burst=self.rate_burst,
+            bytes_per_s=self.rate_bytes_per_s,
+            bytes_burst=bytes_burst,
+            max_strikes=self.max_rate_strikes,
+        )
+
+
+# ---------------------------------------------------------------------------------- logging
+
+
+def short(b: bytes) -> str:
+    """Space ids and keys are logged shortened: enough to correlate, not to identify."""
+    return b[:4].hex()
+
+
+def _ev(level: int, event: str, **fields: object) -> None:
+    if not log.isEnabledFor(level):
+        return
+    text = " ".join(f"{k}={v}" for k, v in fields.items())
+    log.log(level, "%s %s", event, text, extra={"relay_event": event, "relay_fields": fields})
+
+
+# ---------------------------------------------------------------------------------- state
+
+
+class _Fatal(Exception):
+    """Send ``Error(code, message, fatal=True)`` and close the connection."""
+
+    def __init__(self, code: str, message: str, close_code: int = CloseCode.POLICY_VIOLATION):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.close_code = close_code
+
+
+@dataclass(eq=False)
+class _PendingJoin:
+    request_id: int
+    space: _Space
+    joiner: _Conn
+    request: bytes
+    joiner_key: bytes
+    result: asyncio.Future[F.JoinResult]
+    created: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class _Space:
+    space_id: bytes
+    log: MembershipLog
+    log_bytes: bytes
+    conns: set[_Conn] = field(default_factory=set)
+    joins: dict[int, _PendingJoin] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class _Subscription:
+    """Streams a space's envelopes to one connection from a cursor, backlog then live."""
+
+    def __init__(self, conn: _Conn, space: _Space, from_seq: int, buffer_limit: int) -> None:
+        self.conn = conn
+        self.space = space
+        self.cursor = from_seq
+        self.buffer: deque[tuple[int, bytes]] = deque()
+        self.buffer_bytes = 0
+        self.buffer_limit = buffer_limit
+        #: relay seqs published on this very connection while subscribed: never echoed back.
+        self.own: set[int] = set()
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.overflows = 0
+
+    def offer(self, env: StoredEnvelope) -> None:
+        """Called synchronously from the store's commit hook, in relay-seq order."""
+        if env.origin is self.conn:
+            self.own.add(env.relay_seq)
+        elif self.buffer_bytes + len(env.data) <= self.buffer_limit:
+            self.buffer.append((env.relay_seq, env.data))
+            self.buffer_bytes += len(env.data)
+        else:
+            # Dropped from memory; the run loop sees head > cursor and reads it from the store.
+            self.overflows += 1
+        self.wake.set()
+
+    async def run(self, store: RelayStore) -> None:
+        space_id = self.space.space_id
+        head = store.committed_head(space_id)
+        if head is None:
+            head = await store.head_seq(space_id)
+        if self.cursor > head:
+            # The client is ahead of us (e.g. the relay lost data): restart from our head so
+            # nothing published from now on is skipped.
+            self.cursor = head
+        caught_up_sent = False
+        while True:
+            self._drain_buffer_prefix()
+            # Contiguous items available in memory?
+            sent_any = False
+            while True:
+                nxt = self.cursor + 1
+                if nxt in self.own:
+                    self.own.discard(nxt)
+                    self.cursor = nxt
+                    continue
+                if self.buffer and self.buffer[0][0] == nxt:
+                    seq, data = self._pop()
+                    await self.conn.send(F.Deliver(relay_seq=seq, envelope=data))
+                    self.cursor = seq
+                    sent_any = True
+                    self._drain_buffer_prefix()
+                    continue
+                break
+            head = store.committed_head(space_id) or 0
+            if head > self.cursor:
+                await self._send_page(store, head)
+                continue
+            if sent_any:
+                continue
+            if not caught_up_sent:
+                await self.conn.send(F.CaughtUp(head_seq=self.cursor))
+                caught_up_sent = True
+            self.wake.clear()
+            if self._idle(store):
+                await self.wake.wait()
+
+    def _idle(self, store: RelayStore) -> bool:
+        head = store.committed_head(self.space.space_id) or 0
+        return not self.buffer and head <= self.cursor and (self.cursor + 1) not in self.own
+
+    def _pop(self) -> tuple[int, bytes]:
+        seq, data = self.buffer.popleft()
+        self.buffer_bytes -= len(data)
+        return seq, data
+
+    def _drain_buffer_prefix(self) -> None:
+        while self.buffer and self.buffer[0][0] <= self.cursor:
+            self._pop()
+
+    async def _send_page(self, store: RelayStore, head: int) -> None:
+        page = await store.read_page(
+            self.space.space_id,
+            self.cursor,
+            max_count=BACKLOG_PAGE_COUNT,
+            max_bytes=BACKLOG_PAGE_BYTES,
+        )
+        if not page:
+            # Everything between cursor and head was dropped (prefix truncation).
+            self.cursor = max(self.cursor, head)
+        for seq, data in page:
+            if seq <= self.cursor:
+                continue
+            if seq in self.own:
+                self.own.discard(seq)
+            else:
+                await self.conn.send(F.Deliver(relay_seq=seq, envelope=data))
+            self.cursor = seq
+        if self.own:
+            self.own = {s for s in self.own if s > self.cursor}
+
+
+class _Conn:
+    """One websocket connection."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, server: RelayServer, ws: ServerConnection) -> None:
+        self.server = server
+        self.ws = ws
+        self.cid = next(self._ids)
+        cfg = server.config
+        self.limiter = ConnectionLimiter(cfg.rate_limits())
+        self.errors = 0
+        self.space: _Space | None = None
+        self.sign_pk: bytes | None = None
+        self.sub: _Subscription | None = None
+        self.revoked = False
+        self.inflight: asyncio.Queue[tuple[int, asyncio.Future[AppendResult]]] = asyncio.Queue(
+            maxsize=max(1, cfg.max_inflight_publishes)
+        )
+        self.mailbox: asyncio.Queue[tuple[bytes, _Fatal | None]] = asyncio.Queue()
+        self.tasks: list[asyncio.Task[None]] = []
+        try:
+            peer = ws.remote_address
+            self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        except Exception:
+            self.peer = "?"
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def send(self, frame: F.Frame) -> None:
+        await self.ws.send(F.encode_frame(frame))
+
+    def post(self, frame: F.Frame, then_close: _Fatal | None = None) -> None:
+        """Queue a frame from *another* task; delivered by this connection's mailbox task."""
+        if self.mailbox.qsize() >= MAILBOX_LIMIT:
+            _ev(logging.WARNING, "mailbox_full", conn=self.cid)
+            self.close_soon(
+                _Fatal("too_slow", "connection is not reading", CloseCode.TRY_AGAIN_LATER)
+            )
+            return
+        self.mailbox.put_nowait((F.encode_frame(frame), then_close))
+
+    def close_soon(self, fatal: _Fatal) -> None:
+        """Close from another task: best-effort Error frame, then close."""
+        task = asyncio.create_task(self._send_fatal(fatal))
+        self.server._background.add(task)
+        task.add_done_callback(self.server._background.discard)
+
+    async def _send_fatal(self, fatal: _Fatal) -> None:
+        with contextlib.suppress(ConnectionClosed, TimeoutError, OSError):
+            async with asyncio.timeout(5):
+                await self.send(F.Error(code=fatal.code, message=fatal.message, fatal=True))
+        with contextlib.suppress(Exception):
+            await self.ws.close(fatal.close_code, fatal.code[:100])
+
+    async def _mailbox_loop(self) -> None:
+        while True:
+            data, then_close = await self.mailbox.get()
+            await self.ws.send(data)
+            if then_close is not None:
+                with contextlib.suppress(Exception):
+                    await self.ws.close(then_close.close_code, then_close.code[:100])
+                return
+
+    async def error(self, code: str, message: str, *, counts: bool = True) -> None:
+        """A non-fatal error; too many of them on one connection closes it."""
+        _ev(logging.INFO, "client_error", conn=self.cid, code=code)
+        await self.send(F.Error(code=code, message=message, fatal=False))
+        if counts:
+            self.errors += 1
+            if self.errors >= self.server.config.max_errors:
+                raise _Fatal("too_many_errors", f"{self.errors} errors on this connection")
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def recv_frame(self) -> F.Frame | None:
+        """The next frame, or None if it was dropped by the rate limiter."""
+        data = await self.ws.recv()
+        if isinstance(data, str):
+            raise _Fatal(
+                "malformed",
+                "text frames are not accepted; binary frames only",
+                CloseCode.UNSUPPORTED_DATA,
+            )
+        verdict = self.limiter.check(len(data))
+        if verdict is Verdict.CLOSE:
+            raise _Fatal(
+                "rate_limited", "sustained rate-limit violations", CloseCode.POLICY_VIOLATION
+            )
+        if verdict is Verdict.DROP:
+            await self.error("rate_limited", "message dropped: slow down", counts=False)
+            return None
+        try:
+            return F.decode_frame(data, F.MAX_FRAME)
+        except ProtocolError as exc:
+            raise _Fatal(
+                exc.code, f"undecodable frame: {exc.message}", CloseCode.PROTOCOL_ERROR
+            ) from None
+
+    async def recv_required(self) -> F.Frame:
+        while True:
+            frame = await self.recv_frame()
+            if frame is not None:
+                return frame
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        cfg = self.server.config
+        try:
+            try:
+                async with asyncio.timeout(cfg.handshake_timeout_s):
+                    first = await self.recv_required()
+                    if isinstance(first, F.Hello):
+                        await self._authenticate(first)
+            except TimeoutError:
+                raise _Fatal("handshake_timeout", "no complete handshake in time") from None
+            if isinstance(first, F.JoinRequest):
+                await self._join(first)
+                return
+            if not isinstance(first, F.Hello):
+                raise _Fatal(
+                    "unexpected_frame",
+                    f"expected Hello or JoinRequest, got {type(first).__name__}",
+                    CloseCode.PROTOCOL_ERROR,
+                )
+            self.tasks.append(asyncio.create_task(self._ack_loop(), name=f"relay-ack-{self.cid}"))
+            self.tasks.append(
+                asyncio.create_task(self._mailbox_loop(), name=f"relay-mb-{self.cid}")
+            )
+            await self._main_loop()
+        except _Fatal as fatal:
+            _ev(logging.INFO, "closing", conn=self.cid, code=fatal.code, reason=fatal.message)
+            await self._send_fatal(fatal)
+        except ConnectionClosed as exc:
+            rcvd = exc.rcvd
+            if (rcvd is not None and rcvd.code == CloseCode.MESSAGE_TOO_BIG) or (
+                exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG
+            ):
+                _ev(logging.WARNING, "closed_oversized_frame", conn=self.cid, peer=self.peer)
+            else:
+                _ev(
+                    logging.DEBUG,
+                    "closed",
+                    conn=self.cid,
+                    code=rcvd.code if rcvd is not None else None,
+                )
+
+    async def _main_loop(self) -> None:
+        while True:
+            frame = await self.recv_frame()
+            if frame is None:
+                continue
+            if self.revoked:
+                raise _Fatal("revoked", "this device is no longer a member of the space")
+            if isinstance(frame, F.Publish):
+                await self._publish(frame)
+            elif isinstance(frame, F.Subscribe):
+                await self._subscribe(frame)
+            elif isinstance(frame, F.PushMembership):
+                await self._push_membership(frame)
+            elif isinstance(frame, F.JoinReply):
+                await self._join_reply(frame)
+            else:
+                await self.error(
+                    "unexpected_frame", f"{type(frame).__name__} is not valid after authentication"
+                )
+
+    async def cleanup(self) -> None:
+        space = self.space
+        if space is not None:
+            space.conns.discard(self)
+        if self.sub is not None and self.sub.task is not None:
+            self.sub.task.cancel()
+        tasks = list(self.tasks)
+        if self.sub is not None and self.sub.task is not None:
+            tasks.append(self.sub.task)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(BaseException):
+                await t
+
+    # -- authentication --------------------------------------------------------------------
+
+    async def _authenticate(self, hello: F.Hello) -> None:
+        server = self.server
+        if hello.proto_version != F.PROTO_VERSION:
+            raise _Fatal(
+                "unsupported_version",
+                f"relay speaks protocol {F.PROTO_VERSION}, not {hello.proto_version}",
+            )
+        nonce = os.urandom(32)
+        await self.send(F.Challenge(nonce=nonce))
+        auth = await self.recv_required()
+        if not isinstance(auth, F.Auth):
+            raise _Fatal(
+                "unexpected_frame",
+                f"expected Auth, got {type(auth).__name__}",
+                CloseCode.PROTOCOL_ERROR,
+            )
+        try:
+            verify(
+                hello.sign_pk, auth.signature, F.auth_message(nonce, hello.space_id, hello.sign_pk)
+            )
+        except ProtocolError:
+            raise _Fatal("bad_signature", "the challenge signature does not verify") from None
+        space = await server._space_for_auth(hello.space_id, hello.sign_pk, auth.membership_log)
+        head = await server.store.head_seq(space.space_id)
+        # No await between the membership check and joining the space: a concurrent revocation
+        # either happened before (we refuse) or will see us in space.conns (and revoke us).
+        role = space.log.role_of(hello.sign_pk)
+        if role is None:
+            raise _Fatal("not_a_member", "this device is not a member of the space")
+        self.space = space
+        self.sign_pk = hello.sign_pk
+        space.conns.add(self)
+        await self.send(F.Welcome(head_seq=head, log=space.log_bytes))
+        _ev(
+            logging.INFO,
+            "auth_ok",
+            conn=self.cid,
+            space=short(space.space_id),
+            device=short(hello.sign_pk),
+            role=role.value,
+            peer=self.peer,
+        )
+        if role is Role.admin:
+            for pj in list(space.joins.values()):
+                self.post(F.JoinForward(request_id=pj.request_id, request=pj.request))
+
+    # -- publish ---------------------------------------------------------------------------
+
+    async def _publish(self, frame: F.Publish) -> None:
+        space, me = self._authed()
+        try:
+            header = verify_envelope_signature(frame.envelope)
+        except ProtocolError as exc:
+            await self.error(exc.code, exc.message)
+            return
+        if header.space_id != space.space_id:
+            await self.error("wrong_space", "envelope belongs to another space")
+            return
+        if header.sender != me:
+            await self.error("wrong_sender", "a device may only publish its own envelopes")
+            return
+        role = space.log.role_of(me)
+        if role is None:
+            raise _Fatal("revoked", "this device is no longer a member of the space")
+        if role is Role.reader:
+            await self.error("read_only", "readers may not publish")
+            return
+        fut = self.server.store.submit_append(
+            space.space_id,
+            me,
+            header.seq,
+            frame.envelope,
+            quota_bytes=self.server.config.space_quota_bytes,
+            origin=self,
+        )
+        await self.inflight.put((header.seq, fut))
+
+    async def _ack_loop(self) -> None:
+        while True:
+            sender_seq, fut = await self.inflight.get()
+            try:
+                result = await fut
+            except StoreError as exc:
+                _ev(logging.ERROR, "store_error", conn=self.cid, error=str(exc))
+                await self.send(
+                    F.Error(
+                        code="store_unavailable",
+                        message="relay storage failed; retry later",
+                        fatal=False,
+                    )
+                )
+                continue
+            if result.status is AppendStatus.QUOTA_EXCEEDED:
+                space = self.space
+                _ev(
+                    logging.INFO,
+                    "quota_exceeded",
+                    conn=self.cid,
+                    space=short(space.space_id) if space else "?",
+                )
+                await self.send(
+                    F.Error(
+                        code="quota_exceeded",
+                        message=f"space quota of {self.server.config.space_quota_bytes} bytes "
+                        f"reached; envelope seq {sender_seq} not stored",
+                        fatal=False,
+                    )
+                )
+                continue
+            await self.send(
+                F.Ack(
+                    sender_seq=sender_seq,
+                    relay_seq=result.relay_seq,
+                    duplicate=result.status is AppendStatus.DUPLICATE,
+                )
+            )
+
+    # -- subscribe -------------------------------------------------------------------------
+
+    async def _subscribe(self, frame: F.Subscribe) -> None:
+        space, _me = self._authed()
+        old = self.sub
+        if old is not None and old.task is not None:
+            old.task.cancel()
+            with contextlib.suppress(BaseException):
+                await old.task
+        sub = _Subscription(self, space, frame.from_seq, self.server.config.subscriber_buffer_bytes)
+        self.sub = sub  # registered for live delivery before reading the backlog
+        sub.task = asyncio.create_task(self._run_sub(sub), name=f"relay-sub-{self.cid}")
+
+    async def _run_sub(self, sub: _Subscription) -> None:
+        try:
+            await sub.run(self.server.store)
+        except (ConnectionClosed, StoreError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("subscription failed conn=%d", self.cid)
+            with contextlib.suppress(Exception):
+                await self.ws.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    # -- membership ------------------------------------------------------------------------
+
+    async def _push_membership(self, frame: F.PushMembership) -> None:
+        space, _me = self._authed()
+        try:
+            new = MembershipLog.from_bytes(frame.log, expected_space_id=space.space_id)
+        except ProtocolError as exc:
+            await self.error(exc.code, f"membership log refused: {exc.message}")
+            return
+        if not await self.server._apply_log(space, new, frame.log):
+            await self.error(
+                "bad_membership", "membership log does not extend the relay's log (fork or stale)"
+            )
+
+    # -- joins -----------------------------------------------------------------------------
+
+    async def _join(self, req: F.JoinRequest) -> None:
+        server = self.server
+        cfg = server.config
+        if len(req.request) > cfg.max_join_request_bytes:
+            raise _Fatal("too_large", f"join request over {cfg.max_join_request_bytes} bytes")
+        # The request is meant for the admins, but its outer structure is public: checking it here
+        # keeps garbage away from admin devices and tells us which key the accepted log must add.
+        try:
+            body = parse_join_request(req.request)
+        except ProtocolError as exc:
+            raise _Fatal(exc.code, f"join request refused: {exc.message}") from None
+        if body.space_id != req.space_id or body.invite_id != req.invite_id:
+            raise _Fatal("malformed", "join request does not match its frame's space/invite")
+        space = await server._load_space(req.space_id)
+        if space is None:
+            raise _Fatal("unknown_space", "this relay does not hold that space")
+        if len(space.joins) >= cfg.max_pending_joins_per_space:
+            raise _Fatal(
+                "too_many_joins",
+                "too many pending join requests for this space; retry later",
+                CloseCode.TRY_AGAIN_LATER,
+            )
+        rid = next(server._join_ids)
+        pj = _PendingJoin(
+            rid,
+            space,
+            self,
+            req.request,
+            body.joiner.sign_pk,
+            asyncio.get_running_loop().create_future(),
+        )
+        space.joins[rid] = pj
+        admins = 0
+        for conn in list(space.conns):
+            if conn.sign_pk is not None and space.log.role_of(conn.sign_pk) is Role.admin:
+                conn.post(F.JoinForward(request_id=rid, request=req.request))
+                admins += 1
+        _ev(
+            logging.INFO,
+            "join_pending",
+            conn=self.cid,
+            space=short(space.space_id),
+            request=rid,
+            admins_online=admins,
+            peer=self.peer,
+        )
+        reader = asyncio.create_task(self._join_reader())
+        try:
+            waiters: list[asyncio.Future[Any]] = [pj.result, reader]
+            done, _ = await asyncio.wait(
+                waiters, timeout=cfg.join_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if reader in done:
+                reader.result()  # re-raise ConnectionClosed / _Fatal
+            if pj.result not in done:
+                raise _Fatal(
+                    "join_timeout",
+                    "no admin answered the join request in time",
+                    CloseCode.TRY_AGAIN_LATER,
+                )
+        finally:
+            space.joins.pop(rid, None)
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+        result = pj.result.result()
+        await self.send(result)
+        _ev(
+            logging.INFO,
+            "join_done",
+            conn=self.cid,
+            space=short(space.space_id),
+            request=rid,
+            ok=result.ok,
+        )
+        await self.ws.close(CloseCode.NORMAL_CLOSURE, "join done")
+
+    async def _join_reader(self) -> None:
+        """While a joiner waits, it may only wait: anything it sends is an error."""
+        while True:
+            frame = await self.recv_frame()
+            if frame is not None:
+                await self.error("join_pending", "wait for the JoinResult")
+
+    async def _join_reply(self, frame: F.JoinReply) -> None:
+        space, me = self._authed()
+        if space.log.role_of(me) is not Role.admin:
+            await self.error("forbidden", "only admins answer join requests")
+            return
+        pj = space.joins.get(frame.request_id)
+        if pj is None or pj.result.done():
+            await self.error(
+                "unknown_request",
+                "no such pending join request (answered or expired)",
+                counts=False,
+            )
+            return
+        if not frame.accepted:
+            space.joins.pop(frame.request_id, None)
+            pj.result.set_result(F.JoinResult(ok=False, reason=frame.reason, log=b""))
+            return
+        try:
+            new = MembershipLog.from_bytes(frame.log, expected_space_id=space.space_id)
+        except ProtocolError as exc:
+            await self.error(exc.code, f"join log refused: {exc.message}")
+            return
+        if not new.is_extension_of(space.log):
+            await self.error("bad_membership", "join log does not extend the relay's log")
+            return
+        if not new.is_member(pj.joiner_key):
+            await self.error("bad_membership", "join log does not add the joiner")
+            return
+        if not await self.server._apply_log(space, new, frame.log):
+            await self.error("bad_membership", "join log does not extend the relay's log")
+            return
+        if pj.result.done():  # the joiner vanished meanwhile
+            return
+        space.joins.pop(frame.request_id, None)
+        pj.result.set_result(F.JoinResult(ok=True, reason=frame.reason, log=frame.log))
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _authed(self) -> tuple[_Space, bytes]:
+        assert self.space is not None and self.sign_pk is not None
+        return self.space, self.sign_pk
+
+
+# ---------------------------------------------------------------------------------- server
+
+
+class RelayServer:
+    """The relay, usable as ``async with RelayServer(config) as server: ... server.port``."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self._store: RelayStore | None = None
+        self._server: Server | None = None
+        self._spaces: dict[bytes, _Space] = {}
+        self._spaces_lock = asyncio.Lock()
+        self._conns: set[_Conn] = set()
+        self._join_ids = itertools.count(1)
+        self._background: set[asyncio.Task[None]] = set()
+        self.port: int = 0
+
+    @property
+    def store(self) -> RelayStore:
+        if self._store is None:
+            raise RuntimeError("relay not started")
+        return self._store
+
+    @property
+    def scheme(self) -> str:
+        return "wss" if self.config.tls_cert else "ws"
+
+    async def start(self) -> None:
+        cfg = self.config
+        ssl_ctx = build_ssl_context(cfg.tls_cert, cfg.tls_key)
+        self._store = await RelayStore.open(cfg.data_dir, linger_s=cfg.commit_linger_s)
+        self._store.add_commit_listener(self._on_commit)
+        try:
+            self._server = await serve(
+                self._handle,
+                cfg.host,
+                cfg.port,
+                compression=None,
+                max_size=F.MAX_FRAME,
+                max_queue=16,
+                ssl=ssl_ctx,
+                open_timeout=cfg.handshake_timeout_s,
+                ping_interval=cfg.ping_interval_s,
+                ping_timeout=cfg.ping_timeout_s,
+                close_timeout=5,
+                logger=logging.getLogger("qmoi_sync.relay.ws"),
+                server_header=None,
+            )
+        except BaseException:
+            await self._store.close()
+            raise
+        sockets = self._server.sockets
+        self.port = sockets[0].getsockname()[1] if sockets else cfg.port
+        _ev(logging.INFO, "listening", host=cfg.host, port=self.port, tls=ssl_ctx is not None)
+
+    async def close(self) -> None:
+        """Close every connection (1001 going away), wait for handlers, close the store."""
+        if self._server is not None:
+            self._server.close(close_connections=True)
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+        for task in list(self._background):
+            task.cancel()
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+        _ev(logging.INFO, "stopped")
+
+    async def __aenter__(self) -> RelayServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- connections -----------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn = _Conn(self, ws)
+        self._conns.add(conn)
+        _ev(logging.DEBUG, "connected", conn=conn.cid, peer=conn.peer)
+        try:
+            await conn.run()
+        except Exception:
+            log.exception("connection handler failed conn=%d", conn.cid)
+        finally:
+            self._conns.discard(conn)
+            await conn.cleanup()
+
+    def _on_commit(self, space_id: bytes, envs: Sequence[StoredEnvelope]) -> None:
+        space = self._spaces.get(space_id)
+        if space is None:
+            return
+        for conn in space.conns:
+            sub = conn.sub
+            if sub is None:
+                continue
+            for env in envs:
+                sub.offer(env)
+
+    # -- spaces ----------------------------------------------------------------------------
+
+    async def _load_space(self, space_id: bytes) -> _Space | None:
+        space = self._spaces.get(space_id)
+        if space is not None:
+            return space
+        async with self._spaces_lock:
+            return await self._load_space_locked(space_id)
+
+    async def _load_space_locked(self, space_id: bytes) -> _Space | None:
+        space = self._spaces.get(space_id)
+        if space is not None:
+            return space
+        rec = await self.store.get_space(space_id)
+        if rec is None:
+            return None
+        try:
+            mlog = MembershipLog.from_bytes(rec.log, expected_space_id=space_id)
+        except ProtocolError:
+            # Our own disk should not lie; refuse the space rather than trust it.
+            log.error("stored membership log does not verify space=%s", short(space_id))
+            return None
+        space = _Space(space_id, mlog, rec.log)
+        self._spaces[space_id] = space
+        return space
+
+    async def _space_for_auth(self, space_id: bytes, sign_pk: bytes, log_bytes: bytes) -> _Space:
+        """The space a device authenticates into, registering it or extending its log."""
+        offered: MembershipLog | None = None
+        if log_bytes:
+            try:
+                offered = MembershipLog.from_bytes(log_bytes, expected_space_id=space_id)
+            except ProtocolError as exc:
+                raise _Fatal(exc.code, f"membership log refused: {exc.message}") from None
+        async with self._spaces_lock:
+            space = await self._load_space_locked(space_id)
+            if space is None:
+                if offered is None:
+                    raise _Fatal("unknown_space", "unknown space and no membership log supplied")
+                if not offered.is_member(sign_pk):
+                    raise _Fatal("not_a_member", "this device is not in the supplied log")
+                try:
+                    await self.store.create_space(
+                        space_id, log_bytes, max_spaces=self.config.max_spaces
+                    )
+                except SpaceLimitError:
+                    raise _Fatal(
+                        "too_many_spaces",
+                        "this relay holds no more spaces",
+                        CloseCode.TRY_AGAIN_LATER,
+                    ) from None
+                space = _Space(space_id, offered, log_bytes)
+                self._spaces[space_id] = space
+                _ev(
+                    logging.INFO,
+                    "space_registered",
+                    space=short(space_id),
+                    by=short(sign_pk),
+                    members=len(offered.members()),
+                )
+                return space
+        if offered is not None and offered.head_hash != space.log.head_hash:
+            if offered.is_extension_of(space.log):
+                await self._apply_log(space, offered, log_bytes)
+            elif not space.log.is_extension_of(offered):
+                _ev(
+                    logging.WARNING, "membership_fork", space=short(space_id), device=short(sign_pk)
+                )
+        return space
+
+    async def _apply_log(self, space: _Space, new: MembershipLog, new_bytes: bytes) -> bool:
+        """Store an extension of a space's log, broadcast it, revoke removed devices.
+
+        Returns False (and changes nothing) if ``new`` does not extend the current log, which can
+        happen when another device extended it first.
+        """
+        async with space.lock:
+            if new.head_hash == space.log.head_hash:
+                return True
+            if not new.is_extension_of(space.log):
+                return False
+            await self.store.update_log(space.space_id, new_bytes)
+            space.log = new
+            space.log_bytes = new_bytes
+            revoked = 0
+            for conn in list(space.conns):
+                assert conn.sign_pk is not None
+                if new.is_member(conn.sign_pk):
+                    conn.post(F.Membership(log=new_bytes))
+                else:
+                    revoked += 1
+                    space.conns.discard(conn)
+                    conn.revoked = True
+                    if conn.sub is not None and conn.sub.task is not None:
+                        conn.sub.task.cancel()
+                    conn.post(
+                        F.Error(
+                            code="revoked",
+                            message="this device was removed from the space",
+                            fatal=True,
+                        ),
+                        then_close=_Fatal("revoked", "removed from the space"),
+                    )
+            _ev(
+                logging.INFO,
+                "membership_updated",
+                space=short(space.space_id),
+                ops=len(new),
+                epoch=new.current_epoch,
+                revoked=revoked,
+            )
+            return True
+
+
+def build_ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """A server TLS context from PEM paths, or None for plain ws://."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ValueError("TLS needs both a certificate and a key")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+async def run_relay(
+    config: RelayConfig,
+    ready: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run the relay until ``stop`` is set.
+
+    ``ready`` is called once with the actual bound port (so port 0 works). If ``stop`` is None the
+    relay installs SIGTERM/SIGINT handlers and stops gracefully on either; if the caller passes its
+    own ``stop`` event it owns signal handling.
+    """
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, _on_signal, sig, stop)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+    server = RelayServer(config)
+    await server.start()
+    try:
+        if ready is not None:
+            ready(server.port)
+        await stop.wait()
+    finally:
+        _ev(logging.INFO, "shutting_down")
+        await server.close()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
+    _ev(logging.INFO, "signal", name=sig.name)
+    stop.set()
