@@ -1,0 +1,123 @@
+"""Create, edit, rename and delete files (and nested folders) on one device: the other device
+shows the same, in both directions. Real relay and agent processes, real files, real watchers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from harness import Device, cluster, wait_until
+
+
+def _expect(devices: list[Device], expected: dict[str, str], what: str) -> None:
+    """Wait until every device's tree is exactly `expected` (path -> text)."""
+    want = {p: t.encode() for p, t in expected.items()}
+
+    def ok() -> bool:
+        return all(d.tree() == want for d in devices)
+
+    try:
+        wait_until(ok, timeout=20, what=what)
+    except AssertionError as exc:
+        trees = {d.name: {p: b[:60] for p, b in d.tree().items()} for d in devices}
+        logs = "\n".join(f"--- {d.name}\n{d.log()[-3000:]}" for d in devices)
+        raise AssertionError(f"{exc}\nwant: {want}\ntrees: {trees}\n{logs}") from None
+
+
+def _flat_ops(src: Device, devs: list[Device], tag: str) -> None:
+    """The CRUD cycle on top-level files, made on `src`, checked on every device."""
+    state: dict[str, str] = {p: t for p, t in _decoded(devs[0].tree()).items()}
+
+    src.write(f"{tag}.txt", f"first line from {tag}\n")
+    state[f"{tag}.txt"] = f"first line from {tag}\n"
+    _expect(devs, state, f"{tag}: create")
+
+    src.write(f"{tag}.txt", f"first line from {tag}\nsecond line\n")
+    state[f"{tag}.txt"] = f"first line from {tag}\nsecond line\n"
+    _expect(devs, state, f"{tag}: edit (append)")
+
+    src.write(f"{tag}.txt", f"FIRST line from {tag}\nsecond line\n")
+    state[f"{tag}.txt"] = f"FIRST line from {tag}\nsecond line\n"
+    _expect(devs, state, f"{tag}: edit (same size, in place)")
+
+    os.rename(src.folder / f"{tag}.txt", src.folder / f"{tag}-renamed.txt")
+    state[f"{tag}-renamed.txt"] = state.pop(f"{tag}.txt")
+    _expect(devs, state, f"{tag}: rename")
+
+    (src.folder / f"{tag}-renamed.txt").unlink()
+    del state[f"{tag}-renamed.txt"]
+    _expect(devs, state, f"{tag}: delete")
+
+
+def _decoded(tree: dict[str, bytes]) -> dict[str, str]:
+    return {p: b.decode() for p, b in tree.items()}
+
+
+def test_flat_crud_both_directions(tmp_path: Path) -> None:
+    with cluster(tmp_path) as (_relay, (a, b)):
+        _flat_ops(a, [a, b], "from-a")
+        _flat_ops(b, [a, b], "from-b")
+        # Both sides active at once: each creates a file, then edits the other's.
+        a.write("shared.txt", "one\n")
+        _expect([a, b], {"shared.txt": "one\n"}, "shared create")
+        b.write("shared.txt", "one\ntwo\n")
+        _expect([a, b], {"shared.txt": "one\ntwo\n"}, "edit on b of a's file")
+        a.write("shared.txt", "zero\none\ntwo\n")
+        _expect([a, b], {"shared.txt": "zero\none\ntwo\n"}, "edit on a after b")
+
+
+def _nested_ops(src: Device, devs: list[Device], tag: str) -> None:
+    state = _decoded(devs[0].tree())
+
+    # Create in nested folders.
+    files = {
+        f"{tag}/docs/readme.md": f"# {tag}\n",
+        f"{tag}/docs/deep/er/note.txt": "deep note\n",
+        f"{tag}/src/main.py": "print('hi')\n",
+        f"{tag}/src/lib/util.py": "def f():\n    return 1\n",
+    }
+    for p, t in files.items():
+        src.write(p, t)
+    state.update(files)
+    _expect(devs, state, f"{tag}: nested create")
+
+    # Edit a deep file.
+    src.write(f"{tag}/docs/deep/er/note.txt", "deep note\nedited\n")
+    state[f"{tag}/docs/deep/er/note.txt"] = "deep note\nedited\n"
+    _expect(devs, state, f"{tag}: nested edit")
+
+    # Rename across folders (into a folder that does not exist yet).
+    (src.folder / f"{tag}/other").mkdir()
+    os.rename(src.folder / f"{tag}/src/main.py", src.folder / f"{tag}/other/main.py")
+    state[f"{tag}/other/main.py"] = state.pop(f"{tag}/src/main.py")
+    _expect(devs, state, f"{tag}: rename across folders")
+
+    # Move a whole folder (with a subfolder) somewhere else.
+    (src.folder / f"{tag}/archive").mkdir()
+    os.rename(src.folder / f"{tag}/docs", src.folder / f"{tag}/archive/docs-old")
+    for p in [p for p in state if p.startswith(f"{tag}/docs/")]:
+        state[p.replace(f"{tag}/docs/", f"{tag}/archive/docs-old/", 1)] = state.pop(p)
+    _expect(devs, state, f"{tag}: move a whole folder")
+
+    # Delete a whole folder.
+    shutil.rmtree(src.folder / f"{tag}/src")
+    for p in [p for p in state if p.startswith(f"{tag}/src/")]:
+        del state[p]
+    _expect(devs, state, f"{tag}: delete a folder")
+    for d in devs:
+        wait_until(
+            lambda d=d: not (d.folder / f"{tag}/src/lib/util.py").exists(),
+            what=f"{tag}/src gone on {d.name}",
+        )
+
+
+def test_nested_folders_both_directions(tmp_path: Path) -> None:
+    with cluster(tmp_path) as (_relay, (a, b)):
+        _nested_ops(a, [a, b], "ta")
+        _nested_ops(b, [a, b], "tb")
+        # The folder moved on a is renamed again on b: the move follows back.
+        os.rename(b.folder / "ta/archive", b.folder / "ta-archive")
+        state = _decoded(b.tree())
+        assert "ta-archive/docs-old/readme.md" in state
+        _expect([a, b], state, "folder moved on b back to a")
