@@ -127,6 +127,8 @@ def decode_invite(token: str) -> Invite:
     """Parse an invite token; every problem is an ``InviteError("invite_invalid", ...)``."""
     if not isinstance(token, str):
         raise _invalid("invite token must be text")
+    if len(token) > 2 * MAX_TOKEN_LEN:
+        raise _invalid(f"invite token is too long ({len(token)} characters)")
     token = token.strip()
     if len(token) > MAX_TOKEN_LEN:
         raise _invalid(f"invite token is too long ({len(token)} > {MAX_TOKEN_LEN} characters)")

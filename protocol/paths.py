@@ -123,9 +123,10 @@ def conflict_name(path: str, when: datetime | float | int, short_id: str) -> str
     if len(raw) > budget:
         stem = raw[: max(budget, 1)].decode("utf-8", errors="ignore").rstrip(". ") or "_"
     out = head + sep + stem + marker + ext
-    if len(out.encode("utf-8")) > MAX_PATH_BYTES:
-        raise PathError("conflict name would exceed the path length limit")
-    return out
+    try:
+        return validate_relpath(out)
+    except PathError as e:
+        raise PathError(f"no valid conflict name for {path!r}: {e}") from None
 
 
 def is_conflict_name(path: str) -> bool:
