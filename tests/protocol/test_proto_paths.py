@@ -144,3 +144,8 @@ def test_is_conflict_name() -> None:
     assert not is_conflict_name("a/b/report.pdf")
     assert not is_conflict_name("x.sync-conflict-2026-ABC.pdf")
     assert not is_conflict_name("dir.sync-conflict-20261124-101500-ABCDEFG/file.txt")
+
+
+def test_conflict_name_impossible_with_huge_extension() -> None:
+    with pytest.raises(PathError, match="no valid conflict name"):
+        conflict_name("x." + "e" * 250, WHEN, "ABCDEFG")
