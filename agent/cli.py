@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("join", help="join a space with an invite token")
     s.add_argument("token")
     s.add_argument("--folder", required=True)
-    s.add_argument("--name", help="local name for the space (default: the inviter's name)")
+    s.add_argument("--name", help="local name for the space (default: the inviter's name for it)")
     s.add_argument("--timeout", type=parse_duration, default=600)
     s.add_argument("--insecure", action="store_true")
 
@@ -282,7 +282,7 @@ def _join(home: Home, args: argparse.Namespace) -> int:
     print("waiting for an admin device of the space to accept…", file=sys.stderr)
     joined = asyncio.run(join_via_relay(identity, name, args.token, float(args.timeout)))
     space_id = joined.log.space_id.hex()
-    space_name = args.name or f"space-{space_id[:8]}"
+    space_name = args.name or joined.invite.space_name or f"space-{space_id[:8]}"
 
     async def go(store: Any) -> SpaceRecord:
         existing = await store.spaces()

@@ -112,6 +112,7 @@ async def create_invite(
         secret=secret,
         expires_at=expires_at,
         role=Role(role),
+        space_name=record.name.encode()[:128].decode("utf-8", "ignore"),
     )
     async with store.transaction():
         await store.add_invite(

@@ -3,7 +3,8 @@
 Token: ``qmoi1-`` + base64url (no padding) of::
 
     version u8 (1) | space_id 16 | inviter sign_pk 32 | secret 32 | expires_at u64 | role u8
-    | relay_url str16 (empty = none, <= MAX_URL bytes) | checksum 4 (SHA-256 of the above)[:4]
+    | relay_url str16 (empty = none, <= MAX_URL bytes) | space_name str16 (<= MAX_SPACE_NAME)
+    | checksum 4 (SHA-256 of the above)[:4]
 
 Join request (the joiner -> relay -> the inviting admin device)::
 
@@ -33,6 +34,7 @@ from .membership import Role, role_from_code, role_to_code
 __all__ = [
     "INVITE_ID_LEN",
     "MAX_DEVICE_NAME",
+    "MAX_SPACE_NAME",
     "MAX_TOKEN_LEN",
     "MAX_URL",
     "TOKEN_PREFIX",
@@ -53,6 +55,8 @@ MAX_URL = 1024
 MAX_TOKEN_LEN = 2048
 #: Longest device name in a join request (UTF-8 bytes).
 MAX_DEVICE_NAME = 128
+#: Longest space name carried in a token, in UTF-8 bytes.
+MAX_SPACE_NAME = 128
 #: Largest join request body.
 MAX_JOIN_REQUEST = 4096
 INVITE_ID_LEN = 16
@@ -80,6 +84,8 @@ class Invite:
     secret: bytes
     expires_at: int
     role: Role = Role.member
+    space_name: str = ""
+    """The inviter's name for the space (a label for the joiner; not secret, not trusted)."""
 
     @classmethod
     def new(
@@ -111,6 +117,7 @@ class Invite:
                 c.u64(self.expires_at),
                 c.u8(role_to_code(self.role)),
                 c.str16(url, MAX_URL, "relay_url"),
+                c.str16(self.space_name, MAX_SPACE_NAME, "space_name"),
             )
         )
         body += hashlib.sha256(body).digest()[:CHECKSUM_LEN]
@@ -157,12 +164,13 @@ def decode_invite(token: str) -> Invite:
         expires_at = r.u64("expires_at")
         role = role_from_code(r.u8("role"))
         url = r.str16(MAX_URL, "relay_url")
+        space_name = r.str16(MAX_SPACE_NAME, "space_name")
         r.end()
     except InviteError:
         raise
     except ProtocolError as e:
         raise _invalid(f"invite token is malformed: {e}") from None
-    return Invite(space_id, url or None, inviter, secret, expires_at, role)
+    return Invite(space_id, url or None, inviter, secret, expires_at, role, space_name)
 
 
 @dataclass(frozen=True)
