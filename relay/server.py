@@ -48,7 +48,7 @@ import signal
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,6 +328,9 @@ class _Conn:
     async def send(self, frame: F.Frame) -> None:
         await self.ws.send(F.encode_frame(frame))
 
+    async def send_error(self, code: str, message: str, fatal: bool) -> None:
+        await self.send(_error_frame(code, message, fatal))
+
     def post(self, frame: F.Frame, then_close: _Fatal | None = None) -> None:
         """Queue a frame from *another* task; delivered by this connection's mailbox task."""
         if self.mailbox.qsize() >= MAILBOX_LIMIT:
@@ -347,7 +350,7 @@ class _Conn:
     async def _send_fatal(self, fatal: _Fatal) -> None:
         with contextlib.suppress(ConnectionClosed, TimeoutError, OSError):
             async with asyncio.timeout(5):
-                await self.send(F.Error(code=fatal.code, message=fatal.message, fatal=True))
+                await self.send_error(fatal.code, fatal.message, True)
         with contextlib.suppress(Exception):
             await self.ws.close(fatal.close_code, fatal.code[:100])
 
@@ -363,7 +366,7 @@ class _Conn:
     async def error(self, code: str, message: str, *, counts: bool = True) -> None:
         """A non-fatal error; too many of them on one connection closes it."""
         _ev(logging.INFO, "client_error", conn=self.cid, code=code)
-        await self.send(F.Error(code=code, message=message, fatal=False))
+        await self.send_error(code, message, False)
         if counts:
             self.errors += 1
             if self.errors >= self.server.config.max_errors:
@@ -422,10 +425,8 @@ class _Conn:
                     f"expected Hello or JoinRequest, got {type(first).__name__}",
                     CloseCode.PROTOCOL_ERROR,
                 )
-            self.tasks.append(asyncio.create_task(self._ack_loop(), name=f"relay-ack-{self.cid}"))
-            self.tasks.append(
-                asyncio.create_task(self._mailbox_loop(), name=f"relay-mb-{self.cid}")
-            )
+            self._spawn(self._ack_loop(), "ack")
+            self._spawn(self._mailbox_loop(), "mailbox")
             await self._main_loop()
         except _Fatal as fatal:
             _ev(logging.INFO, "closing", conn=self.cid, code=fatal.code, reason=fatal.message)
@@ -443,6 +444,22 @@ class _Conn:
                     conn=self.cid,
                     code=rcvd.code if rcvd is not None else None,
                 )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.create_task(coro, name=f"relay-{what}-{self.cid}")
+        task.add_done_callback(self._aux_done)
+        self.tasks.append(task)
+
+    def _aux_done(self, task: asyncio.Task[None]) -> None:
+        """A helper task of this connection ended: if it failed unexpectedly, drop the connection
+        rather than leave a half-working one (e.g. publishes that would never be acked)."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None or isinstance(exc, ConnectionClosed | OSError):
+            return
+        log.error("connection task failed conn=%d task=%s", self.cid, task.get_name(), exc_info=exc)
+        self.close_soon(_Fatal("internal_error", "relay error", CloseCode.INTERNAL_ERROR))
 
     async def _main_loop(self) -> None:
         while True:
@@ -565,12 +582,8 @@ class _Conn:
                 result = await fut
             except StoreError as exc:
                 _ev(logging.ERROR, "store_error", conn=self.cid, error=str(exc))
-                await self.send(
-                    F.Error(
-                        code="store_unavailable",
-                        message="relay storage failed; retry later",
-                        fatal=False,
-                    )
+                await self.send_error(
+                    "store_unavailable", "relay storage failed; retry later", False
                 )
                 continue
             if result.status is AppendStatus.QUOTA_EXCEEDED:
@@ -581,13 +594,11 @@ class _Conn:
                     conn=self.cid,
                     space=short(space.space_id) if space else "?",
                 )
-                await self.send(
-                    F.Error(
-                        code="quota_exceeded",
-                        message=f"space quota of {self.server.config.space_quota_bytes} bytes "
-                        f"reached; envelope seq {sender_seq} not stored",
-                        fatal=False,
-                    )
+                await self.send_error(
+                    "quota_exceeded",
+                    f"space quota of {self.server.config.space_quota_bytes} bytes reached; "
+                    f"envelope seq {sender_seq} not stored",
+                    False,
                 )
                 continue
             await self.send(
@@ -948,6 +959,7 @@ class RelayServer:
                 return True
             if not new.is_extension_of(space.log):
                 return False
+            old = space.log
             await self.store.update_log(space.space_id, new_bytes)
             space.log = new
             space.log_bytes = new_bytes
@@ -956,6 +968,13 @@ class RelayServer:
                 assert conn.sign_pk is not None
                 if new.is_member(conn.sign_pk):
                     conn.post(F.Membership(log=new_bytes))
+                    became_admin = (
+                        new.role_of(conn.sign_pk) is Role.admin
+                        and old.role_of(conn.sign_pk) is not Role.admin
+                    )
+                    if became_admin:
+                        for pj in list(space.joins.values()):
+                            conn.post(F.JoinForward(request_id=pj.request_id, request=pj.request))
                 else:
                     revoked += 1
                     space.conns.discard(conn)
@@ -979,6 +998,17 @@ class RelayServer:
                 revoked=revoked,
             )
             return True
+
+
+def _clip(text: str, limit: int) -> str:
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return text
+    return raw[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
+def _error_frame(code: str, message: str, fatal: bool) -> F.Error:
+    return F.Error(code=_clip(code, F.MAX_CODE), message=_clip(message, F.MAX_REASON), fatal=fatal)
 
 
 def build_ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:

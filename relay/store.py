@@ -236,7 +236,7 @@ class RelayStore:
         task = self._writer_task
         if task is not None:
             # Let the writer drain what is already queued, then stop it.
-            self._queue.put_nowait(_SENTINEL)  # type: ignore[arg-type]
+            self._queue.put_nowait(_SENTINEL)
             try:
                 await asyncio.wait_for(asyncio.shield(task), timeout=30)
             except (TimeoutError, asyncio.CancelledError):

@@ -240,6 +240,42 @@ async def test_backlog_then_live_without_gaps_or_duplicates(
         assert subs and subs[0].overflows > 0  # the store fallback really was exercised
 
 
+async def test_stuck_subscriber_slows_nobody(relay_factory: RelayFactory) -> None:
+    """A subscriber that stops reading must not hold up publishers or other subscribers, and
+    must still get everything, in order, once it reads again."""
+    relay = await relay_factory(subscriber_buffer_bytes=256 * 1024)
+    url = url_of(relay)
+    space = Space.create(1)
+    alice = space.members[0]
+    a = await authed(url, space, alice)
+    healthy = await authed(url, space, space.admin)
+    stuck = await Client.connect(url, max_queue=1)
+    assert isinstance(await stuck.auth(space.admin, space.space_id), F.Welcome)
+    for c in (healthy, stuck):
+        await c.send(F.Subscribe(from_seq=0))
+        await c.expect(F.CaughtUp)
+    total = 200  # x 64 KiB = 12.5 MiB, far beyond socket buffers and the subscriber buffer
+    payload = b"z" * 65536
+    envs = [space.envelope(alice, plaintext=payload) for _ in range(total)]
+
+    async def publish() -> None:
+        for e in envs:
+            await a.send(F.Publish(envelope=e))
+
+    pub = asyncio.create_task(publish())
+    got, _ = await healthy.collect_delivers(total, timeout=30)
+    assert [d.relay_seq for d in got] == list(range(1, total + 1))
+    acks = [await a.expect(F.Ack, timeout=30) for _ in range(total)]
+    assert [x.relay_seq for x in acks] == list(range(1, total + 1))
+    await pub
+    subs = [c.sub for c in relay._spaces[space.space_id].conns if c.sub is not None]
+    assert max(sub.overflows for sub in subs) > 0  # it did fall back to the store
+    # Now the stuck one reads: everything arrives, once, in order.
+    late, others = await stuck.collect_delivers(total, timeout=30)
+    assert [d.relay_seq for d in late] == list(range(1, total + 1))
+    assert others == []
+
+
 async def test_envelope_for_another_space_refused(relay_url: str) -> None:
     space, other = Space.create(1), Space.create(0)
     alice = space.members[0]
