@@ -7,9 +7,25 @@ kind    payload        body
 0x02    DeviceInfo     name str16 (<= 128) | platform str16 (<= 64) | agent_version str16 (<= 64)
 0x03    StateRequest   count u32 | (doc_id 16 | state_vector blob32)*   (sync step 1)
 0x04    StateReply     count u32 | (doc_id 16 | update blob32)*         (sync step 2)
+0x05    DeviceInfo v2  the 0x02 body | capabilities blob16 (<= 256)
 ======  =============  ==================================================================
 
 The index document has the all-zero doc id (:data:`INDEX_DOC_ID`).
+
+DeviceInfo is versioned by its kind byte: a :class:`DeviceInfo` without capabilities is encoded as
+kind 0x02 exactly as before (so every 0x02 payload ever sent still decodes, to
+``capabilities=None``); with capabilities it is kind 0x05, whose body is the 0x02 body followed by
+a length-prefixed capabilities record. The record starts with its own version byte::
+
+    version u8 (1) | flags u8 | cpu_count u16 | memory_total u64 | disk_free u64 |
+    battery u16 (hundredths of a percent, <= 10000) | measured_at u64 (unix seconds)
+
+    flags: 0x01 on_ac is known, 0x02 on_ac, 0x04 battery is known, 0x08 disk_free is known,
+           0x10 headless. Other bits must be 0 in version 1.
+
+A version-1 record has exactly 30 bytes. Later versions only append fields: a decoder reads the
+version-1 prefix of a newer record and ignores the rest of the (length-delimited) record, so the
+payload as a whole stays strictly framed. Unknown fields are dropped, never an error.
 """
 
 from __future__ import annotations
@@ -21,12 +37,15 @@ from .envelope import MAX_PLAINTEXT
 from .errors import MalformedError, TooLargeError
 
 __all__ = [
+    "CAPABILITIES_VERSION",
     "DOC_ID_LEN",
     "INDEX_DOC_ID",
+    "MAX_CAPABILITIES",
     "MAX_ITEMS",
     "MAX_NAME",
     "MAX_PAYLOAD",
     "MAX_SHORT_STR",
+    "Capabilities",
     "DeviceInfo",
     "DocUpdate",
     "Payload",
@@ -47,6 +66,13 @@ MAX_PAYLOAD = MAX_PLAINTEXT
 MAX_NAME = 128
 #: Longest platform / agent version strings (UTF-8 bytes).
 MAX_SHORT_STR = 64
+#: Largest capabilities record (any version).
+MAX_CAPABILITIES = 256
+CAPABILITIES_VERSION = 1
+_CAPS_V1_LEN = 30
+_F_AC_KNOWN, _F_ON_AC, _F_BATTERY, _F_DISK, _F_HEADLESS = 0x01, 0x02, 0x04, 0x08, 0x10
+_F_ALL_V1 = _F_AC_KNOWN | _F_ON_AC | _F_BATTERY | _F_DISK | _F_HEADLESS
+_U64_MAX = 0xFFFFFFFFFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -68,10 +94,29 @@ class StateReply:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a device can do, as it measured it at ``measured_at`` (unix seconds).
+
+    ``cpu_count``/``memory_total`` 0 mean unknown; ``disk_free`` is the free space on the
+    filesystem of the space's folder on that device (bytes). ``battery_percent`` travels in
+    hundredths of a percent (the encoder rounds).
+    """
+
+    cpu_count: int = 0
+    memory_total: int = 0
+    disk_free: int | None = None
+    on_ac: bool | None = None
+    battery_percent: float | None = None
+    headless: bool = False
+    measured_at: int = 0
+
+
+@dataclass(frozen=True)
 class DeviceInfo:
     name: str
     platform: str = ""
     agent_version: str = ""
+    capabilities: Capabilities | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +129,70 @@ class StateRequest:
 Payload = Updates | DeviceInfo | StateRequest | StateReply
 
 _UPDATES, _DEVICE_INFO, _STATE_REQUEST, _STATE_REPLY = 0x01, 0x02, 0x03, 0x04
+_DEVICE_INFO_V2 = 0x05
+
+
+def _encode_caps(cap: Capabilities) -> bytes:
+    if not isinstance(cap, Capabilities):
+        raise MalformedError("capabilities must be Capabilities")
+    flags = 0
+    if cap.on_ac is not None:
+        flags |= _F_AC_KNOWN | (_F_ON_AC if cap.on_ac else 0)
+    battery = 0
+    if cap.battery_percent is not None:
+        pct = cap.battery_percent
+        if not isinstance(pct, int | float) or not 0.0 <= pct <= 100.0:  # also refuses NaN
+            raise MalformedError(f"battery_percent {pct!r} is not within 0..100")
+        flags |= _F_BATTERY
+        battery = round(pct * 100)
+    if cap.disk_free is not None:
+        flags |= _F_DISK
+    if cap.headless:
+        flags |= _F_HEADLESS
+    return b"".join(
+        [
+            c.u8(CAPABILITIES_VERSION),
+            c.u8(flags),
+            c.u16(cap.cpu_count),
+            c.u64(cap.memory_total),
+            c.u64(cap.disk_free if cap.disk_free is not None else 0),
+            c.u16(battery),
+            c.u64(cap.measured_at),
+        ]
+    )
+
+
+def _decode_caps(raw: bytes) -> Capabilities:
+    r = c.Reader(raw, "capabilities")
+    version = r.u8("version")
+    if version == 0:
+        raise MalformedError("capabilities: version 0 is not valid")
+    if len(raw) < _CAPS_V1_LEN or (version == 1 and len(raw) != _CAPS_V1_LEN):
+        raise MalformedError(f"capabilities v{version}: {len(raw)} bytes")
+    flags = r.u8("flags")
+    if version == 1 and flags & ~_F_ALL_V1:
+        raise MalformedError(f"capabilities: unknown flags 0x{flags:02x}")
+    cpu_count = r.u16("cpu_count")
+    memory_total = r.u64("memory_total")
+    disk_free = r.u64("disk_free")
+    battery = r.u16("battery")
+    measured_at = r.u64("measured_at")
+    if battery > 10000 or (battery and not flags & _F_BATTERY):
+        raise MalformedError(f"capabilities: battery {battery} out of range")
+    if flags & _F_ON_AC and not flags & _F_AC_KNOWN:
+        raise MalformedError("capabilities: on_ac set but not known")
+    if disk_free and not flags & _F_DISK:
+        raise MalformedError("capabilities: disk_free set but not known")
+    # newer versions append fields after these: ignored here (the record is length-delimited)
+    return Capabilities(
+        cpu_count=cpu_count,
+        memory_total=memory_total,
+        disk_free=disk_free if flags & _F_DISK else None,
+        on_ac=bool(flags & _F_ON_AC) if flags & _F_AC_KNOWN else None,
+        battery_percent=battery / 100 if flags & _F_BATTERY else None,
+        headless=bool(flags & _F_HEADLESS),
+        measured_at=measured_at,
+    )
 
 
 def _pairs(items: list[tuple[bytes, bytes]], what: str) -> list[bytes]:
@@ -106,11 +215,13 @@ def encode_payload(p: Payload) -> bytes:
         parts = [c.u8(_STATE_REQUEST), *_pairs(list(p.items), "state vector")]
     elif isinstance(p, DeviceInfo):
         parts = [
-            c.u8(_DEVICE_INFO),
+            c.u8(_DEVICE_INFO if p.capabilities is None else _DEVICE_INFO_V2),
             c.str16(p.name, MAX_NAME, "name"),
             c.str16(p.platform, MAX_SHORT_STR, "platform"),
             c.str16(p.agent_version, MAX_SHORT_STR, "agent_version"),
         ]
+        if p.capabilities is not None:
+            parts.append(c.blob16(_encode_caps(p.capabilities), MAX_CAPABILITIES, "capabilities"))
     else:
         raise MalformedError(f"not a payload: {type(p).__name__}")
     out = b"".join(parts)
@@ -145,12 +256,14 @@ def decode_payload(b: bytes) -> Payload:
         p = StateReply([DocUpdate(d, u) for d, u in _read_pairs(r, "update")])
     elif kind == _STATE_REQUEST:
         p = StateRequest(_read_pairs(r, "state vector"))
-    elif kind == _DEVICE_INFO:
-        p = DeviceInfo(
-            r.str16(MAX_NAME, "name"),
-            r.str16(MAX_SHORT_STR, "platform"),
-            r.str16(MAX_SHORT_STR, "agent_version"),
-        )
+    elif kind in (_DEVICE_INFO, _DEVICE_INFO_V2):
+        name = r.str16(MAX_NAME, "name")
+        platform = r.str16(MAX_SHORT_STR, "platform")
+        agent_version = r.str16(MAX_SHORT_STR, "agent_version")
+        caps = None
+        if kind == _DEVICE_INFO_V2:
+            caps = _decode_caps(r.blob16(MAX_CAPABILITIES, "capabilities"))
+        p = DeviceInfo(name, platform, agent_version, caps)
     else:
         raise MalformedError(f"unknown payload kind 0x{kind:02x}")
     r.end()
