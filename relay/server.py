@@ -229,34 +229,28 @@ class _Subscription:
             # The client is ahead of us (e.g. the relay lost data): restart from our head so
             # nothing published from now on is skipped.
             self.cursor = head
-        caught_up_sent = False
+        # CaughtUp marks the end of the backlog as it stood when the subscription started, so a
+        # busy space cannot postpone it indefinitely.
+        backlog_end: int | None = head
         while True:
+            if backlog_end is not None and self.cursor >= backlog_end:
+                await self.conn.send(F.CaughtUp(head_seq=self.cursor))
+                backlog_end = None
             self._drain_buffer_prefix()
-            # Contiguous items available in memory?
-            sent_any = False
-            while True:
-                nxt = self.cursor + 1
-                if nxt in self.own:
-                    self.own.discard(nxt)
-                    self.cursor = nxt
-                    continue
-                if self.buffer and self.buffer[0][0] == nxt:
-                    seq, data = self._pop()
-                    await self.conn.send(F.Deliver(relay_seq=seq, envelope=data))
-                    self.cursor = seq
-                    sent_any = True
-                    self._drain_buffer_prefix()
-                    continue
-                break
+            nxt = self.cursor + 1
+            if nxt in self.own:  # our own publish: skip it
+                self.own.discard(nxt)
+                self.cursor = nxt
+                continue
+            if self.buffer and self.buffer[0][0] == nxt:  # live, from memory
+                seq, data = self._pop()
+                await self.conn.send(F.Deliver(relay_seq=seq, envelope=data))
+                self.cursor = seq
+                continue
             head = store.committed_head(space_id) or 0
-            if head > self.cursor:
+            if head > self.cursor:  # backlog, or live items that overflowed the buffer
                 await self._send_page(store, head)
                 continue
-            if sent_any:
-                continue
-            if not caught_up_sent:
-                await self.conn.send(F.CaughtUp(head_seq=self.cursor))
-                caught_up_sent = True
             self.wake.clear()
             if self._idle(store):
                 await self.wake.wait()
