@@ -25,6 +25,10 @@ from qmoi_sync.protocol.errors import ProtocolError
 log = logging.getLogger("qmoi_sync.relay_link")
 
 MAX_DELIVER_BATCH = 512
+# Relay errors that mean "this publish was dropped, try again later".
+RESEND_CODES = frozenset({"quota_exceeded", "rate_limited", "store_unavailable"})
+RESEND_MIN = 0.5
+RESEND_MAX = 30.0
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 30.0
 
@@ -69,6 +73,8 @@ class RelayLink:
         self.state = LinkState()
         self.caught_up = asyncio.Event()
         self._wake = asyncio.Event()
+        self._resend_at: float | None = None
+        self._resend_delay = 0.0
 
     def wake(self) -> None:
         """Retry now (e.g. the user asked, or the network came back)."""
@@ -193,6 +199,11 @@ class RelayLink:
             elif isinstance(frame, F.Error):
                 if frame.code == "quota_exceeded":
                     self.state.quota_exceeded = True
+                if frame.code in RESEND_CODES:
+                    # The relay dropped a publish; it has no per-envelope reference, so resend
+                    # everything still unacknowledged after a growing pause (the relay acks
+                    # already-stored ones as duplicates).
+                    self._schedule_resend()
                 self.state.last_error = f"{frame.code}: {frame.message}"
                 log.warning(
                     "relay error for %s: %s %s", self.sync.space_id[:8], frame.code, frame.message
@@ -223,9 +234,24 @@ class RelayLink:
                 self.state.caught_up = True
                 self.caught_up.set()
 
+    def _schedule_resend(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._resend_delay = min(RESEND_MAX, max(RESEND_MIN, self._resend_delay * 2))
+        self._resend_at = loop.time() + self._resend_delay
+        self.sync.outbox_changed.set()
+
     async def _writer(self, ws: ClientConnection) -> None:
         sent_upto = 0
+        self._resend_at = None
+        self._resend_delay = 0.0
+        loop = asyncio.get_running_loop()
         while True:
+            if self._resend_at is not None:
+                await asyncio.sleep(max(0.0, self._resend_at - loop.time()))
+                self._resend_at = None
+                sent_upto = 0
+            elif not self.state.quota_exceeded:
+                self._resend_delay = 0.0
             self.sync.outbox_changed.clear()
             rows = await self.sync.store.outbox(self.sync.space_id, after_seq=sent_upto, limit=256)
             if rows:
