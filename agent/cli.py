@@ -86,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key")
     s.add_argument("--quota-mb", type=int, default=1024, help="per-space storage quota")
 
+    sv = sub.add_parser("service", help="run the agent as a user service").add_subparsers(
+        dest="service_cmd", required=True
+    )
+    for verb, what in (("install", "install and start"), ("uninstall", "stop and remove")):
+        s = sv.add_parser(verb, help=f"{what} the systemd user unit / launchd agent")
+        s.add_argument("--dry-run", action="store_true", help="print what would be done")
+
+    s = sub.add_parser("doctor", help="check this device's setup and say how to fix problems")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--timeout", type=float, default=5.0, help="network timeout in seconds")
+
     s = sub.add_parser("demo", help="watch two local devices sync through an embedded relay")
     s.add_argument("--keep", action="store_true", help="keep the temporary folders")
     return p
@@ -133,6 +144,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.cmd == "run":
         return _run_agent(home)
+    if args.cmd == "service":
+        from qmoi_sync.agent import service
+
+        if args.service_cmd == "install":
+            return service.install(home, dry_run=args.dry_run)
+        return service.uninstall(dry_run=args.dry_run)
+    if args.cmd == "doctor":
+        from qmoi_sync.agent.doctor import doctor
+
+        return doctor(home, as_json=args.json, timeout=args.timeout)
     if args.cmd == "status":
         return _status(home, as_json=args.json)
     if args.cmd == "stop":
