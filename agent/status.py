@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 SpaceState = Literal["idle", "syncing", "offline", "error", "paused"]
+PolicyState = Literal["normal", "deferring_bulk", "disk_full"]
 
 
 class DeviceStatus(BaseModel):
@@ -21,6 +22,17 @@ class RelayStatus(BaseModel):
     last_error: str | None = None
 
 
+class CapabilitiesStatus(BaseModel):
+    """What a device published about itself (agent/resources.py readings)."""
+
+    cpu_count: int | None = None
+    memory_total: int | None = None
+    disk_free: int | None = None  # bytes free on that device's filesystem of this space's folder
+    on_ac: bool | None = None
+    battery_percent: float | None = None
+    headless: bool = False
+
+
 class MemberStatus(BaseModel):
     id: str
     short_id: str
@@ -28,6 +40,8 @@ class MemberStatus(BaseModel):
     role: str
     platform: str | None = None
     this_device: bool = False
+    last_seen: str | None = None  # when the device last published its info (ISO 8601 UTC)
+    capabilities: CapabilitiesStatus | None = None
 
 
 class SpaceStatus(BaseModel):
@@ -46,8 +60,28 @@ class SpaceStatus(BaseModel):
     devices: list[MemberStatus]
 
 
+class PolicyStatus(BaseModel):
+    """The resource policy (agent/policy.py): what work is being held back, and why."""
+
+    state: PolicyState
+    reasons: list[str] = []
+    on_ac: bool | None = None
+    battery_percent: float | None = None
+    load: float | None = None
+    headless: bool = False
+
+
+class AgentStatus(BaseModel):
+    pid: int
+    cpu_percent: float  # since the previous sample; 100 = one full core
+    rss_bytes: int
+    uptime_s: float
+    policy: PolicyStatus
+
+
 class StatusReport(BaseModel):
     schema_version: int = 1
     device: DeviceStatus
     agent_running: bool
     spaces: list[SpaceStatus]
+    agent: AgentStatus | None = None  # None when the agent is not running

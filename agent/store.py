@@ -77,6 +77,10 @@ CREATE TABLE IF NOT EXISTS device_info (
     space_id TEXT NOT NULL, sign_pk BLOB NOT NULL, info TEXT NOT NULL, seen_at REAL NOT NULL,
     PRIMARY KEY (space_id, sign_pk)
 );
+CREATE TABLE IF NOT EXISTS materialize_base (
+    space_id TEXT NOT NULL, doc_id BLOB NOT NULL, state BLOB NOT NULL,
+    PRIMARY KEY (space_id, doc_id)
+);
 """
 
 # Appended updates per document before they are folded into one state blob.
@@ -375,6 +379,25 @@ class Store:
         ) as cur:
             return [bytes(r[0]) for r in await cur.fetchall()]
 
+    # -- the document state a stale file on disk was written from (disk full: not rewritten) --
+    async def put_materialize_base(self, space_id: str, doc_id: bytes, state: bytes) -> None:
+        await self.db.execute(
+            "INSERT INTO materialize_base(space_id, doc_id, state) VALUES (?,?,?)"
+            " ON CONFLICT(space_id, doc_id) DO UPDATE SET state=excluded.state",
+            (space_id, doc_id, state),
+        )
+
+    async def delete_materialize_base(self, space_id: str, doc_id: bytes) -> None:
+        await self.db.execute(
+            "DELETE FROM materialize_base WHERE space_id=? AND doc_id=?", (space_id, doc_id)
+        )
+
+    async def materialize_bases(self, space_id: str) -> dict[bytes, bytes]:
+        async with self.db.execute(
+            "SELECT doc_id, state FROM materialize_base WHERE space_id=?", (space_id,)
+        ) as cur:
+            return {bytes(r[0]): bytes(r[1]) for r in await cur.fetchall()}
+
     # -- quarantine ---------------------------------------------------------------------------
     async def quarantine(
         self, space_id: str, sender: bytes | None, reason: str, envelope: bytes | None
@@ -399,6 +422,13 @@ class Store:
             " seen_at=excluded.seen_at",
             (space_id, sign_pk, json.dumps(info), time.time()),
         )
+
+    async def device_seen(self, space_id: str) -> dict[bytes, float]:
+        """When each device's info was last received (unix seconds)."""
+        async with self.db.execute(
+            "SELECT sign_pk, seen_at FROM device_info WHERE space_id=?", (space_id,)
+        ) as cur:
+            return {bytes(r[0]): float(r[1]) for r in await cur.fetchall()}
 
     async def device_infos(self, space_id: str) -> dict[bytes, dict[str, Any]]:
         async with self.db.execute(
