@@ -221,6 +221,7 @@ def _run_agent(home: Home) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, agent.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, agent.request_reload)
         await agent.run()
 
     asyncio.run(go())

@@ -130,9 +130,11 @@ class SpaceRuntime:
         return reply
 
     async def close(self) -> None:
-        self.stop.set()
-        # Holding the owner's lock means no batch is half-applied when the tasks are cancelled.
+        # Take the owner's lock *before* setting stop: the batch in progress (local or remote)
+        # finishes and commits; setting stop first would let the relay link cancel its applier
+        # mid-batch. No new batch starts while we hold the lock, so cancelling is clean.
         async with self.sync.lock:
+            self.stop.set()
             for t in self.tasks:
                 t.cancel()
         for t in self.tasks:
@@ -217,6 +219,9 @@ class Agent:
         self.control: ControlServer | None = None
         self.stop = asyncio.Event()
         self.started_at = time.time()
+        self.running = asyncio.Event()  # set once every space started and control listens
+        self._reload_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         if not self.lock.try_acquire():
@@ -234,6 +239,7 @@ class Agent:
                     self.device_name,
                     len(self.spaces),
                 )
+                self.running.set()
                 await self.stop.wait()
             finally:
                 await self.shutdown()
@@ -245,6 +251,9 @@ class Agent:
         if data is None:
             raise UserError(f"space {record.name} has no membership log; the database is damaged")
         keyring = Keyring.build(MembershipLog.from_bytes(data), self.identity)
+        if record.space_id in self.spaces:
+            # Started meanwhile (a control `add_space` racing a SIGHUP reload).
+            return self.spaces[record.space_id]
         runtime = SpaceRuntime(self, record, keyring)
         self.spaces[record.space_id] = runtime
         await runtime.start()
@@ -253,9 +262,67 @@ class Agent:
     async def shutdown(self) -> None:
         if self.control is not None:
             await self.control.close()
-        for runtime in self.spaces.values():
-            await runtime.close()
+        async with self._reload_lock:  # a reload in progress finishes first
+            for runtime in self.spaces.values():
+                await runtime.close()
         await self.store.close()
+        log.info("agent stopped: every batch finished, database closed")
+
+    # -- SIGHUP ----------------------------------------------------------------------------
+    def request_reload(self) -> None:
+        """Signal-handler entry point: reload once the agent is up (a SIGHUP during start-up
+        is not lost)."""
+        task = asyncio.get_running_loop().create_task(self._reload_when_running())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reload_when_running(self) -> None:
+        await self.running.wait()
+        try:
+            await self.reload()
+        except Exception:
+            log.exception("reload failed; the agent keeps running with what it had")
+
+    async def reload(self) -> list[str]:
+        """Re-read device.json and the spaces table without dropping any connection: a new
+        device name is announced to every space, spaces added to the database are started."""
+        changes: list[str] = []
+        async with self._reload_lock:
+            if self.stop.is_set():
+                return changes
+            try:
+                config = self.home.load_config()
+            except UserError as exc:
+                log.warning("reload: %s; keeping device name %r", exc, self.device_name)
+            else:
+                if config.name != self.device_name:
+                    old, self.device_name = self.device_name, config.name
+                    changes.append(f"device name {old!r} -> {config.name!r}")
+                    for rt in list(self.spaces.values()):
+                        await rt.sync.send_device_info(
+                            self.device_name,
+                            f"{platform.system()}-{platform.machine()}",
+                            __version__,
+                        )
+            for record in await self.store.spaces():
+                if record.space_id in self.spaces:
+                    continue
+                try:
+                    await self.start_space(record)
+                except Exception as exc:
+                    failed = self.spaces.pop(record.space_id, None)
+                    if failed is not None:
+                        await failed.close()
+                    log.error(
+                        "reload: space %s (%s) not started: %s",
+                        record.name,
+                        record.space_id[:8],
+                        exc,
+                    )
+                    continue
+                changes.append(f"started space {record.name} ({record.space_id[:8]})")
+        log.info("reloaded configuration: %s", "; ".join(changes) if changes else "nothing changed")
+        return changes
 
     async def status(self) -> StatusReport:
         spaces = [await rt.status() for rt in self.spaces.values()]
