@@ -42,10 +42,11 @@ from qmoi_sync.agent.materialize import (
 )
 from qmoi_sync.agent.store import FileRecord, SpaceRecord, Store
 from qmoi_sync.agent.textdoc import ingest_disk_text, load_text_doc, new_text_doc, text_of
-from qmoi_sync.protocol.envelope import open_envelope, seal
+from qmoi_sync.protocol.envelope import open_envelope, parse_header, seal
 from qmoi_sync.protocol.errors import PathError, ProtocolError
 from qmoi_sync.protocol.identity import DeviceIdentity
-from qmoi_sync.protocol.paths import validate_relpath
+from qmoi_sync.protocol.membership import Role
+from qmoi_sync.protocol.paths import conflict_name, validate_relpath
 from qmoi_sync.protocol.payload import (
     DeviceInfo,
     DocUpdate,
@@ -64,6 +65,9 @@ TEXT_MAX_BYTES = 4 * 1024 * 1024
 ENVELOPE_PAYLOAD_BUDGET = 6 * 1024 * 1024
 # Text documents kept in memory; the rest live in SQLite until touched.
 DOC_CACHE_SIZE = 128
+# How long a delivered envelope from an unknown sender or of a future epoch waits for the
+# membership log that explains it (the relay sends that log just before, on another task).
+MEMBERSHIP_WAIT_S = 5.0
 # Editor and OS droppings that are never synced (the full ignore-file support is issue 3's).
 BUILTIN_IGNORES_SUFFIX = (".swp", ".swx", "~", ".tmp", ".part", ".crdownload")
 BUILTIN_IGNORES_NAME = {".DS_Store", "Thumbs.db", "desktop.ini", "4913"}
@@ -132,6 +136,33 @@ class SpaceSync:
         self.conflicts = 0
         self.seq = 0
         self.cursor = 0
+        # Highest epoch of any envelope opened in relay order: see keyring.sender_role.
+        self.epoch_fence = 0
+        # Set by the relay link when the relay says this device is not (or no longer) a member.
+        self.refused: str | None = None
+        self._keyring_changed = asyncio.Event()
+        self._gave_up_waiting_on: Keyring | None = None
+
+    # -- membership -----------------------------------------------------------------------------
+    def set_keyring(self, keyring: Keyring) -> None:
+        """Switch to a grown membership log (new members, roles, epochs). Anything sealed from
+        now on uses its current epoch."""
+        self.keyring = keyring
+        self._keyring_changed.set()
+
+    @property
+    def send_block(self) -> str | None:
+        """Why this device must not send content changes, or None if it may."""
+        if self.refused is not None:
+            return self.refused
+        role = self.keyring.role_of(self.identity.public.sign_pk)
+        if role is None:
+            return "this device was removed from the space"
+        if role is Role.reader:
+            return "read-only member"
+        if not self.keyring.can_write():
+            return f"no key for epoch {self.keyring.current_epoch}"
+        return None
 
     # -- loading ------------------------------------------------------------------------------
     async def load(self) -> None:
@@ -147,6 +178,7 @@ class SpaceSync:
         }
         self.seq = await self.store.get_counter(self.space_id, "seq")
         self.cursor = await self.store.get_counter(self.space_id, "relay_cursor")
+        self.epoch_fence = await self.store.get_counter(self.space_id, "epoch_fence")
         self.stats.quarantined = await self.store.quarantine_count(self.space_id)
         last = await self.store.get_counter(self.space_id, "last_sync_ms", 0)
         self.stats.last_sync = last / 1000 if last else None
@@ -203,7 +235,12 @@ class SpaceSync:
                 out.append(rel_dir + name)
         return out
 
-    async def _ingest_local(self, paths: set[str], batch: _Batch, walked: bool = False) -> None:
+    async def _ingest_local(
+        self, paths: set[str], batch: _Batch, walked: bool = False, set_aside: bool = False
+    ) -> None:
+        """Take local changes of these paths into the CRDT. On a device that may not send
+        (reader, removed) they are only detected and reported; with ``set_aside`` (a remote
+        change is about to land on them) changed files are first moved to a conflict name."""
         changed: list[_LocalChange] = []
         gone: list[str] = []
         expanded: set[str] = set()
@@ -229,6 +266,8 @@ class SpaceSync:
             if st is None:
                 if rec is not None:
                     gone.append(path)
+                else:
+                    self.warnings.pop(f"held:{path}", None)
                 continue
             if rec is not None and (st.size, st.mtime_ns, st.inode) == (
                 rec.size,
@@ -257,6 +296,11 @@ class SpaceSync:
                 await self._record(path, rec.fid, data, st)
                 continue
             changed.append(_LocalChange(path, data, st))
+
+        block = self.send_block
+        if block is not None:
+            self._hold_back(block, changed, gone, set_aside)
+            return
 
         # A delete plus an add of identical content in one batch is a rename: keep the file id.
         gone_by_hash: dict[bytes, list[str]] = {}
@@ -325,9 +369,37 @@ class SpaceSync:
         batch.add(fid, ingest_disk_text(doc, text))
         await self._record(ch.path, fid, ch.data, ch.stat)
 
+    def _hold_back(
+        self, block: str, changed: list[_LocalChange], gone: list[str], set_aside: bool
+    ) -> None:
+        """Report local changes this device may not send; never seal them (a reader's CRDT stays
+        an exact replica of what the writers sent)."""
+        for ch in changed:
+            note = f"{block}: local change to {ch.path} not synced"
+            if set_aside:
+                aside = conflict_name(ch.path, self.clock(), self.device)
+                try:
+                    moved = rename_file(self.root, ch.path, aside)
+                except (OSError, UnsafePathError) as exc:
+                    moved = None
+                    note += f" (could not move it aside: {exc})"
+                if moved is not None:
+                    note += f"; kept as {aside}"
+            self.warnings[f"held:{ch.path}"] = note
+        for path in gone:
+            self.warnings[f"held:{path}"] = f"{block}: local deletion of {path} not synced"
+        if changed or gone:
+            log.info(
+                "space %s: %d local change(s) not synced (%s)",
+                self.space_id[:8],
+                len(changed) + len(gone),
+                block,
+            )
+
     async def _record(self, path: str, fid: bytes, data: bytes, st: DiskStat) -> None:
         rec = FileRecord(path, fid, content_hash(data), st.size, st.mtime_ns, st.inode)
         self.files[path] = rec
+        self.warnings.pop(f"held:{path}", None)
         await self.store.put_file(self.space_id, rec)
 
     async def _record_stat(self, path: str, fid: bytes, digest: bytes, st: DiskStat) -> None:
@@ -341,44 +413,104 @@ class SpaceSync:
 
     # -- remote side --------------------------------------------------------------------------
     async def handle_remote(self, delivered: list[tuple[int, bytes]]) -> None:
-        """Apply envelopes delivered by a sync link (relay_seq, envelope), in order."""
-        async with self.lock:
-            batch = _Batch()
-            dirty: set[bytes] = set()
-            for relay_seq, envelope in delivered:
-                await self._apply_envelope(envelope, batch, dirty)
-                self.cursor = max(self.cursor, relay_seq)
-            await self._finish(batch, dirty=dirty, delivered=delivered)
+        """Apply envelopes delivered by a sync link (relay_seq, envelope), in order.
 
-    async def _apply_envelope(self, envelope: bytes, batch: _Batch, dirty: set[bytes]) -> None:
+        An envelope from a sender our membership log does not know yet, or of an epoch we have
+        no key for yet, is normally explained by a log the relay sent just before (on another
+        of its tasks, so it may arrive a moment later): the batch stops there, and resumes once
+        the log grew. If nothing arrives within MEMBERSHIP_WAIT_S, such envelopes are
+        quarantined (one wait per log version, so a stream of forged envelopes cannot stall
+        the space).
+        """
+        pending = list(delivered)
+        final = False
+        while pending:
+            before = self.keyring
+            done: list[tuple[int, bytes]] = []
+            async with self.lock:
+                batch = _Batch()
+                dirty: set[bytes] = set()
+                for relay_seq, envelope in pending:
+                    if not await self._apply_envelope(envelope, batch, dirty, final):
+                        break
+                    self.cursor = max(self.cursor, relay_seq)
+                    done.append((relay_seq, envelope))
+                await self._finish(batch, dirty=dirty, delivered=done)
+            pending = pending[len(done) :]
+            if pending:
+                final = not await self._await_new_keyring(before)
+
+    async def _await_new_keyring(self, before: Keyring) -> bool:
+        if self.keyring is not before:
+            return True
+        if self._gave_up_waiting_on is before:
+            return False
+        self._keyring_changed.clear()
+        try:
+            async with asyncio.timeout(MEMBERSHIP_WAIT_S):
+                while self.keyring is before:
+                    await self._keyring_changed.wait()
+                    self._keyring_changed.clear()
+        except TimeoutError:
+            self._gave_up_waiting_on = before
+            return False
+        return True
+
+    async def _apply_envelope(
+        self, envelope: bytes, batch: _Batch, dirty: set[bytes], final: bool = True
+    ) -> bool:
+        """Apply (or quarantine, or drop as a replay) one envelope. Returns False, changing
+        nothing, if it should wait for a longer membership log (see handle_remote)."""
+        try:
+            header = parse_header(envelope)
+        except ProtocolError as exc:
+            await self._quarantine(None, f"{exc.code}: {exc}", envelope)
+            return True
+        ring = self.keyring
+        if (
+            not final
+            and header.space_id == self.space_bytes
+            and (
+                not ring.ever_member(header.sender)
+                or (header.epoch > ring.current_epoch and header.epoch not in ring.epoch_keys)
+            )
+        ):
+            return False
+        role = ring.sender_role(header.sender, header.epoch, self.epoch_fence)
         try:
             opened = open_envelope(
                 envelope,
                 expected_space_id=self.space_bytes,
-                msg_keys=self.keyring.msg_keys(),
-                is_member=self.keyring.is_member,
+                msg_keys=ring.msg_keys(),
+                is_member=lambda _sender: role is not None,
             )
         except ProtocolError as exc:
             await self._quarantine(None, f"{exc.code}: {exc}", envelope)
-            return
+            return True
         sender = opened.header.sender
         seq = opened.header.seq
+        self.epoch_fence = max(self.epoch_fence, opened.header.epoch)
         if sender == self.identity.public.sign_pk:
-            return
+            return True
         window = self.windows.setdefault(sender, ReplayWindow())
         if window.seen(seq):
-            return
+            return True
         try:
             payload = decode_payload(opened.plaintext)
         except ProtocolError as exc:
             await self._quarantine(sender, f"{exc.code}: {exc}", envelope)
             window.mark(seq)
-            return
+            return True
         if isinstance(payload, Updates):
+            if role is Role.reader:
+                # The relay refuses publishes from readers; this is the second line of defence.
+                await self._quarantine(sender, "content change from a read-only member", envelope)
+                window.mark(seq)
+                return True
             if not _updates_are_sane(payload.items):
                 await self._quarantine(sender, "malformed CRDT update", envelope)
                 window.mark(seq)
-                return
+                return True
             # Before a remote change lands on a document, make sure any edit the user already
             # saved to that file is in the CRDT; otherwise materializing would overwrite it.
             await self._absorb_unsaved(
@@ -412,6 +544,7 @@ class SpaceSync:
             )
         window.mark(seq)
         self.stats.applied_envelopes += 1
+        return True
 
     async def _absorb_unsaved(self, fids: list[bytes], batch: _Batch) -> None:
         by_fid = {rec.fid: rec for rec in self.files.values()}
@@ -426,7 +559,7 @@ class SpaceSync:
                 rec.inode,
             ):
                 continue
-            await self._ingest_local({rec.path}, batch)
+            await self._ingest_local({rec.path}, batch, set_aside=True)
 
     async def _reload_doc(self, doc_id: bytes) -> None:
         """Rebuild a document from its durable state after a failed apply (it may be poisoned)."""
@@ -455,8 +588,9 @@ class SpaceSync:
             blocked = await self._reconcile_once(dirty, extra)
             if blocked:
                 # Untracked local files sat where remote files belong: ingest them as concurrent
-                # creations (the layout then gives one a conflict name) and settle again.
-                await self._ingest_local(set(blocked), extra)
+                # creations (the layout then gives one a conflict name) and settle again. A device
+                # that may not send moves them aside instead.
+                await self._ingest_local(set(blocked), extra, set_aside=True)
             await self._commit(extra.items, [], pending=set() if dirty else None)
             dirty = set()
             if not extra.items and not blocked:
@@ -497,6 +631,15 @@ class SpaceSync:
                 got = read_file(self.root, path, TEXT_MAX_BYTES)
                 if got is not None and content_hash(got[0]) != rec.hash:
                     text = _as_text(got[0])
+                    block = self.send_block
+                    if text is not None and block is not None:
+                        # Keep the user's edited file, untracked; it cannot be sent.
+                        self.warnings[f"held:{path}"] = (
+                            f"{block}: {path} was deleted remotely; your local change is kept "
+                            "but not synced"
+                        )
+                        await self._forget(path)
+                        continue
                     if text is not None:
                         fid_hex = fid.hex()
                         batch.add(INDEX_DOC_ID, self.index.rename(fid_hex, path, self.device))
@@ -588,6 +731,12 @@ class SpaceSync:
             return
         now = self.clock()
         due: list[bytes] = []
+        block = self.send_block if items else None
+        if block is not None:
+            # Local changes are held back before they reach a document (_ingest_local); this
+            # is the last line of defence: never seal them.
+            log.error("space %s: refusing to seal local updates (%s)", self.space_id[:8], block)
+            items = []
         async with self.store.transaction():
             if items:
                 due = await self.store.append_doc_updates(self.space_id, items)
@@ -608,6 +757,7 @@ class SpaceSync:
                 await self.store.set_counter(self.space_id, "seq", self.seq)
             if delivered:
                 await self.store.set_counter(self.space_id, "relay_cursor", self.cursor)
+                await self.store.set_counter(self.space_id, "epoch_fence", self.epoch_fence)
                 for sender, window in self.windows.items():
                     await self.store.save_replay(self.space_id, sender, window.to_bytes())
             if pending is not None:
@@ -630,6 +780,8 @@ class SpaceSync:
             await self.store.compact_doc(self.space_id, doc_id, state)
 
     async def send_device_info(self, name: str, platform: str, version: str) -> None:
+        if self.send_block is not None:
+            return  # readers cannot publish at all (the relay refuses it)
         async with self.lock, self.store.transaction():
             self.seq += 1
             payload = encode_payload(
