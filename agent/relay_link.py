@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import ssl
@@ -31,6 +32,8 @@ RESEND_MIN = 0.5
 RESEND_MAX = 30.0
 BACKOFF_MIN = 0.2
 BACKOFF_MAX = 30.0
+# Relay refusals that mean "the relay's membership log does not list this device".
+REFUSED_MEMBERSHIP = frozenset({"revoked", "not_a_member"})
 
 
 class RelayRefused(Exception):
@@ -46,6 +49,8 @@ class LinkState:
     last_error: str | None = None
     quota_exceeded: bool = False
     attempts: int = 0
+    #: Set while the relay refuses this device as "revoked" / "not_a_member".
+    refused: str | None = None
 
 
 MembershipHandler = Callable[[bytes], Awaitable[None]]
@@ -75,6 +80,31 @@ class RelayLink:
         self._wake = asyncio.Event()
         self._resend_at: float | None = None
         self._resend_delay = 0.0
+        self._push_pending = False
+        self._relay_log_digest: bytes | None = None
+        self._relay_log_changed = asyncio.Event()
+
+    def push_membership(self) -> None:
+        """Send our (grown) membership log to the relay: on the live connection, before any
+        envelope sealed after this call; if offline, the next Auth carries it anyway."""
+        self._push_pending = True
+        self.sync.outbox_changed.set()
+
+    async def wait_relay_log(self, log: bytes, timeout: float) -> bool:
+        """Wait until the relay has told us (Welcome or Membership) that it holds ``log``."""
+        want = hashlib.sha256(log).digest()
+        try:
+            async with asyncio.timeout(timeout):
+                while self._relay_log_digest != want:
+                    self._relay_log_changed.clear()
+                    await self._relay_log_changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _relay_log(self, log: bytes) -> None:
+        self._relay_log_digest = hashlib.sha256(log).digest()
+        self._relay_log_changed.set()
 
     def wake(self) -> None:
         """Retry now (e.g. the user asked, or the network came back)."""
@@ -90,8 +120,10 @@ class RelayLink:
             except RelayRefused as exc:
                 self.state.last_error = str(exc)
                 log.warning("relay refused space %s: %s", self.sync.space_id[:8], exc)
-                if exc.code in ("revoked", "not_a_member"):
+                if exc.code in REFUSED_MEMBERSHIP:
                     delay = BACKOFF_MAX
+                    self.state.refused = str(exc)
+                    self.sync.refused = "this device was removed from the space"
             except (OSError, websockets.WebSocketException, ProtocolError, TimeoutError) as exc:
                 self.state.last_error = f"relay unreachable: {exc}"
                 log.info("relay link for %s down: %s", self.sync.space_id[:8], exc)
@@ -158,11 +190,15 @@ class RelayLink:
                 "malformed", f"expected a challenge, got {type(challenge).__name__}"
             )
         sig = self.sync.identity.sign(F.auth_message(challenge.nonce, self.sync.space_bytes, me))
+        self._push_pending = False  # Auth carries our log; a longer one extends the relay's
         await ws.send(F.encode_frame(F.Auth(signature=sig, membership_log=self.membership_log())))
         welcome = await self._recv(ws)
         if not isinstance(welcome, F.Welcome):
             raise ProtocolError("malformed", f"expected welcome, got {type(welcome).__name__}")
+        self.state.refused = None
+        self.sync.refused = None
         if welcome.log:
+            self._relay_log(welcome.log)
             await self.on_membership(welcome.log)
 
     async def _recv(self, ws: ClientConnection) -> F.Frame:
@@ -192,6 +228,7 @@ class RelayLink:
             elif isinstance(frame, F.CaughtUp):
                 deliveries.put_nowait((-1, b""))
             elif isinstance(frame, F.Membership):
+                self._relay_log(frame.log)
                 await self.on_membership(frame.log)
             elif isinstance(frame, F.JoinForward):
                 reply = await self.on_join_forward(frame.request_id, frame.request)
@@ -254,6 +291,11 @@ class RelayLink:
                 self._resend_delay = 0.0
             self.sync.outbox_changed.clear()
             rows = await self.sync.store.outbox(self.sync.space_id, after_seq=sent_upto, limit=256)
+            if self._push_pending:
+                # Checked after reading the outbox: an envelope sealed with a new epoch can only
+                # be in `rows` if the push was requested before, so the log always goes first.
+                self._push_pending = False
+                await ws.send(F.encode_frame(F.PushMembership(log=self.membership_log())))
             if rows:
                 for seq, envelope in rows:
                     await ws.send(F.encode_frame(F.Publish(envelope=envelope)))
