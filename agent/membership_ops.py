@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from pydantic import BaseModel
 from websockets.asyncio.client import connect
 
 from qmoi_sync.agent.home import UserError
@@ -234,3 +235,133 @@ async def join_via_relay(
     if not mlog.is_member(identity.public.sign_pk):
         raise UserError("the membership log does not include this device")
     return Joined(invite=invite, log=mlog)
+
+
+# -- devices and revocation ------------------------------------------------------------------
+
+
+class DeviceRow(BaseModel):
+    """One member of a space, as `qmoi-sync devices` shows it."""
+
+    name: str | None
+    short_id: str
+    id: str
+    role: str
+    this_device: bool = False
+
+
+class SpaceDevices(BaseModel):
+    space: str
+    space_id: str
+    devices: list[DeviceRow]
+
+
+async def list_devices(
+    store: Store,
+    identity: DeviceIdentity,
+    device_name: str,
+    mlog: MembershipLog,
+    record: SpaceRecord,
+) -> SpaceDevices:
+    """Every current member of the space. Names come from the devices' own (encrypted)
+    announcements and from the join requests this device accepted; readers never publish, so
+    only the admin that let one in knows its name."""
+    rows = [row for _pk, row in await _device_rows(store, identity, device_name, mlog, record)]
+    return SpaceDevices(space=record.name, space_id=record.space_id, devices=rows)
+
+
+async def _device_rows(
+    store: Store,
+    identity: DeviceIdentity,
+    device_name: str,
+    mlog: MembershipLog,
+    record: SpaceRecord,
+) -> list[tuple[bytes, DeviceRow]]:
+    infos = await store.device_infos(record.space_id)
+    me = identity.public.sign_pk
+    rows = []
+    for pk, member in mlog.members().items():
+        name = device_name if pk == me else infos.get(pk, {}).get("name")
+        row = DeviceRow(
+            name=name if isinstance(name, str) else None,
+            short_id=member.public.short_id,
+            id=member.public.device_id,
+            role=member.role.value,
+            this_device=pk == me,
+        )
+        rows.append((pk, row))
+    rows.sort(key=lambda r: (not r[1].this_device, (r[1].name or "").lower(), r[1].id))
+    return rows
+
+
+def _canon_id(text: str) -> str:
+    return text.replace("-", "").replace(" ", "").upper()
+
+
+def resolve_device(mlog: MembershipLog, names: dict[bytes, str | None], ref: str) -> bytes:
+    """A current member's key from a short id, a full id (dashes optional, any case) or a
+    device name. Ambiguity is an error, never a guess."""
+    ref = ref.strip()
+    if not ref:
+        raise UserError("name the device to revoke (its name, short id or id)")
+    members = mlog.members()
+    want = _canon_id(ref)
+    by_id = [
+        pk
+        for pk, m in members.items()
+        if _canon_id(m.public.device_id) == want
+        or (len(want) >= 7 and _canon_id(m.public.device_id).startswith(want))
+    ]
+    by_name = [pk for pk in members if names.get(pk) == ref]
+    found = set(by_id) | set(by_name)
+    if not found:
+        raise UserError(f"no device {ref!r} in this space (see `qmoi-sync devices`)")
+    if len(found) > 1:
+        ids = ", ".join(sorted(members[pk].public.short_id for pk in found))
+        raise UserError(f"{ref!r} matches several devices ({ids}); use the short id")
+    return found.pop()
+
+
+@dataclass(frozen=True)
+class Revoked:
+    log: MembershipLog
+    device: DeviceRow
+    epoch: int
+
+
+async def revoke_device(
+    store: Store,
+    identity: DeviceIdentity,
+    device_name: str,
+    mlog: MembershipLog,
+    record: SpaceRecord,
+    ref: str,
+) -> Revoked:
+    """Admin side: remove a device from the space's log (new key epoch, its secret wrapped to
+    every remaining member) and save the new log. The caller pushes it to the relay."""
+    me = identity.public.sign_pk
+    if mlog.role_of(me) is not Role.admin:
+        raise UserError("only an admin device of this space can revoke devices")
+    rows = dict(await _device_rows(store, identity, device_name, mlog, record))
+    subject = resolve_device(mlog, {pk: row.name for pk, row in rows.items()}, ref)
+    member = mlog.members()[subject]
+    row = rows[subject]
+    if member.role is Role.admin and len(mlog.admins()) <= 1:
+        raise UserError(
+            f"{row.name or row.short_id} is the last admin of space {record.name!r} and cannot "
+            "be removed (invite another admin first)"
+        )
+    new = mlog.copy()
+    try:
+        new.remove_member(identity, subject, time.time())
+    except ProtocolError as exc:
+        raise UserError(f"cannot revoke {row.name or row.short_id}: {exc}") from exc
+    async with store.transaction():
+        await store.save_membership(record.space_id, new.to_bytes())
+    log.info(
+        "removed device %s from space %s (epoch %d)",
+        member.public.short_id,
+        record.space_id[:8],
+        new.current_epoch,
+    )
+    return Revoked(log=new, device=row, epoch=new.current_epoch)
