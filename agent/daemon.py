@@ -13,6 +13,7 @@ import logging
 import platform
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from qmoi_sync.agent import membership_ops
 from qmoi_sync.agent.control import ControlServer
@@ -39,6 +40,8 @@ from qmoi_sync.protocol.version import __version__
 log = logging.getLogger("qmoi_sync.agent")
 
 WATCH_READY_TIMEOUT = 10.0
+# How long `revoke` waits for the relay to confirm it holds the new membership log.
+REVOKE_CONFIRM_S = 10.0
 
 
 class SpaceRuntime:
@@ -52,6 +55,9 @@ class SpaceRuntime:
         self.tasks: list[asyncio.Task[None]] = []
         self.revoked = False
         self.scanned = asyncio.Event()
+        # Serializes changes of the membership log (relay updates, joins we accept, revocations)
+        # so two of them never fork it.
+        self.membership_lock = asyncio.Lock()
 
     async def start(self) -> None:
         await self.sync.load()
@@ -95,39 +101,76 @@ class SpaceRuntime:
         if rel:
             await self.sync.handle_local(rel)
 
+    def _set_keyring(self, keyring: Keyring) -> None:
+        """Switch to a grown membership log: content sealed from now on uses its epoch."""
+        self.keyring = keyring
+        self.sync.set_keyring(keyring)
+        if not keyring.is_member(self.agent.identity.public.sign_pk):
+            self.revoked = True
+            self.sync.warnings["membership"] = (
+                "this device was removed from the space: it can no longer sync it (local "
+                "changes stay on disk, unsynced)"
+            )
+
     async def on_membership(self, data: bytes) -> None:
         try:
             new = MembershipLog.from_bytes(data, expected_space_id=self.keyring.space_id)
         except ProtocolError as exc:
             self.sync.warnings["membership"] = f"ignored an invalid membership log: {exc}"
             return
-        current = self.keyring.log
-        if len(new) <= len(current):
-            return
-        if not new.is_extension_of(current):
-            self.sync.warnings["membership"] = "ignored a membership log that rewrites history"
-            return
-        async with self.agent.store.transaction():
-            await self.agent.store.save_membership(self.record.space_id, new.to_bytes())
-        self.keyring = Keyring.build(new, self.agent.identity)
-        self.sync.keyring = self.keyring
-        if not new.is_member(self.agent.identity.public.sign_pk):
-            self.revoked = True
-            self.sync.warnings["membership"] = "this device was removed from the space"
+        async with self.membership_lock:
+            current = self.keyring.log
+            if len(new) <= len(current):
+                return
+            if not new.is_extension_of(current):
+                self.sync.warnings["membership"] = "ignored a membership log that rewrites history"
+                return
+            async with self.agent.store.transaction():
+                await self.agent.store.save_membership(self.record.space_id, new.to_bytes())
+            self._set_keyring(Keyring.build(new, self.agent.identity))
 
     async def on_join_forward(self, request_id: int, request: bytes) -> F.JoinReply:
-        reply, new_log = await membership_ops.answer_join(
-            self.agent.store,
-            self.agent.identity,
-            self.keyring.log,
-            self.record,
-            request_id,
-            request,
-        )
-        if new_log is not None:
-            self.keyring = Keyring.build(new_log, self.agent.identity)
-            self.sync.keyring = self.keyring
+        async with self.membership_lock:
+            reply, new_log = await membership_ops.answer_join(
+                self.agent.store,
+                self.agent.identity,
+                self.keyring.log,
+                self.record,
+                request_id,
+                request,
+            )
+            if new_log is not None:
+                self._set_keyring(Keyring.build(new_log, self.agent.identity))
         return reply
+
+    async def revoke(self, ref: str) -> dict[str, Any]:
+        """Remove a device (admin only): new key epoch, switched to at once; the new log goes to
+        the relay on the live connection (or with the next Auth), which closes the removed
+        device's connections and tells the other members."""
+        agent = self.agent
+        async with self.membership_lock, self.sync.lock:
+            # Under the owner's lock: nothing is being sealed while the epoch changes, and the
+            # push is queued ahead of every envelope sealed with the new epoch.
+            done = await membership_ops.revoke_device(
+                agent.store, agent.identity, agent.device_name, self.keyring.log, self.record, ref
+            )
+            self._set_keyring(Keyring.build(done.log, agent.identity))
+            if self.link is not None:
+                self.link.push_membership()
+        # A first envelope of the new epoch: once a device has seen it in relay order, it
+        # refuses anything the removed device still seals with its old key.
+        await self.sync.send_device_info(
+            agent.device_name, f"{platform.system()}-{platform.machine()}", __version__
+        )
+        confirmed = False
+        if self.link is not None and not self.revoked:
+            confirmed = await self.link.wait_relay_log(done.log.to_bytes(), REVOKE_CONFIRM_S)
+        return {
+            "space": self.record.name,
+            "device": done.device.model_dump(mode="json"),
+            "epoch": done.epoch,
+            "relay_confirmed": confirmed,
+        }
 
     async def close(self) -> None:
         # Take the owner's lock *before* setting stop: the batch in progress (local or remote)
@@ -146,8 +189,9 @@ class SpaceRuntime:
         pending = await store.outbox_count(self.record.space_id)
         link = self.link
         connected = bool(link and link.state.connected)
+        refused = link.state.refused if link is not None else None
         state: SpaceState
-        if self.revoked:
+        if self.revoked or refused:
             state = "error"
         elif self.record.paused:
             state = "paused"
@@ -158,6 +202,12 @@ class SpaceRuntime:
         else:
             state = "idle"
         warnings = list(self.sync.warnings.values())
+        if refused and not self.revoked:
+            warnings.insert(
+                0,
+                f"the relay refuses this device ({refused}): it was removed from the space or "
+                "never added; local changes are not synced",
+            )
         if link is not None and link.state.quota_exceeded:
             warnings.append(
                 "relay quota exceeded: changes are kept in the outbox until room is made"
