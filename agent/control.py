@@ -49,11 +49,26 @@ class StopRequest(BaseModel):
     cmd: Literal["stop"] = "stop"
 
 
+class DevicesRequest(BaseModel):
+    v: Literal[1] = 1
+    cmd: Literal["devices"] = "devices"
+    space: str | None = None  # None: every space
+
+
+class RevokeRequest(BaseModel):
+    v: Literal[1] = 1
+    cmd: Literal["revoke"] = "revoke"
+    space: str
+    device: str = Field(min_length=1, max_length=256)  # name, short id or id
+
+
 _REQUESTS: dict[str, type[BaseModel]] = {
     "status": StatusRequest,
     "invite": InviteRequest,
     "add_space": AddSpaceRequest,
     "stop": StopRequest,
+    "devices": DevicesRequest,
+    "revoke": RevokeRequest,
 }
 
 
@@ -132,6 +147,17 @@ class ControlServer:
         if isinstance(req, StopRequest):
             agent.stop.set()
             return {"stopping": True}
+        if isinstance(req, DevicesRequest):
+            runtimes = [agent.find_space(req.space)] if req.space else list(agent.spaces.values())
+            listings = [
+                await membership_ops.list_devices(
+                    agent.store, agent.identity, agent.device_name, rt.keyring.log, rt.record
+                )
+                for rt in runtimes
+            ]
+            return {"spaces": [x.model_dump(mode="json") for x in listings]}
+        if isinstance(req, RevokeRequest):
+            return await agent.find_space(req.space).revoke(req.device)
         raise UserError("unhandled request")
 
 
