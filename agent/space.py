@@ -15,6 +15,8 @@ is what makes the agent crash-safe:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import errno
 import logging
 import os
 import time
@@ -22,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pycrdt import Doc
 
@@ -48,6 +51,7 @@ from qmoi_sync.protocol.identity import DeviceIdentity
 from qmoi_sync.protocol.membership import Role
 from qmoi_sync.protocol.paths import conflict_name, validate_relpath
 from qmoi_sync.protocol.payload import (
+    Capabilities,
     DeviceInfo,
     DocUpdate,
     Updates,
@@ -55,6 +59,9 @@ from qmoi_sync.protocol.payload import (
     encode_payload,
 )
 from qmoi_sync.protocol.replay import ReplayWindow
+
+if TYPE_CHECKING:
+    from qmoi_sync.agent.policy import SyncGate
 
 log = logging.getLogger("qmoi_sync.space")
 
@@ -136,6 +143,17 @@ class SpaceSync:
         self.conflicts = 0
         self.seq = 0
         self.cursor = 0
+        # Resource policy (agent/policy.py); None = never defer, never hold writes back.
+        self.gate: SyncGate | None = None
+        # Large files whose ingest waits until bulk work is allowed (path -> size).
+        self.deferred: dict[str, int] = {}
+        # Documents committed but not written to disk yet (the disk was full), and for the ones
+        # with a stale file on disk the document state that file was written from, so a local
+        # edit of the stale file merges with the remote changes instead of reverting them.
+        self.unwritten: set[bytes] = set()
+        self._bases: dict[bytes, bytes] = {}
+        self._bases_changed: set[bytes] = set()
+        self._disk_note: str | None = None
         # Highest epoch of any envelope opened in relay order: see keyring.sender_role.
         self.epoch_fence = 0
         # Set by the relay link when the relay says this device is not (or no longer) a member.
@@ -182,6 +200,8 @@ class SpaceSync:
         self.stats.quarantined = await self.store.quarantine_count(self.space_id)
         last = await self.store.get_counter(self.space_id, "last_sync_ms", 0)
         self.stats.last_sync = last / 1000 if last else None
+        self.unwritten = set(await self.store.get_pending(self.space_id))
+        self._bases = await self.store.materialize_bases(self.space_id)
         self.root.mkdir(parents=True, exist_ok=True)
 
     async def _doc(self, fid: bytes) -> Doc:
@@ -211,17 +231,19 @@ class SpaceSync:
     async def handle_local(self, paths: Iterable[str]) -> None:
         """Ingest the current disk state of these relative paths (files or folders)."""
         async with self.lock:
+            self._begin_batch()
             batch = _Batch()
-            await self._ingest_local(set(paths), batch)
+            await self._ingest_local(set(paths), batch, gate=True)
             await self._finish(batch, dirty=set(), delivered=[])
 
     async def rescan(self) -> None:
         """Pick up everything that changed while the agent was not watching."""
         async with self.lock:
+            self._begin_batch()
             batch = _Batch()
             pending = await self._pending_materialize()
             on_disk = await asyncio.to_thread(self._walk_files, "")
-            await self._ingest_local(set(on_disk) | set(self.files), batch, walked=True)
+            await self._ingest_local(set(on_disk) | set(self.files), batch, walked=True, gate=True)
             await self._finish(batch, dirty=pending, delivered=[])
 
     def _walk_files(self, under: str) -> list[str]:
@@ -236,11 +258,18 @@ class SpaceSync:
         return out
 
     async def _ingest_local(
-        self, paths: set[str], batch: _Batch, walked: bool = False, set_aside: bool = False
+        self,
+        paths: set[str],
+        batch: _Batch,
+        walked: bool = False,
+        set_aside: bool = False,
+        gate: bool = False,
     ) -> None:
         """Take local changes of these paths into the CRDT. On a device that may not send
         (reader, removed) they are only detected and reported; with ``set_aside`` (a remote
-        change is about to land on them) changed files are first moved to a conflict name."""
+        change is about to land on them) changed files are first moved to a conflict name.
+        With ``gate`` (the watcher/scan entry points) the resource policy may defer large files;
+        a local edit absorbed before a remote change lands is never deferred."""
         changed: list[_LocalChange] = []
         gone: list[str] = []
         expanded: set[str] = set()
@@ -274,6 +303,8 @@ class SpaceSync:
                 rec.mtime_ns,
                 rec.inode,
             ):
+                continue
+            if gate and self._defer_bulk(path, st.size):
                 continue
             try:
                 got = await asyncio.to_thread(read_file, self.root, path, TEXT_MAX_BYTES)
@@ -339,7 +370,16 @@ class SpaceSync:
 
     async def _ingest_edit(self, fid: bytes, ch: _LocalChange, text: str, batch: _Batch) -> None:
         doc = await self._doc(fid)
-        update = ingest_disk_text(doc, text)
+        base = self._bases.get(fid)
+        update = ingest_disk_text(doc, text, base_state=base)
+        if update and base is not None:
+            # The file on disk is stale (disk full): the edit was diffed against what it was
+            # written from. The document now differs from the disk; rewrite it when possible.
+            base_doc = load_text_doc(base)
+            base_doc.apply_update(update)
+            self._bases[fid] = base_doc.get_update()
+            self._bases_changed.add(fid)
+            self.unwritten.add(fid)
         if update:
             batch.add(fid, update)
             batch.add(INDEX_DOC_ID, self.index.record_edit(fid.hex(), self.device))
@@ -428,6 +468,7 @@ class SpaceSync:
             before = self.keyring
             done: list[tuple[int, bytes]] = []
             async with self.lock:
+                self._begin_batch()
                 batch = _Batch()
                 dirty: set[bytes] = set()
                 for relay_seq, envelope in pending:
@@ -516,6 +557,8 @@ class SpaceSync:
             await self._absorb_unsaved(
                 [i.doc_id for i in payload.items if i.doc_id != INDEX_DOC_ID], batch
             )
+            if self._disk_note is not None:
+                await self._keep_bases([i.doc_id for i in payload.items])
             for item in payload.items:
                 try:
                     if item.doc_id == INDEX_DOC_ID:
@@ -533,15 +576,14 @@ class SpaceSync:
                 self.space_id, [(i.doc_id, i.update) for i in payload.items]
             )
         elif isinstance(payload, DeviceInfo):
-            await self.store.put_device_info(
-                self.space_id,
-                sender,
-                {
-                    "name": payload.name,
-                    "platform": payload.platform,
-                    "agent_version": payload.agent_version,
-                },
-            )
+            info: dict[str, object] = {
+                "name": payload.name,
+                "platform": payload.platform,
+                "agent_version": payload.agent_version,
+            }
+            if payload.capabilities is not None:
+                info["capabilities"] = dataclasses.asdict(payload.capabilities)
+            await self.store.put_device_info(self.space_id, sender, info)
         window.mark(seq)
         self.stats.applied_envelopes += 1
         return True
@@ -582,7 +624,10 @@ class SpaceSync:
     async def _finish(
         self, batch: _Batch, dirty: set[bytes], delivered: list[tuple[int, bytes]]
     ) -> None:
+        # Documents an earlier batch could not write (disk full) are retried with every batch.
+        dirty = dirty | self.unwritten
         await self._commit(batch.items, delivered, pending=dirty)
+        committed = dirty
         for _attempt in range(4):
             extra = _Batch()
             blocked = await self._reconcile_once(dirty, extra)
@@ -591,10 +636,16 @@ class SpaceSync:
                 # creations (the layout then gives one a conflict name) and settle again. A device
                 # that may not send moves them aside instead.
                 await self._ingest_local(set(blocked), extra, set_aside=True)
-            await self._commit(extra.items, [], pending=set() if dirty else None)
+            for fid in [f for f in self._bases if f not in self.unwritten]:
+                del self._bases[fid]
+                self._bases_changed.add(fid)
+            changed = self.unwritten != committed
+            committed = set(self.unwritten)
+            await self._commit(extra.items, [], pending=committed if changed else None)
             dirty = set()
             if not extra.items and not blocked:
                 break
+        self._show_disk_note()
 
     async def _pending_materialize(self) -> set[bytes]:
         return set(await self.store.get_pending(self.space_id))
@@ -696,10 +747,17 @@ class SpaceSync:
                     doc = await self._doc(fid)
                     if got is not None and got[0] == text_of(doc).encode():
                         await self._record(path, fid, got[0], got[1])
+                        self.unwritten.discard(fid)
                         continue
                     blocked.append(path)
                     continue
+            if self._disk_note is not None:
+                # Disk (almost) full: the document stays committed and pending; it is written
+                # once the policy sees free space again (PolicyMonitor -> materialize_pending).
+                self.unwritten.add(fid)
+                continue
             await self._materialize_text(fid, path, entries[fid.hex()])
+        self.unwritten.intersection_update(desired)
         return blocked
 
     async def _materialize_text(self, fid: bytes, path: str, entry: FileEntry) -> None:
@@ -714,9 +772,12 @@ class SpaceSync:
         try:
             st = await asyncio.to_thread(write_file_atomic, self.root, path, data, mode)
         except (OSError, UnsafePathError) as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.unwritten.add(fid)  # retried with the next batch or when space is freed
             self.warnings[f"write:{path}"] = f"cannot write {path}: {exc}"
             return
         self.warnings.pop(f"write:{path}", None)
+        self.unwritten.discard(fid)
         await self._record(path, fid, data, st)
 
     async def _commit(
@@ -727,7 +788,7 @@ class SpaceSync:
     ) -> None:
         """One transaction: document updates, their sealed envelopes, the relay cursor, replay
         windows and the set of documents still to be written to disk."""
-        if not items and not delivered and pending is None:
+        if not items and not delivered and pending is None and not self._bases_changed:
             return
         now = self.clock()
         due: list[bytes] = []
@@ -762,6 +823,12 @@ class SpaceSync:
                     await self.store.save_replay(self.space_id, sender, window.to_bytes())
             if pending is not None:
                 await self.store.set_pending(self.space_id, sorted(pending))
+            for fid in self._bases_changed:
+                if fid in self._bases:
+                    await self.store.put_materialize_base(self.space_id, fid, self._bases[fid])
+                else:
+                    await self.store.delete_materialize_base(self.space_id, fid)
+            self._bases_changed.clear()
             if items or delivered:
                 self.stats.last_sync = now
                 await self.store.set_counter(self.space_id, "last_sync_ms", int(now * 1000))
@@ -779,13 +846,81 @@ class SpaceSync:
         async with self.store.transaction():
             await self.store.compact_doc(self.space_id, doc_id, state)
 
-    async def send_device_info(self, name: str, platform: str, version: str) -> None:
+    # -- resource policy (agent/policy.py) ------------------------------------------------------
+    def _begin_batch(self) -> None:
+        """Ask the policy once per batch whether the disk has room, so a batch decides
+        consistently (bases kept at apply time == documents held back at write time)."""
+        self._disk_note = self.gate.disk_blocked(self.root) if self.gate is not None else None
+
+    def _defer_bulk(self, path: str, size: int) -> bool:
+        reason = None
+        if self.gate is not None and size <= TEXT_MAX_BYTES:
+            reason = self.gate.defer_bulk(size)
+        if reason is None:
+            self.deferred.pop(path, None)
+        else:
+            self.deferred[path] = size
+        if self.deferred:
+            total = sum(self.deferred.values()) / (1024 * 1024)
+            self.warnings["deferred"] = (
+                f"{len(self.deferred)} large file(s) ({total:.1f} MiB) wait until bulk work is "
+                f"allowed: {reason or 'deferred'}"
+            )
+        else:
+            self.warnings.pop("deferred", None)
+        return reason is not None
+
+    async def _keep_bases(self, fids: list[bytes]) -> None:
+        tracked = {rec.fid for rec in self.files.values()}
+        for fid in fids:
+            if fid in tracked and fid not in self._bases and fid not in self.unwritten:
+                self._bases[fid] = (await self._doc(fid)).get_update()
+                self._bases_changed.add(fid)
+
+    def _show_disk_note(self) -> None:
+        if self._disk_note is not None:
+            self.note_disk_low(self._disk_note)
+        elif not self.unwritten:
+            self.warnings.pop("disk", None)
+
+    def note_disk_low(self, message: str) -> None:
+        waiting = f" ({len(self.unwritten)} file(s) waiting)" if self.unwritten else ""
+        self.warnings["disk"] = message + waiting
+
+    async def materialize_pending(self) -> None:
+        """Write the documents held back while the disk was full, if it has room now."""
+        if not self.unwritten:
+            self.warnings.pop("disk", None)
+            return
+        async with self.lock:
+            self._begin_batch()
+            if self._disk_note is not None:
+                self._show_disk_note()
+                return
+            batch = _Batch()
+            # A stale file the user edited meanwhile is merged in first (against its base).
+            await self._absorb_unsaved(sorted(self.unwritten), batch)
+            await self._finish(batch, dirty=set(), delivered=[])
+
+    async def resume_deferred(self) -> None:
+        """Ingest the large files that waited for bulk work to be allowed."""
+        paths = set(self.deferred)
+        self.deferred.clear()
+        self.warnings.pop("deferred", None)
+        if paths:
+            await self.handle_local(paths)
+
+    async def send_device_info(
+        self, name: str, platform: str, version: str, capabilities: Capabilities | None = None
+    ) -> None:
         if self.send_block is not None:
             return  # readers cannot publish at all (the relay refuses it)
         async with self.lock, self.store.transaction():
             self.seq += 1
             payload = encode_payload(
-                DeviceInfo(name=name, platform=platform, agent_version=version)
+                DeviceInfo(
+                    name=name, platform=platform, agent_version=version, capabilities=capabilities
+                )
             )
             envelope = seal(
                 identity=self.identity,
