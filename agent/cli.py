@@ -60,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--role", choices=["admin", "member", "reader"], default="member")
     s.add_argument("--expires", type=parse_duration, default=3600, help="e.g. 30m, 1h (default)")
 
+    s = sub.add_parser("devices", help="list the devices of every space (or of one)")
+    s.add_argument("space", nargs="?", help="space name or id (default: every space)")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser(
+        "revoke", help="remove a device from a space (admin only; starts a new key epoch)"
+    )
+    s.add_argument("space", help="space name or id")
+    s.add_argument("device", help="device name, short id or id (see `qmoi-sync devices`)")
+
     s = sub.add_parser("join", help="join a space with an invite token")
     s.add_argument("token")
     s.add_argument("--folder", required=True)
@@ -166,6 +176,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _invite(home, args)
     if args.cmd == "join":
         return _join(home, args)
+    if args.cmd == "devices":
+        return _devices(home, args)
+    if args.cmd == "revoke":
+        return _revoke(home, args)
     raise UserError(f"unknown command {args.cmd}")
 
 
@@ -329,7 +343,111 @@ def _join(home: Home, args: argparse.Namespace) -> int:
         return record
 
     record = _with_offline_store(home, go)
-    print(f"joined space {record.name} ({record.space_id}) into {record.folder}")
+    role = joined.log.role_of(identity.public.sign_pk)
+    print(
+        f"joined space {record.name} ({record.space_id}) into {record.folder} as "
+        f"{role.value if role else '?'}"
+    )
+    if role is not joined.invite.role:
+        print(
+            f"note: the invite said {joined.invite.role.value}, the admin granted "
+            f"{role.value if role else 'nothing'}",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def _space_matches(rec: Any, ref: str | None) -> bool:
+    return ref is None or ref in (rec.name, rec.space_id)
+
+
+def _devices(home: Home, args: argparse.Namespace) -> int:
+    """Every device of every space (or of one): via the agent, else from disk."""
+    import json
+
+    from qmoi_sync.agent.control import AgentNotRunning
+    from qmoi_sync.agent.membership_ops import SpaceDevices, list_devices
+    from qmoi_sync.protocol.membership import MembershipLog
+
+    try:
+        result = _control(home, {"cmd": "devices", "space": args.space})
+        listings = [SpaceDevices.model_validate(x) for x in result["spaces"]]
+        running = True
+    except AgentNotRunning:
+        identity = home.load_identity()
+        device_name = home.load_config().name
+
+        async def go(store: Any) -> list[SpaceDevices]:
+            out = []
+            for rec in await store.spaces():
+                if _space_matches(rec, args.space):
+                    mlog = MembershipLog.from_bytes(await store.load_membership(rec.space_id))
+                    out.append(await list_devices(store, identity, device_name, mlog, rec))
+            return out
+
+        listings = _with_offline_store(home, go) if home.db_path.exists() else []
+        running = False
+        if args.space and not listings:
+            raise UserError(f"no space named {args.space!r} on this device") from None
+    if args.json:
+        doc = {"agent_running": running, "spaces": [x.model_dump(mode="json") for x in listings]}
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    for i, listing in enumerate(listings):
+        if i:
+            print()
+        print(f"space {listing.space}  {listing.space_id}")
+        width = max((len(d.name or "?") for d in listing.devices), default=1)
+        for d in listing.devices:
+            mark = "*" if d.this_device else " "
+            me = "  (this device)" if d.this_device else ""
+            print(f"  {mark} {(d.name or '?'):<{width}}  {d.short_id}  {d.role:<6}  {d.id}{me}")
+    if not running:
+        print("(agent not running: read from disk)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _revoke(home: Home, args: argparse.Namespace) -> int:
+    """Remove a device: via the running agent (which pushes the new log to the relay at once),
+    else on disk (pushed when the agent next connects)."""
+    from qmoi_sync.agent.control import AgentNotRunning
+    from qmoi_sync.agent.membership_ops import revoke_device
+    from qmoi_sync.protocol.membership import MembershipLog
+
+    payload = {"cmd": "revoke", "space": args.space, "device": args.device}
+    try:
+        result = _control(home, payload)
+        running = True
+    except AgentNotRunning:
+        identity = home.load_identity()
+        device_name = home.load_config().name
+
+        async def go(store: Any) -> dict[str, Any]:
+            for rec in await store.spaces():
+                if _space_matches(rec, args.space):
+                    mlog = MembershipLog.from_bytes(await store.load_membership(rec.space_id))
+                    done = await revoke_device(store, identity, device_name, mlog, rec, args.device)
+                    return {
+                        "space": rec.name,
+                        "device": done.device.model_dump(mode="json"),
+                        "epoch": done.epoch,
+                        "relay_confirmed": False,
+                    }
+            raise UserError(f"no space named {args.space!r} on this device")
+
+        result = _with_offline_store(home, go)
+        running = False
+    dev = result["device"]
+    print(
+        f"revoked {dev['name'] or '?'} ({dev['short_id']}) from space {result['space']}: "
+        f"new key epoch {result['epoch']}"
+    )
+    if result["relay_confirmed"]:
+        print("the relay holds the new membership and has disconnected that device")
+    elif running:
+        print("the relay has not confirmed yet; the agent pushes the new membership when connected")
+    else:
+        print("the agent is not running: the relay learns of it when the agent next connects")
     return EXIT_OK
 
 
