@@ -94,10 +94,12 @@ def _with_suffix(path: str, n: int) -> str:
 
 
 def _ancestors(path: str) -> Iterable[str]:
+    # Stops when dirname() stops shrinking: for a remote absolute path ("/etc/x") it reaches a
+    # fixed point ("/", "//") and looping on it would hang the agent.
     parent = posixpath.dirname(path)
-    while parent:
+    while parent and parent != path:
         yield parent
-        parent = posixpath.dirname(parent)
+        path, parent = parent, posixpath.dirname(parent)
 
 
 @dataclass(frozen=True, slots=True)
