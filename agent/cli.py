@@ -78,12 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--insecure", action="store_true")
 
     s = sub.add_parser("run", help="run the agent in the foreground")
-    s.add_argument("--headless", action="store_true", help="JSON log lines on stdout")
+    s.add_argument(
+        "--headless",
+        action="store_true",
+        help="no desktop: JSON log lines on stdout, and the device is announced as headless",
+    )
 
     s = sub.add_parser("status", help="show this device, its spaces and peers")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("stop", help="ask the running agent to stop")
+
+    for verb, what in (("pause", "stop sending and applying"), ("resume", "sync again")):
+        s = sub.add_parser(verb, help=f"{what}: one space, or every space when none is given")
+        s.add_argument("space", nargs="?", help="space name or id (default: every space)")
 
     rp = sub.add_parser("relay", help="relay server").add_subparsers(
         dest="relay_cmd", required=True
@@ -153,7 +161,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"device {identity.public.device_id} ({args.name}) initialized in {home.root}")
         return EXIT_OK
     if args.cmd == "run":
-        return _run_agent(home)
+        return _run_agent(home, headless=args.headless)
     if args.cmd == "service":
         from qmoi_sync.agent import service
 
@@ -180,6 +188,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _devices(home, args)
     if args.cmd == "revoke":
         return _revoke(home, args)
+    if args.cmd in ("pause", "resume"):
+        return _pause(home, args.space, paused=args.cmd == "pause")
     raise UserError(f"unknown command {args.cmd}")
 
 
@@ -226,10 +236,10 @@ def _control_or_fail(home: Home, payload: dict[str, Any], show: Callable[[Any], 
 
 
 # -- commands --------------------------------------------------------------------------------
-def _run_agent(home: Home) -> int:
+def _run_agent(home: Home, headless: bool = False) -> int:
     from qmoi_sync.agent.daemon import Agent
 
-    agent = Agent(home)
+    agent = Agent(home, headless=headless)
 
     async def go() -> None:
         loop = asyncio.get_running_loop()
@@ -239,6 +249,33 @@ def _run_agent(home: Home) -> int:
         await agent.run()
 
     asyncio.run(go())
+    return EXIT_OK
+
+
+def _pause(home: Home, space: str | None, paused: bool) -> int:
+    """Through the running agent, else straight in the database (applies at the next start)."""
+    from qmoi_sync.agent.control import AgentNotRunning
+
+    verb = "paused" if paused else "resumed"
+    try:
+        changed = _control(home, {"cmd": "pause" if paused else "resume", "space": space})[verb]
+    except AgentNotRunning:
+
+        async def go(store: Any) -> list[str]:
+            records = [r for r in await store.spaces() if space in (None, r.name, r.space_id)]
+            if space is not None and not records:
+                raise UserError(f"no space named {space!r} on this device")
+            todo = [r for r in records if r.paused != paused]
+            async with store.transaction():
+                for r in todo:
+                    await store.set_space_paused(r.space_id, paused)
+            return [r.name for r in todo]
+
+        changed = _with_offline_store(home, go)
+    if changed:
+        print(f"{verb}: {', '.join(changed)}")
+    else:
+        print(f"nothing to do: {'that space is' if space else 'every space is'} already {verb}")
     return EXIT_OK
 
 

@@ -62,6 +62,14 @@ class RevokeRequest(BaseModel):
     device: str = Field(min_length=1, max_length=256)  # name, short id or id
 
 
+class PauseRequest(BaseModel):
+    """Pause (`cmd` "pause") or resume (`cmd` "resume") one space, or all when space is None."""
+
+    v: Literal[1] = 1
+    cmd: Literal["pause", "resume"]
+    space: str | None = None
+
+
 _REQUESTS: dict[str, type[BaseModel]] = {
     "status": StatusRequest,
     "invite": InviteRequest,
@@ -69,6 +77,8 @@ _REQUESTS: dict[str, type[BaseModel]] = {
     "stop": StopRequest,
     "devices": DevicesRequest,
     "revoke": RevokeRequest,
+    "pause": PauseRequest,
+    "resume": PauseRequest,
 }
 
 
@@ -158,6 +168,10 @@ class ControlServer:
             return {"spaces": [x.model_dump(mode="json") for x in listings]}
         if isinstance(req, RevokeRequest):
             return await agent.find_space(req.space).revoke(req.device)
+        if isinstance(req, PauseRequest):
+            paused = req.cmd == "pause"
+            changed = await agent.set_paused(req.space, paused)
+            return {"paused" if paused else "resumed": changed}
         raise UserError("unhandled request")
 
 

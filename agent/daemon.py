@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import platform
 import time
 from datetime import UTC, datetime
@@ -19,9 +21,12 @@ from qmoi_sync.agent import membership_ops
 from qmoi_sync.agent.control import ControlServer
 from qmoi_sync.agent.home import AgentLock, Home, UserError
 from qmoi_sync.agent.keyring import Keyring
+from qmoi_sync.agent.policy import POLICY_FILE, Policy, PolicyConfig, PolicyMonitor, wait_for_scan
 from qmoi_sync.agent.relay_link import RelayLink
+from qmoi_sync.agent.resources import ProcessUsage, make_probe
 from qmoi_sync.agent.space import SpaceSync
 from qmoi_sync.agent.status import (
+    CapabilitiesStatus,
     DeviceStatus,
     MemberStatus,
     RelayStatus,
@@ -50,8 +55,14 @@ class SpaceRuntime:
         self.record = record
         self.keyring = keyring
         self.sync = SpaceSync(agent.store, agent.identity, record, keyring)
+        self.sync.gate = agent.policy
+        self.sync.capabilities_source = agent.policy.capabilities
         self.stop = asyncio.Event()
         self.link: RelayLink | None = None
+        # A paused space keeps watching and ingesting locally but its relay link is stopped:
+        # nothing is sent (the outbox grows) and nothing is applied (deliveries wait at the relay).
+        self.link_stop = asyncio.Event()
+        self.link_task: asyncio.Task[None] | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.revoked = False
         self.scanned = asyncio.Event()
@@ -75,7 +86,8 @@ class SpaceRuntime:
                 on_membership=self.on_membership,
                 on_join_forward=self.on_join_forward,
             )
-            self.tasks.append(asyncio.create_task(self.link.run(self.stop)))
+            if not self.record.paused:
+                self._start_link()
         await asyncio.wait_for(watch_ready.wait(), WATCH_READY_TIMEOUT)
         self.tasks.append(asyncio.create_task(self._initial_scan()))
         await self.sync.send_device_info(
@@ -87,6 +99,7 @@ class SpaceRuntime:
         # own folder, so files already present on both sides are recognized, not duplicated.
         if not self.record.seeded and self.link is not None:
             await self.link.caught_up.wait()
+        await wait_for_scan(self.agent.policy, self.sync)
         await self.sync.rescan()
         if not self.record.seeded:
             async with self.agent.store.transaction():
@@ -172,12 +185,43 @@ class SpaceRuntime:
             "relay_confirmed": confirmed,
         }
 
+    # -- pause / resume --------------------------------------------------------------------------
+    def _start_link(self) -> None:
+        assert self.link is not None
+        self.link_stop = asyncio.Event()
+        self.link_task = asyncio.create_task(self.link.run(self.link_stop))
+        self.tasks.append(self.link_task)
+
+    async def set_paused(self, paused: bool) -> bool:
+        """Pause or resume this space (persisted). Returns False if it already was."""
+        if paused == self.record.paused:
+            return False
+        async with self.agent.store.transaction():
+            await self.agent.store.set_space_paused(self.record.space_id, paused)
+        self.record = dataclasses.replace(self.record, paused=paused)
+        if self.link is None:
+            return True
+        if paused:
+            # Under the owner's lock no batch is half-applied when the link stops.
+            async with self.sync.lock:
+                self.link_stop.set()
+            task, self.link_task = self.link_task, None
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                self.tasks.remove(task)
+        elif self.link_task is None:
+            self._start_link()  # catches up: drains the outbox, follows the log from the cursor
+        log.info("space %s %s", self.record.name, "paused" if paused else "resumed")
+        return True
+
     async def close(self) -> None:
         # Take the owner's lock *before* setting stop: the batch in progress (local or remote)
         # finishes and commits; setting stop first would let the relay link cancel its applier
         # mid-batch. No new batch starts while we hold the lock, so cancelling is clean.
         async with self.sync.lock:
             self.stop.set()
+            self.link_stop.set()
             for t in self.tasks:
                 t.cancel()
         for t in self.tasks:
@@ -217,18 +261,28 @@ class SpaceRuntime:
                 f"{self.sync.stats.quarantined} envelope(s) quarantined (malformed or unverifiable)"
             )
         infos = await store.device_infos(self.record.space_id)
+        seen = await store.device_seen(self.record.space_id)
         me = self.agent.identity.public.sign_pk
+        mine = self.agent.policy.capabilities(self.record.folder)
         devices = []
         for pk, member in sorted(self.keyring.log.members().items()):
             info = infos.get(pk, {})
+            caps = dataclasses.asdict(mine) if pk == me else info.get("capabilities")
+            last_seen = None
+            if pk != me:
+                # When it last published its info (by its clock, which is capped at ours).
+                at = (caps or {}).get("measured_at") or seen.get(pk)
+                last_seen = _iso(min(at, time.time())) if at else None
             devices.append(
                 MemberStatus(
                     id=device_id(pk),
                     short_id=member.public.short_id,
                     name=self.agent.device_name if pk == me else info.get("name"),
                     role=member.role.value,
-                    platform=info.get("platform"),
+                    platform=self.agent.policy.probe.platform if pk == me else info.get("platform"),
                     this_device=pk == me,
+                    last_seen=last_seen,
+                    capabilities=CapabilitiesStatus.model_validate(caps) if caps else None,
                 )
             )
         last = self.sync.stats.last_sync
@@ -259,7 +313,7 @@ def _iso(ts: float | None) -> str | None:
 
 
 class Agent:
-    def __init__(self, home: Home) -> None:
+    def __init__(self, home: Home, headless: bool = False) -> None:
         self.home = home
         self.identity: DeviceIdentity = home.load_identity()
         self.device_name = home.load_config().name
@@ -269,6 +323,13 @@ class Agent:
         self.control: ControlServer | None = None
         self.stop = asyncio.Event()
         self.started_at = time.time()
+        self.policy = Policy(make_probe(headless), PolicyConfig.load(home.root / POLICY_FILE))
+        self.monitor = PolicyMonitor(
+            self.policy,
+            ProcessUsage(os.getpid(), started_at=self.started_at),
+            spaces=lambda: [rt.sync for rt in self.spaces.values()],
+            publish=self.publish_device_info,
+        )
         self.running = asyncio.Event()  # set once every space started and control listens
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
@@ -290,6 +351,9 @@ class Agent:
                     len(self.spaces),
                 )
                 self.running.set()
+                monitor = asyncio.create_task(self.monitor.run(self.stop))
+                self._background.add(monitor)
+                monitor.add_done_callback(self._background.discard)
                 await self.stop.wait()
             finally:
                 await self.shutdown()
@@ -381,7 +445,20 @@ class Agent:
             device=DeviceStatus(id=pub.device_id, short_id=pub.short_id, name=self.device_name),
             agent_running=True,
             spaces=spaces,
+            agent=self.monitor.agent_status(),
         )
+
+    async def publish_device_info(self) -> None:
+        """Announce this device (name, platform, current capabilities) to every space."""
+        for rt in list(self.spaces.values()):
+            await rt.sync.send_device_info(
+                self.device_name, self.policy.probe.platform, __version__
+            )
+
+    async def set_paused(self, space: str | None, paused: bool) -> list[str]:
+        """Pause/resume one space, or every space when `space` is None; returns changed names."""
+        runtimes = [self.find_space(space)] if space else list(self.spaces.values())
+        return [rt.record.name for rt in runtimes if await rt.set_paused(paused)]
 
     def find_space(self, name_or_id: str) -> SpaceRuntime:
         for rt in self.spaces.values():

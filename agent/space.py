@@ -145,6 +145,8 @@ class SpaceSync:
         self.cursor = 0
         # Resource policy (agent/policy.py); None = never defer, never hold writes back.
         self.gate: SyncGate | None = None
+        # This device's capabilities for this space's folder, published with every DeviceInfo.
+        self.capabilities_source: Callable[[Path], Capabilities] | None = None
         # Large files whose ingest waits until bulk work is allowed (path -> size).
         self.deferred: dict[str, int] = {}
         # Documents committed but not written to disk yet (the disk was full), and for the ones
@@ -915,6 +917,8 @@ class SpaceSync:
     ) -> None:
         if self.send_block is not None:
             return  # readers cannot publish at all (the relay refuses it)
+        if capabilities is None and self.capabilities_source is not None:
+            capabilities = self.capabilities_source(self.root)
         async with self.lock, self.store.transaction():
             self.seq += 1
             payload = encode_payload(
