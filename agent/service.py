@@ -72,6 +72,15 @@ WantedBy=default.target
 
 PACKAGED_EXEC_START = "%h/.local/bin/qmoi-sync run --headless"
 
+# packaging/com.qmoi-sync.agent.plist: launchd expands neither ~ nor $HOME, so the shipped file
+# goes through /bin/sh; `service install` writes absolute paths instead.
+PACKAGED_LAUNCHD_ARGS = [
+    "/bin/sh",
+    "-c",
+    'mkdir -p "$HOME/Library/Logs/qmoi-sync" && exec "$HOME/.local/bin/qmoi-sync" run --headless'
+    ' >>"$HOME/Library/Logs/qmoi-sync/agent.log" 2>&1',
+]
+
 
 # -- rendering -------------------------------------------------------------------------------
 def systemd_quote(arg: str) -> str:

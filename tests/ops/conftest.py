@@ -1,0 +1,11 @@
+"""The suite runs with --import-mode=importlib (test dirs are not on sys.path): make this
+directory's helper module importable by its unique name ``ops_helpers``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
