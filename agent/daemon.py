@@ -142,7 +142,7 @@ class SpaceRuntime:
                 await self.agent.store.save_membership(self.record.space_id, new.to_bytes())
             self._set_keyring(Keyring.build(new, self.agent.identity))
 
-    async def on_join_forward(self, request_id: int, request: bytes) -> F.JoinReply:
+    async def on_join_forward(self, request_id: int, request: bytes) -> F.JoinReply | None:
         async with self.membership_lock:
             reply, new_log = await membership_ops.answer_join(
                 self.agent.store,

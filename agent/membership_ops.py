@@ -136,8 +136,13 @@ async def answer_join(
     record: SpaceRecord,
     request_id: int,
     request: bytes,
-) -> tuple[F.JoinReply, MembershipLog | None]:
-    """Admin side: check the joiner's proof against an invite we issued; add it on success."""
+) -> tuple[F.JoinReply | None, MembershipLog | None]:
+    """Admin side: check the joiner's proof against an invite we issued; add it on success.
+
+    Every admin online gets the request. An invite this device did not issue is refused only
+    if it is the sole admin; otherwise it does not answer (``(None, None)``) and leaves the
+    request to the admin that issued it (the relay answers the joiner at the first reply).
+    """
 
     def refuse(reason: str) -> tuple[F.JoinReply, None]:
         log.warning("refused a join request for space %s: %s", record.space_id[:8], reason)
@@ -151,6 +156,12 @@ async def answer_join(
         return refuse("this device is not an admin")
     inv = await store.get_invite(record.space_id, body.invite_id)
     if inv is None:
+        if len(mlog.admins()) > 1:
+            log.info(
+                "join request for space %s names an invite another admin issued; not answering",
+                record.space_id[:8],
+            )
+            return None, None
         return refuse("invite_invalid: unknown invite")
     if inv.used_at is not None:
         return refuse("invite_used: this invite was already used")

@@ -54,7 +54,7 @@ class LinkState:
 
 
 MembershipHandler = Callable[[bytes], Awaitable[None]]
-JoinHandler = Callable[[int, bytes], Awaitable[F.JoinReply]]
+JoinHandler = Callable[[int, bytes], Awaitable[F.JoinReply | None]]
 
 
 class RelayLink:
@@ -232,7 +232,8 @@ class RelayLink:
                 await self.on_membership(frame.log)
             elif isinstance(frame, F.JoinForward):
                 reply = await self.on_join_forward(frame.request_id, frame.request)
-                await ws.send(F.encode_frame(reply))
+                if reply is not None:  # None: another admin issued that invite
+                    await ws.send(F.encode_frame(reply))
             elif isinstance(frame, F.Error):
                 if frame.code == "quota_exceeded":
                     self.state.quota_exceeded = True
