@@ -4,7 +4,34 @@ from __future__ import annotations
 
 import sys
 
-from qmoi_sync.agent.status import StatusReport
+from qmoi_sync.agent.status import AgentStatus, MemberStatus, StatusReport
+
+
+def _agent_line(a: AgentStatus) -> str:
+    p = a.policy
+    power = "AC" if p.on_ac else ("battery" if p.on_ac is False else "power ?")
+    if p.battery_percent is not None:
+        power += f" {p.battery_percent:.0f}%"
+    load = "?" if p.load is None else f"{p.load:.2f}"
+    return (
+        f"agent   pid {a.pid}  cpu {a.cpu_percent:.1f}%  rss {a.rss_bytes / 2**20:.0f} MiB  "
+        f"up {a.uptime_s:.0f}s  policy {p.state}  ({power}, load {load})"
+    )
+
+
+def _device_extra(dev: MemberStatus) -> str:
+    parts = []
+    c = dev.capabilities
+    if c is not None:
+        if c.on_ac is False and c.battery_percent is not None:
+            parts.append(f"battery {c.battery_percent:.0f}%")
+        if c.disk_free is not None:
+            parts.append(f"{c.disk_free / 2**30:.1f} GiB free")
+        if c.headless:
+            parts.append("headless")
+    if dev.last_seen:
+        parts.append(f"seen {dev.last_seen[:19]}")
+    return ", ".join(parts)
 
 
 def render_status(report: StatusReport) -> None:
@@ -19,6 +46,10 @@ def _render_plain(report: StatusReport) -> None:
     print(f"device  {d.name}  {d.id}")
     if not report.agent_running:
         print("agent   not running (showing what is on disk)")
+    if report.agent is not None:
+        print(_agent_line(report.agent))
+        for reason in report.agent.policy.reasons:
+            print(f"  policy: {reason}")
     for s in report.spaces:
         relay = s.relay.url or "LAN only"
         conn = "connected" if s.relay.connected else "not connected"
@@ -28,7 +59,11 @@ def _render_plain(report: StatusReport) -> None:
         )
         for dev in s.devices:
             me = "  (this device)" if dev.this_device else ""
-            print(f"  {dev.short_id}  {dev.name or '?'}  {dev.role}  {dev.platform or ''}{me}")
+            extra = _device_extra(dev)
+            extra = f"  {extra}" if extra else ""
+            print(
+                f"  {dev.short_id}  {dev.name or '?'}  {dev.role}  {dev.platform or ''}{me}{extra}"
+            )
         for w in s.warnings:
             print(f"  warning: {w}")
 
@@ -42,7 +77,18 @@ def _render_rich(report: StatusReport) -> None:
     console.print(f"[bold]{d.name}[/]  [dim]{d.id}[/]")
     if not report.agent_running:
         console.print("[yellow]agent not running[/] — showing what is on disk")
-    colours = {"idle": "green", "syncing": "cyan", "offline": "yellow", "error": "red"}
+    if report.agent is not None:
+        policy_colour = "green" if report.agent.policy.state == "normal" else "yellow"
+        console.print(f"[dim]{_agent_line(report.agent)}[/]")
+        for reason in report.agent.policy.reasons:
+            console.print(f"  [{policy_colour}]policy:[/] {reason}")
+    colours = {
+        "idle": "green",
+        "syncing": "cyan",
+        "offline": "yellow",
+        "error": "red",
+        "paused": "magenta",
+    }
     for s in report.spaces:
         colour = colours.get(s.state, "white")
         relay = s.relay.url or "LAN only"
@@ -53,11 +99,11 @@ def _render_rich(report: StatusReport) -> None:
             f" · files {s.files} · last sync {s.last_sync or '—'}"
         )
         table = Table(box=None, show_header=True, header_style="dim", pad_edge=False)
-        for col in ("device", "name", "role", "platform"):
+        for col in ("device", "name", "role", "platform", "resources / last seen"):
             table.add_column(col)
         for dev in s.devices:
             name = (dev.name or "?") + (" (this device)" if dev.this_device else "")
-            table.add_row(dev.short_id, name, dev.role, dev.platform or "")
+            table.add_row(dev.short_id, name, dev.role, dev.platform or "", _device_extra(dev))
         console.print(table)
         for w in s.warnings:
             console.print(f"  [yellow]warning:[/] {w}")

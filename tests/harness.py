@@ -139,6 +139,8 @@ class Device:
     name: str
     proc: subprocess.Popen[str] | None = None
     space: str = "notes"
+    # extra environment for the agent process (e.g. QMOI_SYNC_TEST_RESOURCES)
+    env: dict[str, str] = field(default_factory=dict)
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -160,6 +162,7 @@ class Device:
             stdout=logf,
             stderr=subprocess.STDOUT,
             text=True,
+            env={**os.environ, **self.env},
         )
         wait_until(self._ready, what=f"agent {self.name} ready")
         return self
