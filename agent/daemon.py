@@ -47,6 +47,10 @@ log = logging.getLogger("qmoi_sync.agent")
 WATCH_READY_TIMEOUT = 10.0
 # How long `revoke` waits for the relay to confirm it holds the new membership log.
 REVOKE_CONFIRM_S = 10.0
+# Offline CLI commands (`status`, `devices`, … while no agent runs) hold the agent lock for a
+# moment; an agent starting meanwhile waits this long for it before concluding another agent runs.
+LOCK_WAIT_S = 5.0
+LOCK_POLL_S = 0.05
 
 
 class SpaceRuntime:
@@ -334,8 +338,17 @@ class Agent:
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
 
+    async def _acquire_lock(self) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOCK_WAIT_S
+        while not self.lock.try_acquire():
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(LOCK_POLL_S)  # flock has no async wait; poll briefly
+        return True
+
     async def run(self) -> None:
-        if not self.lock.try_acquire():
+        if not await self._acquire_lock():
             raise UserError(f"an agent is already running for {self.home.root}")
         try:
             self.store = await Store.open(self.home.db_path)
