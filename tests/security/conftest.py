@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from security.sec_helpers import Wire
+from security.sec_helpers import Wire, World, world_of
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +14,11 @@ async def _close_raw_connections() -> AsyncIterator[None]:
     dangling socket would make the relay wait out its close timeout at shutdown)."""
     yield
     await Wire.close_all()
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """One relay + agents a, b + never-started member m, shared by the agent-level tests
+    (test_sec_malicious_member runs before test_sec_replay, which revokes m at its very end)."""
+    with world_of(tmp_path_factory.mktemp("world")) as w:
+        yield w

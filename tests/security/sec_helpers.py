@@ -8,22 +8,48 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import sqlite3
 import string
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
-from harness import Device, Relay
+from harness import (
+    Device,
+    Relay,
+    create_space,
+    free_port,
+    invite,
+    join,
+    wait_converged,
+    wait_until,
+)
+from pycrdt import Doc
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from qmoi_sync.agent.index import IndexDoc
+from qmoi_sync.agent.textdoc import ingest_disk_text, new_text_doc
 from qmoi_sync.protocol import frames as F
-from qmoi_sync.protocol.envelope import parse_header, seal
+from qmoi_sync.protocol.envelope import open_envelope, parse_header, seal
+from qmoi_sync.protocol.errors import ProtocolError
 from qmoi_sync.protocol.identity import SIGNATURE_LEN, DeviceIdentity
 from qmoi_sync.protocol.keys import derive_epoch_keys
 from qmoi_sync.protocol.membership import MembershipLog, Role
+from qmoi_sync.protocol.payload import (
+    INDEX_DOC_ID,
+    DocUpdate,
+    Payload,
+    Updates,
+    decode_payload,
+    encode_payload,
+)
 
 TIMEOUT = 10.0
 _CODE_RE = re.compile(r"^[a-z][a-z0-9_]{1,63}$")
@@ -304,12 +330,285 @@ def sender_of(envelope: bytes) -> bytes:
 
 __all__ = [
     "TIMEOUT",
+    "InjectingProxy",
     "LegitPair",
+    "Replica",
     "Space",
     "Wire",
+    "World",
     "assert_readable",
+    "create_files_payload",
     "device_identity",
     "device_log_bytes",
     "resign",
     "sender_of",
+    "world_of",
 ]
+
+
+# -- a member's decrypted view of the space (what a hostile member can see) -------------------
+class Replica:
+    """Opens every envelope of the space with a member's keys and keeps the CRDT state, so a
+    test can craft updates against the *real* documents (real file ids, real text)."""
+
+    def __init__(self, space: Space) -> None:
+        self.space = space
+        self.index = IndexDoc()
+        self.docs: dict[bytes, Doc] = {}
+        self.cursor = 0
+        self.by_sender: dict[bytes, list[tuple[int, bytes]]] = {}
+
+    def _open(self, envelope: bytes) -> tuple[bytes, Payload]:
+        keys = {e: self.space.msg_key(e) for e in self.space.secrets}
+        opened = open_envelope(envelope, self.space.space_id, keys, self.space.log.is_member)
+        return opened.header.sender, decode_payload(opened.plaintext)
+
+    async def catch_up(self, wire: Wire) -> None:
+        await wire.send(F.Subscribe(from_seq=self.cursor))
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                frame = await wire.recv()
+                if isinstance(frame, F.CaughtUp):
+                    break
+                if not isinstance(frame, F.Deliver):
+                    continue
+                self.cursor = frame.relay_seq
+                sender = parse_header(frame.envelope).sender
+                self.by_sender.setdefault(sender, []).append((frame.relay_seq, frame.envelope))
+                try:
+                    _sender, payload = self._open(frame.envelope)
+                except ProtocolError:
+                    continue  # e.g. an earlier attack's garbage
+                if isinstance(payload, Updates):
+                    for item in payload.items:
+                        with contextlib.suppress(ValueError):
+                            if item.doc_id == INDEX_DOC_ID:
+                                self.index.apply_update(item.update)
+                            else:
+                                self.doc(item.doc_id).apply_update(item.update)
+
+    def doc(self, fid: bytes) -> Doc:
+        if fid not in self.docs:
+            self.docs[fid] = new_text_doc()
+        return self.docs[fid]
+
+    def fid_of(self, path: str) -> bytes:
+        for fid_hex, entry in self.index.entries().items():
+            if entry.alive and entry.path == path:
+                return bytes.fromhex(fid_hex)
+        raise KeyError(path)
+
+
+def create_files_payload(rep: Replica, paths: list[str], text: str) -> bytes:
+    """An Updates payload creating ``paths`` (index entries + document content) the way an
+    agent would publish it — with no check at all on the paths."""
+    items = []
+    for path in paths:
+        fid = os.urandom(16)
+        entry = rep.index.create(fid.hex(), path, "text", 0o644, "M", time.time())
+        items.append(DocUpdate(INDEX_DOC_ID, entry))
+        update = ingest_disk_text(new_text_doc(), text)
+        assert update is not None
+        items.append(DocUpdate(fid, update))
+    return encode_payload(Updates(items=items))
+
+
+# -- a relay that misbehaves: a man in the middle between one agent and the real relay ---------
+class InjectingProxy:
+    """Forwards every websocket message between an agent and the real relay, and lets the test
+    inject frames toward the agent — what a compromised relay (or anyone on its path) could
+    send. Runs its own event loop in a thread, so blocking ``wait_until`` polls don't stall it."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="injecting-proxy", daemon=True)
+        self._started = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._live: list[tuple[ServerConnection, asyncio.Lock]] = []
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self) -> InjectingProxy:
+        self._thread.start()
+        assert self._started.wait(TIMEOUT), "proxy did not start"
+        return self
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(TIMEOUT)
+
+    def connected(self) -> bool:
+        return bool(self._live)
+
+    def inject(self, frame: F.Frame) -> None:
+        """Send ``frame`` to the agent on its current connection (in order with forwarded ones)."""
+        fut = asyncio.run_coroutine_threadsafe(self._inject(F.encode_frame(frame)), self._loop)
+        fut.result(TIMEOUT)
+
+    async def _inject(self, data: bytes) -> None:
+        assert self._live, "no agent is connected through the proxy"
+        ws, lock = self._live[-1]
+        async with lock:
+            await ws.send(data)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main())
+        self._loop.close()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        async with serve(self._handle, "127.0.0.1", self.port, compression=None, max_size=None):
+            self._started.set()
+            await self._stop.wait()
+
+    async def _handle(self, down: ServerConnection) -> None:
+        lock = asyncio.Lock()
+        async with connect(self.upstream, compression=None, max_size=None, proxy=None) as up:
+            entry = (down, lock)
+            self._live.append(entry)
+
+            async def to_agent() -> None:
+                async for msg in up:
+                    async with lock:
+                        await down.send(msg)
+
+            async def to_relay() -> None:
+                async for msg in down:
+                    await up.send(msg)
+
+            tasks = [asyncio.create_task(to_agent()), asyncio.create_task(to_relay())]
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self._live.remove(entry)
+                for t in tasks:
+                    t.cancel()
+                for t in tasks:
+                    with contextlib.suppress(BaseException):
+                        await t
+
+
+# -- the shared real-process world -------------------------------------------------------------
+SYNC_TIMEOUT = 20.0
+
+
+@dataclass
+class World:
+    """Real processes shared by the agent-level security tests (one set per session, to keep
+    the suite fast): a relay; agents ``a`` (admin) and ``b`` running, ``b`` reaching the relay
+    through an :class:`InjectingProxy`; device ``m`` created with the CLI (init + join) but never
+    started — the tests speak for it with its key and keys read from its home."""
+
+    tmp: Path
+    relay: Relay
+    proxy: InjectingProxy
+    a: Device
+    b: Device
+    m: Device
+    m_dev: DeviceIdentity
+    space: Space  # m's view: its log and epoch secrets
+    n: int = 0
+    #: files the "sync goes on" checks created (expected extra content in the trees).
+    made: set[str] = field(default_factory=set)
+
+    # -- speaking for a device -----------------------------------------------------------
+    async def wire_as(self, dev: DeviceIdentity | None = None) -> Wire:
+        w = await Wire.open(self.relay.url)
+        welcome = await w.auth(dev or self.m_dev, self.space.space_id)
+        assert isinstance(welcome, F.Welcome), welcome
+        return w
+
+    async def publish(self, plaintext: bytes) -> bytes:
+        """m publishes one validly signed, correctly encrypted envelope; the relay accepts it."""
+        w = await self.wire_as()
+        env = self.space.seal(self.m_dev, plaintext)
+        ack = await w.publish(env)
+        assert isinstance(ack, F.Ack) and not ack.duplicate, ack
+        await w.close()
+        return env
+
+    async def replica(self) -> Replica:
+        r = Replica(self.space)
+        w = await self.wire_as()
+        await r.catch_up(w)
+        await w.close()
+        return r
+
+    def inject(self, envelope: bytes) -> None:
+        """Deliver an envelope to b as a compromised relay would. relay_seq 1 never moves b's
+        cursor (it is max()ed), so b's reconnects still resume correctly."""
+        self.proxy.inject(F.Deliver(relay_seq=1, envelope=envelope))
+
+    # -- observing the agents ----------------------------------------------------------------
+    def status(self, dev: Device) -> dict[str, Any]:
+        return dev.space_status("notes")
+
+    def quarantined(self, dev: Device) -> int:
+        return int(self.status(dev)["quarantined"])
+
+    def members_known_to(self, dev: Device) -> set[bytes]:
+        return set(MembershipLog.from_bytes(device_log_bytes(dev)).members())
+
+    def trees(self) -> dict[str, dict[str, bytes]]:
+        return {
+            d.name: {p: v for p, v in d.tree().items() if p not in self.made}
+            for d in (self.a, self.b)
+        }
+
+    def a_to_b(self, rel: str, text: str) -> None:
+        self.made.add(rel)
+        self.a.write(rel, text)
+        wait_until(lambda: self.b.read(rel) == text, SYNC_TIMEOUT, f"{rel} a→b")
+
+    def sync_goes_on(self) -> None:
+        """A normal edit after an attack still propagates a→b and b→a."""
+        self.n += 1
+        rel = f"after-attack-{self.n}.txt"
+        one, two = f"from a {self.n}\n", f"from a {self.n}\nand b\n"
+        self.a_to_b(rel, one)
+        self.b.write(rel, two)
+        wait_until(lambda: self.a.read(rel) == two, SYNC_TIMEOUT, f"{rel} b→a")
+
+
+@contextlib.contextmanager
+def world_of(tmp: Path) -> Iterator[World]:
+    relay = Relay(tmp / "relay-data").start()
+    proxy = InjectingProxy(relay.url).start()
+    a = Device(tmp / "home-a", tmp / "folder-a", "a").init()
+    b = Device(tmp / "home-b", tmp / "folder-b", "b").init()
+    m = Device(tmp / "home-m", tmp / "folder-m", "m").init()
+    try:
+        create_space(a, relay)
+        a.start()
+        join(b, invite(a))
+        join(m, invite(a))
+        # b's traffic goes through the man in the middle (transparent unless a test injects).
+        with contextlib.closing(sqlite3.connect(b.home / "state.db")) as db, db:
+            db.execute("UPDATE spaces SET relay_url=?", (proxy.url,))
+        a.write("keep.txt", "precious line 1\nprecious line 2\n")
+        b.start()
+        wait_until(proxy.connected, what="b connected through the proxy")
+        b.write("notes/b-own.txt", "b's own notes\n")
+        wait_converged([a, b], what="initial files on a and b")
+        space, m_dev = Space.of_device(m)
+        wait_until(
+            lambda: (
+                m_dev.public.sign_pk in set(MembershipLog.from_bytes(device_log_bytes(b)).members())
+            ),
+            what="b knows m",
+        )
+        yield World(tmp, relay, proxy, a, b, m, m_dev, space)
+        for dev in (a, b):
+            log = dev.log()
+            assert "Traceback" not in log, f"{dev.name} logged a traceback:\n{log[-4000:]}"
+    finally:
+        b.stop()
+        a.stop()
+        proxy.stop()
+        relay.stop()

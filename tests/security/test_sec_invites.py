@@ -1,4 +1,5 @@
-"""Invite abuse against real processes: a relay, a running admin agent, joiners through the CLI.
+"""Invite abuse against real processes: the session's relay and running admin agent ``a``, joiners
+through the CLI (and one that bypasses it).
 
 Every refusal must be a readable one-line error (exit code 2, no traceback) and must leave the
 space's membership unchanged.
@@ -11,17 +12,14 @@ import os
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from harness import Device, Relay, create_space, invite, join, wait_until
-from security.sec_helpers import Wire, device_log_bytes
+from harness import Device, Relay, invite, join, wait_until
+from security.sec_helpers import Wire, World
 
 from qmoi_sync.protocol import frames as F
 from qmoi_sync.protocol.identity import DeviceIdentity
 from qmoi_sync.protocol.invite import Invite, build_join_request, decode_invite
-from qmoi_sync.protocol.membership import MembershipLog
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -29,23 +27,30 @@ B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
 
 @dataclasses.dataclass
-class World:
-    tmp: Path
-    relay: Relay
-    admin: Device
+class Joins:
+    world: World
     #: one device that never gets in: every refused join is tried from it.
     outsider: Device
     n: int = 0
 
+    @property
+    def admin(self) -> Device:
+        return self.world.a
+
+    @property
+    def relay(self) -> Relay:
+        return self.world.relay
+
     def device(self) -> Device:
         self.n += 1
         name = f"j{self.n}"
-        return Device(self.tmp / f"home-{name}", self.tmp / f"folder-{name}", name).init()
+        tmp = self.world.tmp
+        return Device(tmp / f"home-{name}", tmp / f"folder-{name}", name).init()
 
     def members(self) -> int:
         """Members in the admin's membership log (read from its database, as saved before the
         admin answers a join)."""
-        return len(MembershipLog.from_bytes(device_log_bytes(self.admin)).members())
+        return len(self.world.members_known_to(self.admin))
 
     def try_join(self, token: str) -> subprocess.CompletedProcess[str]:
         dev = self.outsider
@@ -53,19 +58,9 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    tmp = tmp_path_factory.mktemp("invites")
-    relay = Relay(tmp / "relay-data").start()
-    admin = Device(tmp / "home-admin", tmp / "folder-admin", "admin").init()
-    outsider = Device(tmp / "home-outsider", tmp / "folder-outsider", "outsider").init()
-    try:
-        create_space(admin, relay)
-        admin.start()
-        wait_until(lambda: admin.space_status("notes")["relay"]["connected"], what="admin online")
-        yield World(tmp, relay, admin, outsider)
-    finally:
-        admin.stop()
-        relay.stop()
+def joins(world: World) -> Joins:
+    tmp = world.tmp
+    return Joins(world, Device(tmp / "home-outsider", tmp / "folder-outsider", "outsider").init())
 
 
 def assert_user_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
@@ -112,37 +107,37 @@ async def _raw_join(relay: Relay, inv: Invite) -> F.JoinResult:
     return res
 
 
-async def test_reused_invite_is_refused(world: World) -> None:
-    before = world.members()
-    token = invite(world.admin)
-    join(world.device(), token)
-    assert world.members() == before + 1
+async def test_reused_invite_is_refused(joins: Joins) -> None:
+    before = joins.members()
+    token = invite(joins.admin)
+    join(joins.device(), token)
+    assert joins.members() == before + 1
 
-    assert_user_error(world.try_join(token), "join refused", "used")
-    assert_not_joined(world.outsider)
+    assert_user_error(joins.try_join(token), "join refused", "used")
+    assert_not_joined(joins.outsider)
     # Single use is the admin's check (the CLI only relays): a hand-made request gets the same.
-    res = await _raw_join(world.relay, decode_invite(token))
+    res = await _raw_join(joins.relay, decode_invite(token))
     assert not res.ok and "used" in res.reason, res
-    assert world.members() == before + 1
+    assert joins.members() == before + 1
 
 
-async def test_expired_invite_is_refused(world: World) -> None:
-    before = world.members()
-    token = invite(world.admin, "notes", "--expires", "1s")
+async def test_expired_invite_is_refused(joins: Joins) -> None:
+    before = joins.members()
+    token = invite(joins.admin, "notes", "--expires", "1s")
     expires_at = decode_invite(token).expires_at
     wait_until(lambda: time.time() >= expires_at + 0.05, timeout=5, what="invite expiry")
-    assert_user_error(world.try_join(token), "expired")
-    assert_not_joined(world.outsider)
+    assert_user_error(joins.try_join(token), "expired")
+    assert_not_joined(joins.outsider)
     # The CLI refuses before asking; the admin enforces expiry too for a joiner that skips it.
-    res = await _raw_join(world.relay, decode_invite(token))
+    res = await _raw_join(joins.relay, decode_invite(token))
     assert not res.ok and "expired" in res.reason, res
-    assert world.members() == before
+    assert joins.members() == before
 
 
-def test_corrupted_token_is_a_clear_checksum_error(world: World) -> None:
-    bad = corrupt_one_char(invite(world.admin))
-    assert_user_error(world.try_join(bad), "cannot use this invite", "checksum")
-    assert_not_joined(world.outsider)
+def test_corrupted_token_is_a_clear_checksum_error(joins: Joins) -> None:
+    bad = corrupt_one_char(invite(joins.admin))
+    assert_user_error(joins.try_join(bad), "cannot use this invite", "checksum")
+    assert_not_joined(joins.outsider)
 
 
 @pytest.mark.parametrize(
@@ -154,17 +149,17 @@ def test_corrupted_token_is_a_clear_checksum_error(world: World) -> None:
     ],
     ids=["no_prefix", "not_base64", "huge"],
 )
-def test_garbage_tokens(world: World, token: str, why: str) -> None:
-    assert_user_error(world.try_join(token), "cannot use this invite", why)
-    assert_not_joined(world.outsider)
+def test_garbage_tokens(joins: Joins, token: str, why: str) -> None:
+    assert_user_error(joins.try_join(token), "cannot use this invite", why)
+    assert_not_joined(joins.outsider)
 
 
-def test_forged_secret_with_a_valid_checksum(world: World) -> None:
+def test_forged_secret_with_a_valid_checksum(joins: Joins) -> None:
     """A token re-encoded with another secret passes the checksum (it is not a MAC) but the
     admin knows no such invite: refused, nothing added."""
-    before = world.members()
-    real = decode_invite(invite(world.admin))
+    before = joins.members()
+    real = decode_invite(invite(joins.admin))
     forged = dataclasses.replace(real, secret=os.urandom(32)).encode()
-    assert_user_error(world.try_join(forged), "join refused", "invite_invalid")
-    assert_not_joined(world.outsider)
-    assert world.members() == before
+    assert_user_error(joins.try_join(forged), "join refused", "invite_invalid")
+    assert_not_joined(joins.outsider)
+    assert joins.members() == before

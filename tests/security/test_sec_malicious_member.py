@@ -1,0 +1,198 @@
+"""A malicious *member*: its envelopes are validly signed and correctly encrypted, so the relay
+stores and forwards them; only the receiving agents can refuse what is inside.
+
+Setup (real processes, the session's ``world``): a relay, agents ``a`` (admin) and ``b`` running,
+and device ``m`` created with the CLI (init + join) but never started. The test loads m's key from
+its home and its membership log / epoch secrets from its ``state.db``, then speaks to the relay
+as m.
+
+After every attack: the receivers created nothing outside their folder, their files are intact,
+``status --json`` reports the refusal (quarantined envelopes, or a refused-path warning), and a
+normal edit still propagates both ways.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from harness import wait_until
+from security.sec_helpers import SYNC_TIMEOUT, World, create_files_payload
+
+from qmoi_sync.agent.textdoc import ingest_disk_text
+from qmoi_sync.protocol.payload import INDEX_DOC_ID, DocUpdate, Updates, encode_payload
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _varuint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(b)
+            return bytes(out)
+        out.append(b | 0x80)
+
+
+def _item_on_root(info: int, root: bytes, content: bytes) -> bytes:
+    """A v1 update with one item (client 7, clock 0) under root type ``root``."""
+    struct = bytes([info]) + b"\x01" + _varuint(len(root)) + root + content
+    return _varuint(1) + _varuint(1) + _varuint(7) + _varuint(0) + struct + b"\x00"
+
+
+def wait_quarantined(world: World, before: dict[str, int], n: int) -> None:
+    for dev in (world.a, world.b):
+        wait_until(
+            lambda dev=dev: world.quarantined(dev) == before[dev.name] + n,
+            SYNC_TIMEOUT,
+            f"{dev.name} quarantines {n} envelope(s)",
+        )
+
+
+def quarantined(world: World) -> dict[str, int]:
+    return {d.name: world.quarantined(d) for d in (world.a, world.b)}
+
+
+# -- (a) malformed CRDT updates, (b) garbage payloads -----------------------------------------
+async def test_malformed_crdt_updates_are_quarantined(world: World) -> None:
+    before_trees = world.trees()
+    before = quarantined(world)
+    rep = await world.replica()
+    keep = rep.fid_of("keep.txt")
+    # A real update of keep.txt's document, cut in half.
+    real = ingest_disk_text(rep.doc(keep), "precious line 1\nprecious line 2\nEVIL\n")
+    assert real is not None
+    bad_updates = [
+        [DocUpdate(keep, os.urandom(200))],  # random bytes on a live document
+        [DocUpdate(keep, real[: len(real) // 2])],  # truncated real update
+        [DocUpdate(INDEX_DOC_ID, _item_on_root(0x0F, b"files", b"\x00"))],  # bad content ref
+        [DocUpdate(keep, _item_on_root(0x04, b"content", b"\x02\xff\xfe"))],  # bad UTF-8
+        # One good index update + one bad: the envelope is refused as a whole.
+        [
+            DocUpdate(
+                INDEX_DOC_ID,
+                rep.index.create(os.urandom(16).hex(), "half.txt", "text", 0o644, "M", time.time()),
+            ),
+            DocUpdate(keep, os.urandom(64)),
+        ],
+    ]
+    for items in bad_updates:
+        await world.publish(encode_payload(Updates(items=items)))
+    wait_quarantined(world, before, len(bad_updates))
+    world.sync_goes_on()
+    assert world.trees() == before_trees, "existing files must be untouched, nothing added"
+    for dev in (world.a, world.b):
+        st = world.status(dev)
+        assert any("quarantined" in w for w in st["warnings"]), st["warnings"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "plaintext",
+    [
+        os.urandom(300),
+        b"\x09" + os.urandom(40),  # unknown payload kind
+        b"\x01" + (10**9).to_bytes(4, "big") + os.urandom(20),  # claims a billion items
+        b"",  # empty plaintext
+    ],
+    ids=["random", "unknown_kind", "huge_count", "empty"],
+)
+async def test_garbage_payloads_are_quarantined(world: World, plaintext: bytes) -> None:
+    before_trees = world.trees()
+    before = quarantined(world)
+    await world.publish(plaintext)
+    wait_quarantined(world, before, 1)
+    world.sync_goes_on()
+    assert world.trees() == before_trees
+
+
+# -- (c) paths that escape the folder ----------------------------------------------------------
+BAD_PATHS = [
+    "../evil.txt",
+    "sub/../../evil.txt",
+    "/etc/qmoi-evil",
+    "C:\\evil",
+    "C:evil.txt",
+    "a\\..\\b",
+    "nul\x00byte.txt",
+    "bell\x07.txt",
+    "esc\x1b[31m.txt",
+    "line\nbreak.txt",
+    "CON",
+    "nul.txt",
+    "Com1.log",
+    "x" * 300,
+    "deep/" + "y" * 300 + "/z.txt",
+    "dot.",
+    "space ",
+    "a//b.txt",
+    "./x.txt",
+    "lone\udcffsurrogate.txt",
+]
+
+
+def _refused_paths(st: dict[str, object]) -> int:
+    return sum(1 for w in st["warnings"] if w.startswith("refused a remote path"))  # type: ignore[attr-defined]
+
+
+async def test_paths_escaping_the_folder_are_refused(world: World) -> None:
+    before_trees = world.trees()
+    before_q = quarantined(world)
+    rep = await world.replica()
+    await world.publish(create_files_payload(rep, BAD_PATHS, "EVIL\n"))
+    for dev in (world.a, world.b):
+        wait_until(
+            lambda dev=dev: _refused_paths(world.status(dev)) >= len(BAD_PATHS),
+            SYNC_TIMEOUT,
+            f"{dev.name} refuses every bad path",
+        )
+    world.sync_goes_on()
+    assert world.trees() == before_trees, "no file may appear for a refused path"
+    outside = [
+        world.tmp / "evil.txt",
+        Path("/etc/qmoi-evil"),
+        Path("/evil"),
+        Path("C:\\evil"),
+        Path.cwd() / "C:\\evil",
+    ]
+    for dev in (world.a, world.b):
+        outside += [dev.folder.parent / "evil.txt", dev.folder / "C:\\evil", dev.folder / "b"]
+    for p in outside:
+        assert not p.exists(), f"{p} was created"
+    for dev in (world.a, world.b):
+        for p in dev.folder.rglob("*"):
+            assert b"EVIL" not in (p.read_bytes() if p.is_file() else b""), p
+        # The refusals are warnings, not quarantines: the envelope itself was well-formed.
+        assert world.status(dev)["quarantined"] == before_q[dev.name]
+
+
+async def test_symlinked_parent_on_the_receiver(world: World) -> None:
+    outside = world.tmp / "outside"
+    outside.mkdir()
+    (outside / "target.txt").write_text("outside, untouched\n")
+    # b's user planted a symlinked folder and a symlinked file inside the space folder.
+    (world.b.folder / "link").symlink_to(outside, target_is_directory=True)
+    (world.b.folder / "file-link.txt").symlink_to(outside / "target.txt")
+    before_b = world.b.tree()
+    rep = await world.replica()
+    await world.publish(create_files_payload(rep, ["link/x.txt", "file-link.txt"], "EVIL\n"))
+
+    # a has no symlink there: for a these are ordinary, valid paths.
+    wait_until(lambda: world.a.read("link/x.txt") == "EVIL\n", SYNC_TIMEOUT, "a gets link/x.txt")
+    wait_until(lambda: world.a.read("file-link.txt") == "EVIL\n", SYNC_TIMEOUT, "a gets file")
+    world.made |= {"link/x.txt", "file-link.txt"}
+
+    def b_refused() -> bool:
+        ws = world.status(world.b)["warnings"]
+        return any("link/x.txt" in w for w in ws) and any("file-link.txt" in w for w in ws)  # type: ignore[attr-defined]
+
+    wait_until(b_refused, SYNC_TIMEOUT, "b refuses to write through its symlinks")
+    world.sync_goes_on()
+    assert sorted(p.name for p in outside.iterdir()) == ["target.txt"]
+    assert (outside / "target.txt").read_text() == "outside, untouched\n"
+    assert (world.b.folder / "link").is_symlink() and (
+        world.b.folder / "file-link.txt"
+    ).is_symlink()
+    assert all(world.b.tree().get(p) == v for p, v in before_b.items())
