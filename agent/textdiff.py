@@ -19,6 +19,7 @@ end of the text inserted by the previous op.
 
 from __future__ import annotations
 
+import bisect
 import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -43,9 +44,10 @@ CHAR_REFINE_MAX_OPS = 8
 # Two ops separated by an unchanged run shorter than this are merged into one op (re-deleting
 # and re-inserting a couple of characters is cheaper than one more item split).
 COALESCE_GAP = 3
-# Line diff guard: SequenceMatcher on lines can go quadratic on inputs made of many identical
-# lines. Above this many lines on each side of the changed middle, replace the middle wholesale.
-LINE_DIFF_MAX_LINES = 200_000
+# difflib.SequenceMatcher is quadratic (or worse) on inputs with many repeated elements (blank
+# lines, a file of identical lines, long runs of one character). It is only used on segments
+# whose size product is at most this; bigger segments are anchored by a patience diff first.
+SEQUENCE_MATCHER_MAX_PRODUCT = 250_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +161,9 @@ _Edit = tuple[int, int, str]
 
 def _char_edits(old: str, new: str, base: int) -> list[_Edit] | None:
     """Character-level edits turning ``old`` into ``new`` (offset by ``base``), or None when
-    the refinement would be too fragmented to be worth it."""
+    the refinement would be too fragmented (or too costly) to be worth it."""
+    if len(old) * len(new) > SEQUENCE_MATCHER_MAX_PRODUCT:
+        return None
     sm = difflib.SequenceMatcher(None, old, new, autojunk=False)
     edits: list[_Edit] = []
     for tag, i1, i2, j1, j2 in sm.get_opcodes():
@@ -188,14 +192,96 @@ def _coalesce(edits: list[_Edit], old: str, base: int) -> list[_Edit]:
     return out
 
 
+def _lis(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Longest increasing subsequence by second element (pairs sorted by first): patience
+    sorting, O(k log k)."""
+    tails: list[int] = []  # tails[k] = index in pairs of the smallest tail of a run of k+1
+    tail_vals: list[int] = []
+    prev: list[int] = [-1] * len(pairs)
+    for idx, (_i, j) in enumerate(pairs):
+        k = bisect.bisect_left(tail_vals, j)
+        if k:
+            prev[idx] = tails[k - 1]
+        if k == len(tails):
+            tails.append(idx)
+            tail_vals.append(j)
+        else:
+            tails[k] = idx
+            tail_vals[k] = j
+    out: list[tuple[int, int]] = []
+    idx = tails[-1] if tails else -1
+    while idx >= 0:
+        out.append(pairs[idx])
+        idx = prev[idx]
+    out.reverse()
+    return out
+
+
+def _matching_lines(a: Sequence[str], b: Sequence[str]) -> list[tuple[int, int, int]]:
+    """Matching blocks ``(i, j, size)`` between line lists, sorted, adjacent ones merged.
+
+    Patience diff: lines that occur exactly once on each side anchor the alignment (longest
+    increasing subsequence), and the gaps between anchors are processed the same way. A gap
+    without unique common lines is handed to SequenceMatcher only when small enough; a big one
+    is left unmatched (replaced wholesale). So the cost stays near O(n log n) whatever the
+    input, where SequenceMatcher alone can take minutes on a file of repeated lines.
+    """
+    matches: list[tuple[int, int, int]] = []
+    stack = [(0, len(a), 0, len(b))]
+    while stack:
+        alo, ahi, blo, bhi = stack.pop()
+        # Common prefix and suffix of the segment.
+        while alo < ahi and blo < bhi and a[alo] == b[blo]:
+            matches.append((alo, blo, 1))
+            alo += 1
+            blo += 1
+        while alo < ahi and blo < bhi and a[ahi - 1] == b[bhi - 1]:
+            ahi -= 1
+            bhi -= 1
+            matches.append((ahi, bhi, 1))
+        if alo == ahi or blo == bhi:
+            continue
+        counts: dict[str, list[int]] = {}  # line -> [count in a, count in b, pos a, pos b]
+        for i in range(alo, ahi):
+            c = counts.setdefault(a[i], [0, 0, i, -1])
+            c[0] += 1
+        for j in range(blo, bhi):
+            cb = counts.get(b[j])
+            if cb is not None:
+                cb[1] += 1
+                cb[3] = j
+        unique = sorted((c[2], c[3]) for c in counts.values() if c[0] == 1 and c[1] == 1)
+        anchors = _lis(unique)
+        if anchors:
+            pa, pb = alo, blo
+            for i, j in anchors:
+                matches.append((i, j, 1))
+                stack.append((pa, i, pb, j))
+                pa, pb = i + 1, j + 1
+            stack.append((pa, ahi, pb, bhi))
+        elif (ahi - alo) * (bhi - blo) <= SEQUENCE_MATCHER_MAX_PRODUCT:
+            sm = difflib.SequenceMatcher(None, a[alo:ahi], b[blo:bhi], autojunk=False)
+            for i, j, size in sm.get_matching_blocks():
+                if size:
+                    matches.append((alo + i, blo + j, size))
+    matches.sort()
+    merged: list[tuple[int, int, int]] = []
+    for i, j, size in matches:
+        if merged:
+            pi, pj, ps = merged[-1]
+            if pi + ps == i and pj + ps == j:
+                merged[-1] = (pi, pj, ps + size)
+                continue
+        merged.append((i, j, size))
+    return merged
+
+
 def _line_edits(old: str, new: str, base: int) -> list[_Edit]:
     """Edits for the changed middle: a line diff, with small replaced blocks refined."""
     old_lines = old.splitlines(keepends=True)
     new_lines = new.splitlines(keepends=True)
-    if len(old_lines) > LINE_DIFF_MAX_LINES or len(new_lines) > LINE_DIFF_MAX_LINES:
-        return [(base, base + len(old), new)]
 
-    # Character offsets of each old/new line start, to map line opcodes back to characters.
+    # Character offsets of each old/new line start, to map line numbers back to characters.
     old_starts = [0]
     for line in old_lines:
         old_starts.append(old_starts[-1] + len(line))
@@ -203,20 +289,25 @@ def _line_edits(old: str, new: str, base: int) -> list[_Edit]:
     for line in new_lines:
         new_starts.append(new_starts[-1] + len(line))
 
-    sm = difflib.SequenceMatcher(None, old_lines, new_lines, autojunk=False)
     edits: list[_Edit] = []
-    for tag, i1, i2, j1, j2 in sm.get_opcodes():
-        if tag == "equal":
-            continue
-        o1, o2 = old_starts[i1], old_starts[i2]
-        n1, n2 = new_starts[j1], new_starts[j2]
-        old_block, new_block = old[o1:o2], new[n1:n2]
-        if tag == "replace" and len(old_block) + len(new_block) <= CHAR_REFINE_MAX_CHARS:
-            refined = _char_edits(old_block, new_block, base + o1)
+    i = j = 0
+    # Walk the gaps between matching blocks (plus a sentinel block at the end).
+    for mi, mj, size in [
+        *_matching_lines(old_lines, new_lines),
+        (len(old_lines), len(new_lines), 0),
+    ]:
+        if i < mi or j < mj:
+            o1, o2 = old_starts[i], old_starts[mi]
+            n1, n2 = new_starts[j], new_starts[mj]
+            old_block, new_block = old[o1:o2], new[n1:n2]
+            refined = None
+            if old_block and new_block and len(old_block) + len(new_block) <= CHAR_REFINE_MAX_CHARS:
+                refined = _char_edits(old_block, new_block, base + o1)
             if refined is not None:
                 edits.extend(refined)
-                continue
-        edits.append((base + o1, base + o2, new_block))
+            else:
+                edits.append((base + o1, base + o2, new_block))
+        i, j = mi + size, mj + size
     return edits
 
 

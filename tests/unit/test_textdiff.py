@@ -249,3 +249,31 @@ def test_property_local_edits_roundtrip_on_crdt(pair: tuple[str, str]) -> None:
     old, new = pair
     out, _ops = apply_to_crdt(old, new)
     assert out == new
+
+
+# ------------------------------------------------------------------------------------------
+# pathological inputs: bounded cost (a quadratic diff would hit the test timeout), few ops
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("\n" * 200_000, "\n" * 1000 + "a\n" + "\n" * 99_000 + "b\n" + "\n" * 99_998),
+        ("ab\ncd\n" * 50_000, "ab\ncd\n" * 20_000 + "X\n" + "ab\ncd\n" * 30_000),
+        ("".join("abc"[i * 7 % 3] + "\n" for i in range(100_000)),
+         "".join("abc"[i * 5 % 3] + "\n" for i in range(100_000))),
+        ("a" * 500_000 + "b" * 500_000, "a" * 250_000 + "X" + "a" * 249_999 + "b" * 499_999 + "Y"),
+        ("a" * 2000, "a" * 1000 + "b" + "a" * 999),
+    ],
+)  # fmt: skip
+def test_pathological_inputs_stay_cheap_and_correct(old: str, new: str) -> None:
+    ops = diff_ops(old, new)
+    assert apply_ops_to_str(old, ops) == new
+    assert len(ops) <= 2
+
+
+def test_shuffled_lines_are_handled() -> None:
+    lines = [f"line {i}\n" for i in range(5000)]
+    shuffled = lines[::7] + [x for k, x in enumerate(lines) if k % 7]
+    ops = diff_ops("".join(lines), "".join(shuffled))
+    assert apply_ops_to_str("".join(lines), ops) == "".join(shuffled)
