@@ -35,6 +35,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 from pycrdt import Doc, Map, TransactionEvent
@@ -157,7 +158,7 @@ def _parse_delete(raw: Any) -> tuple[bool, DeleteRecord | None]:
         if not isinstance(k, str) or n is None:
             return False, None
         clean[k] = n
-    return True, DeleteRecord(ts, dev, clean)
+    return True, DeleteRecord(ts, dev, MappingProxyType(clean))
 
 
 def _build_entry(fid: str, fields: Mapping[str, Any]) -> FileEntry:
@@ -195,7 +196,7 @@ def _build_entry(fid: str, fields: Mapping[str, Any]) -> FileEntry:
         mode=mode if mode is not None else 0o644,
         created_ts=created_ts,
         created_dev=created_dev,
-        edits=edits,
+        edits=MappingProxyType(edits),  # read-only: entries are cached and shared
         deleted=deleted,
         alive=_is_alive(path, edits, deleted),
     )
