@@ -49,21 +49,21 @@ POLICY_FILE = "policy.json"
 class PolicyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    battery_min_percent: float = Field(20.0, ge=0, le=100)
-    load_max: float = Field(0.9, gt=0)
-    load_readings: int = Field(2, ge=1, le=1000)
+    battery_min_percent: float = Field(default=20.0, ge=0, le=100)
+    load_max: float = Field(default=0.9, gt=0)
+    load_readings: int = Field(default=2, ge=1, le=1000)
     #: a machine that is busy all the time still gets its bulk work done: load alone defers it
     #: for at most this long, then lets it run until the load has dropped below load_max again
-    load_max_defer_s: float = Field(600.0, ge=0)
-    disk_min_bytes: int = Field(500 * MiB, ge=0)
-    disk_min_fraction: float = Field(0.01, ge=0, le=1)
+    load_max_defer_s: float = Field(default=600.0, ge=0)
+    disk_min_bytes: int = Field(default=500 * MiB, ge=0)
+    disk_min_fraction: float = Field(default=0.01, ge=0, le=1)
     #: text files above this size are bulk work
-    bulk_file_bytes: int = Field(1 * MiB, ge=0)
+    bulk_file_bytes: int = Field(default=1 * MiB, ge=0)
     #: a start-up scan with more changed files (or bytes) than this is bulk work
-    bulk_scan_files: int = Field(20_000, ge=0)
-    bulk_scan_bytes: int = Field(128 * MiB, ge=0)
-    sample_interval_s: float = Field(5.0, gt=0, le=3600)
-    publish_interval_s: float = Field(600.0, gt=0)
+    bulk_scan_files: int = Field(default=20_000, ge=0)
+    bulk_scan_bytes: int = Field(default=128 * MiB, ge=0)
+    sample_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    publish_interval_s: float = Field(default=600.0, gt=0)
 
     @classmethod
     def load(cls, path: Path) -> PolicyConfig:
