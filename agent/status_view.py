@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 from qmoi_sync.agent.status import AgentStatus, MemberStatus, StatusReport
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _plain(text: str) -> str:
+    """Text that came from other devices (names, platforms, paths in warnings) may hold control
+    characters: show them as \\xNN instead of sending escape sequences to the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _rich(text: str) -> str:
+    """As _plain, and inert as rich markup (a peer named "[/]" must not crash ``status``)."""
+    from rich.markup import escape
+
+    return escape(_plain(text))
 
 
 def _agent_line(a: AgentStatus) -> str:
@@ -43,18 +59,19 @@ def render_status(report: StatusReport) -> None:
 
 def _render_plain(report: StatusReport) -> None:
     d = report.device
-    print(f"device  {d.name}  {d.id}")
+    print(f"device  {_plain(d.name)}  {d.id}")
     if not report.agent_running:
         print("agent   not running (showing what is on disk)")
     if report.agent is not None:
         print(_agent_line(report.agent))
         for reason in report.agent.policy.reasons:
-            print(f"  policy: {reason}")
+            print(f"  policy: {_plain(reason)}")
     for s in report.spaces:
         relay = s.relay.url or "LAN only"
         conn = "connected" if s.relay.connected else "not connected"
         print(
-            f"space   {s.name}  {s.state}  {s.folder}  relay {relay} ({conn})  "
+            f"space   {_plain(s.name)}  {s.state}  {_plain(s.folder)}  "
+            f"relay {_plain(relay)} ({conn})  "
             f"pending {s.pending_out}  conflicts {s.conflicts}  last sync {s.last_sync or '-'}"
         )
         for dev in s.devices:
@@ -62,10 +79,11 @@ def _render_plain(report: StatusReport) -> None:
             extra = _device_extra(dev)
             extra = f"  {extra}" if extra else ""
             print(
-                f"  {dev.short_id}  {dev.name or '?'}  {dev.role}  {dev.platform or ''}{me}{extra}"
+                f"  {dev.short_id}  {_plain(dev.name or '?')}  {dev.role}  "
+                f"{_plain(dev.platform or '')}{me}{extra}"
             )
         for w in s.warnings:
-            print(f"  warning: {w}")
+            print(f"  warning: {_plain(w)}")
 
 
 def _render_rich(report: StatusReport) -> None:
@@ -74,14 +92,14 @@ def _render_rich(report: StatusReport) -> None:
 
     console = Console()
     d = report.device
-    console.print(f"[bold]{d.name}[/]  [dim]{d.id}[/]")
+    console.print(f"[bold]{_rich(d.name)}[/]  [dim]{d.id}[/]")
     if not report.agent_running:
         console.print("[yellow]agent not running[/] — showing what is on disk")
     if report.agent is not None:
         policy_colour = "green" if report.agent.policy.state == "normal" else "yellow"
         console.print(f"[dim]{_agent_line(report.agent)}[/]")
         for reason in report.agent.policy.reasons:
-            console.print(f"  [{policy_colour}]policy:[/] {reason}")
+            console.print(f"  [{policy_colour}]policy:[/] {_rich(reason)}")
     colours = {
         "idle": "green",
         "syncing": "cyan",
@@ -94,16 +112,17 @@ def _render_rich(report: StatusReport) -> None:
         relay = s.relay.url or "LAN only"
         conn = "[green]connected[/]" if s.relay.connected else "[yellow]not connected[/]"
         console.print(
-            f"\n[bold]{s.name}[/] [{colour}]{s.state}[/]  {s.folder}\n"
-            f"  relay {relay} {conn} · pending {s.pending_out} · conflicts {s.conflicts}"
+            f"\n[bold]{_rich(s.name)}[/] [{colour}]{s.state}[/]  {_rich(s.folder)}\n"
+            f"  relay {_rich(relay)} {conn} · pending {s.pending_out} · conflicts {s.conflicts}"
             f" · files {s.files} · last sync {s.last_sync or '—'}"
         )
         table = Table(box=None, show_header=True, header_style="dim", pad_edge=False)
         for col in ("device", "name", "role", "platform", "resources / last seen"):
             table.add_column(col)
         for dev in s.devices:
-            name = (dev.name or "?") + (" (this device)" if dev.this_device else "")
-            table.add_row(dev.short_id, name, dev.role, dev.platform or "", _device_extra(dev))
+            name = _rich(dev.name or "?") + (" (this device)" if dev.this_device else "")
+            platform = _rich(dev.platform or "")
+            table.add_row(dev.short_id, name, dev.role, platform, _device_extra(dev))
         console.print(table)
         for w in s.warnings:
-            console.print(f"  [yellow]warning:[/] {w}")
+            console.print(f"  [yellow]warning:[/] {_rich(w)}")

@@ -9,9 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pty
 import re
+import select
 import sqlite3
 import string
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -337,6 +341,7 @@ __all__ = [
     "Wire",
     "World",
     "assert_readable",
+    "cli_in_pty",
     "create_files_payload",
     "device_identity",
     "device_log_bytes",
@@ -612,3 +617,42 @@ def world_of(tmp: Path) -> Iterator[World]:
         a.stop()
         proxy.stop()
         relay.stop()
+
+
+def cli_in_pty(dev: Device, *args: str, timeout: float = 30) -> tuple[int, str]:
+    """Run the CLI on a pseudo-terminal (so it renders for a human, as on a real terminal);
+    returns (exit code, everything it wrote)."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "COLUMNS": "200", "LINES": "50", "TERM": "xterm-256color"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qmoi_sync.agent", "--home", str(dev.home), *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        close_fds=True,
+    )
+    os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        rc = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return rc, out.decode("utf-8", "replace")

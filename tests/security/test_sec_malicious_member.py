@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 from harness import wait_until
-from security.sec_helpers import SYNC_TIMEOUT, World, create_files_payload
+from security.sec_helpers import SYNC_TIMEOUT, World, cli_in_pty, create_files_payload
 
 from qmoi_sync.agent.textdoc import ingest_disk_text
-from qmoi_sync.protocol.payload import INDEX_DOC_ID, DocUpdate, Updates, encode_payload
+from qmoi_sync.protocol.payload import INDEX_DOC_ID, DeviceInfo, DocUpdate, Updates, encode_payload
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -196,3 +196,30 @@ async def test_symlinked_parent_on_the_receiver(world: World) -> None:
         world.b.folder / "file-link.txt"
     ).is_symlink()
     assert all(world.b.tree().get(p) == v for p, v in before_b.items())
+
+
+# -- (d) hostile text shown to the user -------------------------------------------------------
+HOSTILE_NAME = "[/]\x1b]0;pwned\x07[link=https://evil.example]admin[/link]\x1b[2J"
+
+
+async def test_hostile_device_name_is_shown_inert(world: World) -> None:
+    """m announces a device name full of rich markup and terminal escapes. Everyone's
+    ``status`` must still work on a terminal, showing the name as text (no crash on the
+    unbalanced ``[/]``, no hyperlink, no escape sequence reaching the terminal)."""
+    await world.publish(encode_payload(DeviceInfo(HOSTILE_NAME, "[bold]x", "0")))
+    short = world.m_dev.public.short_id
+
+    def shown() -> bool:
+        return any(
+            d["short_id"] == short and d["name"] == HOSTILE_NAME
+            for d in world.status(world.b)["devices"]
+        )
+
+    wait_until(shown, SYNC_TIMEOUT, "b stores m's new name")
+    rc, out = cli_in_pty(world.b, "status")
+    assert rc == 0, out
+    assert "Traceback" not in out and "MarkupError" not in out, out
+    assert short in out
+    assert "[/]" in out and "[link=https://evil.example]" in out, "the name must be shown as text"
+    assert "\x1b]0;" not in out and "\x1b]8;" not in out and "\x1b[2J" not in out, repr(out)
+    world.sync_goes_on()
