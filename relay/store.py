@@ -327,6 +327,27 @@ class RelayStore:
     async def bytes_used(self, space_id: bytes) -> int:
         return (await self._load_meta(space_id)).bytes_used
 
+    async def space_usage(self) -> list[tuple[bytes, int]]:
+        """Every space's committed envelope bytes, ``(space_id, bytes_used)`` (for metrics)."""
+        async with (
+            self._reader() as db,
+            db.execute("SELECT space_id, bytes_used FROM spaces ORDER BY space_id") as cur,
+        ):
+            return [(bytes(sid), int(n)) for sid, n in await cur.fetchall()]
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreError` unless the store is usable: open, its group-commit writer
+        alive, and the database answering a read (used by the relay's ``/healthz``)."""
+        self._check_open()
+        task = self._writer_task
+        if task is None or task.done():
+            raise StoreError("the group-commit writer is not running")
+        try:
+            async with self._reader() as db, db.execute("SELECT 1") as cur:
+                await cur.fetchone()
+        except aiosqlite.Error as exc:
+            raise StoreError(f"database read failed: {exc}") from exc
+
     async def sender_max_seq(self, space_id: bytes, sender: bytes) -> int:
         return (await self._load_meta(space_id)).sender_max.get(sender, 0)
 
