@@ -103,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-cert")
     s.add_argument("--tls-key")
     s.add_argument("--quota-mb", type=int, default=1024, help="per-space storage quota")
+    # Same as `python -m qmoi_sync.relay` (relay/__main__.py); not imported from there because
+    # importing qmoi_sync.relay loads the whole server for every CLI command.
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus /metrics (and /healthz) over plain HTTP on this port "
+        "(default: off; /healthz is always on the relay port)",
+    )
+    s.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
+    s.add_argument(
+        "--metrics-space-label",
+        choices=["hash", "raw", "none"],
+        default="hash",
+        help="per-space series label: hash of the space id (default), raw id, or none",
+    )
 
     sv = sub.add_parser("service", help="run the agent as a user service").add_subparsers(
         dest="service_cmd", required=True
@@ -560,6 +575,9 @@ def _relay_serve(args: argparse.Namespace) -> int:
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
         space_quota_bytes=args.quota_mb * 1024 * 1024,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        metrics_space_label=args.metrics_space_label,
     )
 
     def ready(port: int) -> None:

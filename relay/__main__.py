@@ -20,6 +20,7 @@ from .limits import (
     DEFAULT_RATE_MSGS_PER_S,
     DEFAULT_SPACE_QUOTA_BYTES,
 )
+from .metrics import SPACE_LABEL_MODES
 from .server import RelayConfig, run_relay
 
 
@@ -43,7 +44,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate-bytes", type=float, default=DEFAULT_RATE_BYTES_PER_S, help="bytes/s/conn"
     )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    add_metrics_arguments(p)
     return p
+
+
+def add_metrics_arguments(p: argparse.ArgumentParser) -> None:
+    """--metrics-host/--metrics-port/--metrics-space-label (shared with `qmoi-sync relay serve`)."""
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics (and /healthz) over plain HTTP on this port "
+        "(default: off; /healthz is always on the relay port)",
+    )
+    p.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)"
+    )
+    p.add_argument(
+        "--metrics-space-label",
+        choices=SPACE_LABEL_MODES,
+        default="hash",
+        help="per-space series label: hash of the space id (default), raw id, or none",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RelayConfig:
@@ -58,6 +80,9 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         rate_msgs_per_s=args.rate_msgs,
         rate_burst=args.rate_burst,
         rate_bytes_per_s=args.rate_bytes,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        metrics_space_label=args.metrics_space_label,
     )
 
 

@@ -119,6 +119,7 @@ class Snapshot:
     space_bytes: Sequence[tuple[bytes, int]]
     store_batches: int
     duplicates: int
+    store_ok: bool = True
     space_label_mode: SpaceLabelMode = "hash"
 
 
@@ -162,6 +163,12 @@ def render(m: RelayMetrics, snap: Snapshot) -> str:
     """The Prometheus text exposition of ``m`` and ``snap``."""
     w = _Writer()
     w.single("qmoi_relay_uptime_seconds", "gauge", "Seconds since the relay started.", m.uptime_s)
+    w.single(
+        "qmoi_relay_store_up",
+        "gauge",
+        "1 if the store answers (same check as /healthz), else 0.",
+        1 if snap.store_ok else 0,
+    )
     w.metric(
         "qmoi_relay_connections",
         "gauge",
@@ -177,7 +184,7 @@ def render(m: RelayMetrics, snap: Snapshot) -> str:
     for what, count, size, text in (
         ("received", m.envelopes_received, m.bytes_received, "received in Publish frames"),
         ("stored", m.envelopes_stored, m.bytes_stored, "durably stored (committed)"),
-        ("delivered", m.envelopes_delivered, m.bytes_delivered, "sent to devices in Deliver frames"),
+        ("delivered", m.envelopes_delivered, m.bytes_delivered, "sent in Deliver frames"),
     ):
         w.single(f"qmoi_relay_envelopes_{what}_total", "counter", f"Envelopes {text}.", count)
         w.single(

@@ -82,6 +82,8 @@ from .limits import (
     RateLimits,
     Verdict,
 )
+from .metrics import RelayMetrics, SpaceLabelMode
+from .ops_http import OpsHttp
 from .store import (
     AppendResult,
     AppendStatus,
@@ -129,6 +131,12 @@ class RelayConfig:
     commit_linger_s: float = 0.0
     ping_interval_s: float | None = 20.0
     ping_timeout_s: float | None = 20.0
+    #: Separate plain-HTTP listener for /metrics (and /healthz); None = no metrics listener.
+    #: /healthz is always answered on the relay port too (relay/ops_http.py says why).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    #: How per-space series are labelled: "hash" (default), "raw" space id, or "none".
+    metrics_space_label: SpaceLabelMode = "hash"
 
     def rate_limits(self) -> RateLimits:
         bytes_burst = self.rate_bytes_burst
@@ -321,6 +329,7 @@ class _Conn:
 
     async def send(self, frame: F.Frame) -> None:
         await self.ws.send(F.encode_frame(frame))
+        self.server.metrics.frame_sent(frame)
 
     async def send_error(self, code: str, message: str, fatal: bool) -> None:
         await self.send(_error_frame(code, message, fatal))
@@ -334,6 +343,7 @@ class _Conn:
             )
             return
         self.mailbox.put_nowait((F.encode_frame(frame), then_close))
+        self.server.metrics.frame_sent(frame)
 
     def close_soon(self, fatal: _Fatal) -> None:
         """Close from another task: best-effort Error frame, then close."""
@@ -386,11 +396,13 @@ class _Conn:
             await self.error("rate_limited", "message dropped: slow down", counts=False)
             return None
         try:
-            return F.decode_frame(data, F.MAX_FRAME)
+            frame = F.decode_frame(data, F.MAX_FRAME)
         except ProtocolError as exc:
             raise _Fatal(
                 exc.code, f"undecodable frame: {exc.message}", CloseCode.PROTOCOL_ERROR
             ) from None
+        self.server.metrics.frame_received(frame)
+        return frame
 
     async def recv_required(self) -> F.Frame:
         while True:
@@ -431,6 +443,7 @@ class _Conn:
                 exc.sent is not None and exc.sent.code == CloseCode.MESSAGE_TOO_BIG
             ):
                 _ev(logging.WARNING, "closed_oversized_frame", conn=self.cid, peer=self.peer)
+                self.server.metrics.refused("too_large")
             else:
                 _ev(
                     logging.DEBUG,
@@ -787,6 +800,8 @@ class RelayServer:
         self._join_ids = itertools.count(1)
         self._background: set[asyncio.Task[None]] = set()
         self.port: int = 0
+        self.metrics = RelayMetrics()
+        self.ops = OpsHttp(self)
 
     @property
     def store(self) -> RelayStore:
@@ -803,6 +818,7 @@ class RelayServer:
         ssl_ctx = build_ssl_context(cfg.tls_cert, cfg.tls_key)
         self._store = await RelayStore.open(cfg.data_dir, linger_s=cfg.commit_linger_s)
         self._store.add_commit_listener(self._on_commit)
+        self._store.add_commit_listener(self.metrics.on_commit)
         try:
             self._server = await serve(
                 self._handle,
@@ -818,21 +834,36 @@ class RelayServer:
                 close_timeout=5,
                 logger=logging.getLogger("qmoi_sync.relay.ws"),
                 server_header=None,
+                process_request=self.ops.process_relay_port,
             )
+            await self.ops.start()
         except BaseException:
+            if self._server is not None:
+                self._server.close()
+                await self._server.wait_closed()
+                self._server = None
             await self._store.close()
             raise
         sockets = self._server.sockets
         self.port = sockets[0].getsockname()[1] if sockets else cfg.port
         _ev(logging.INFO, "listening", host=cfg.host, port=self.port, tls=ssl_ctx is not None)
+        if self.ops.port is not None:
+            _ev(logging.INFO, "metrics_listening", host=cfg.metrics_host, port=self.ops.port)
 
     async def close(self) -> None:
-        """Close every connection (1001 going away), wait for handlers, close the store."""
+        """Close every connection (1001 going away), wait for handlers, close the store.
+
+        Publishes already handed to the store are committed before it closes (its writer drains
+        its queue); their Acks may not reach the devices any more, which resend them and get
+        ``duplicate`` Acks. /healthz answers 503 from the start of the shutdown.
+        """
+        self.ops.stopping = True
         if self._server is not None:
             self._server.close(close_connections=True)
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
+        await self.ops.close()
         for task in list(self._background):
             task.cancel()
         if self._store is not None:
@@ -851,6 +882,7 @@ class RelayServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         conn = _Conn(self, ws)
+        self.metrics.connection_opened()
         self._conns.add(conn)
         _ev(logging.DEBUG, "connected", conn=conn.cid, peer=conn.peer)
         try:
