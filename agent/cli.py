@@ -419,6 +419,7 @@ def _devices(home: Home, args: argparse.Namespace) -> int:
 
     from qmoi_sync.agent.control import AgentNotRunning
     from qmoi_sync.agent.membership_ops import SpaceDevices, list_devices
+    from qmoi_sync.agent.status_view import printable
     from qmoi_sync.protocol.membership import MembershipLog
 
     try:
@@ -449,11 +450,13 @@ def _devices(home: Home, args: argparse.Namespace) -> int:
         if i:
             print()
         print(f"space {listing.space}  {listing.space_id}")
-        width = max((len(d.name or "?") for d in listing.devices), default=1)
-        for d in listing.devices:
+        # Names come from the devices themselves: never send their control characters raw.
+        names = [printable(d.name or "?") for d in listing.devices]
+        width = max((len(n) for n in names), default=1)
+        for d, name in zip(listing.devices, names, strict=True):
             mark = "*" if d.this_device else " "
             me = "  (this device)" if d.this_device else ""
-            print(f"  {mark} {(d.name or '?'):<{width}}  {d.short_id}  {d.role:<6}  {d.id}{me}")
+            print(f"  {mark} {name:<{width}}  {d.short_id}  {d.role:<6}  {d.id}{me}")
     if not running:
         print("(agent not running: read from disk)", file=sys.stderr)
     return EXIT_OK

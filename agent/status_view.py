@@ -10,17 +10,17 @@ from qmoi_sync.agent.status import AgentStatus, MemberStatus, StatusReport
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def _plain(text: str) -> str:
+def printable(text: str) -> str:
     """Text that came from other devices (names, platforms, paths in warnings) may hold control
     characters: show them as \\xNN instead of sending escape sequences to the terminal."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _rich(text: str) -> str:
-    """As _plain, and inert as rich markup (a peer named "[/]" must not crash ``status``)."""
+    """As printable(), and inert as rich markup (a peer named "[/]" must not crash ``status``)."""
     from rich.markup import escape
 
-    return escape(_plain(text))
+    return escape(printable(text))
 
 
 def _agent_line(a: AgentStatus) -> str:
@@ -54,24 +54,24 @@ def render_status(report: StatusReport) -> None:
     if sys.stdout.isatty():
         _render_rich(report)
     else:
-        _render_plain(report)
+        _renderprintable(report)
 
 
-def _render_plain(report: StatusReport) -> None:
+def _renderprintable(report: StatusReport) -> None:
     d = report.device
-    print(f"device  {_plain(d.name)}  {d.id}")
+    print(f"device  {printable(d.name)}  {d.id}")
     if not report.agent_running:
         print("agent   not running (showing what is on disk)")
     if report.agent is not None:
         print(_agent_line(report.agent))
         for reason in report.agent.policy.reasons:
-            print(f"  policy: {_plain(reason)}")
+            print(f"  policy: {printable(reason)}")
     for s in report.spaces:
         relay = s.relay.url or "LAN only"
         conn = "connected" if s.relay.connected else "not connected"
         print(
-            f"space   {_plain(s.name)}  {s.state}  {_plain(s.folder)}  "
-            f"relay {_plain(relay)} ({conn})  "
+            f"space   {printable(s.name)}  {s.state}  {printable(s.folder)}  "
+            f"relay {printable(relay)} ({conn})  "
             f"pending {s.pending_out}  conflicts {s.conflicts}  last sync {s.last_sync or '-'}"
         )
         for dev in s.devices:
@@ -79,11 +79,11 @@ def _render_plain(report: StatusReport) -> None:
             extra = _device_extra(dev)
             extra = f"  {extra}" if extra else ""
             print(
-                f"  {dev.short_id}  {_plain(dev.name or '?')}  {dev.role}  "
-                f"{_plain(dev.platform or '')}{me}{extra}"
+                f"  {dev.short_id}  {printable(dev.name or '?')}  {dev.role}  "
+                f"{printable(dev.platform or '')}{me}{extra}"
             )
         for w in s.warnings:
-            print(f"  warning: {_plain(w)}")
+            print(f"  warning: {printable(w)}")
 
 
 def _render_rich(report: StatusReport) -> None:

@@ -222,4 +222,7 @@ async def test_hostile_device_name_is_shown_inert(world: World) -> None:
     assert short in out
     assert "[/]" in out and "[link=https://evil.example]" in out, "the name must be shown as text"
     assert "\x1b]0;" not in out and "\x1b]8;" not in out and "\x1b[2J" not in out, repr(out)
+    rc, out = cli_in_pty(world.b, "devices")
+    assert rc == 0 and "Traceback" not in out and short in out, out
+    assert "\x1b]0;" not in out and "\x1b[2J" not in out, repr(out)
     world.sync_goes_on()
