@@ -432,6 +432,8 @@ class InjectingProxy:
         self._started = threading.Event()
         self._stop: asyncio.Event | None = None
         self._live: list[tuple[ServerConnection, asyncio.Lock]] = []
+        #: connections the agent opened through the proxy so far.
+        self.connections = 0
 
     @property
     def url(self) -> str:
@@ -452,10 +454,14 @@ class InjectingProxy:
 
     def inject(self, frame: F.Frame) -> None:
         """Send ``frame`` to the agent on its current connection (in order with forwarded ones)."""
-        fut = asyncio.run_coroutine_threadsafe(self._inject(F.encode_frame(frame)), self._loop)
+        self.inject_raw(F.encode_frame(frame))
+
+    def inject_raw(self, data: bytes | str) -> None:
+        """Send any websocket message (garbage, a text frame...) to the agent."""
+        fut = asyncio.run_coroutine_threadsafe(self._inject(data), self._loop)
         fut.result(TIMEOUT)
 
-    async def _inject(self, data: bytes) -> None:
+    async def _inject(self, data: bytes | str) -> None:
         assert self._live, "no agent is connected through the proxy"
         ws, lock = self._live[-1]
         async with lock:
@@ -477,6 +483,7 @@ class InjectingProxy:
         async with connect(self.upstream, compression=None, max_size=None, proxy=None) as up:
             entry = (down, lock)
             self._live.append(entry)
+            self.connections += 1
 
             async def to_agent() -> None:
                 async for msg in up:

@@ -9,6 +9,8 @@ stop the input first. The last test revokes m: it must stay last in the session.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from harness import wait_until
 from security.sec_helpers import (
@@ -22,6 +24,7 @@ from security.sec_helpers import (
 
 from qmoi_sync.protocol import frames as F
 from qmoi_sync.protocol.identity import DeviceIdentity
+from qmoi_sync.protocol.membership import MembershipLog, Role
 from qmoi_sync.protocol.payload import DeviceInfo, encode_payload
 
 pytestmark = pytest.mark.timeout(120)
@@ -96,6 +99,37 @@ async def test_agent_rejects_an_envelope_from_an_unknown_key(world: World) -> No
     wait_until(lambda: world.quarantined(world.b) == q + 1, SYNC_TIMEOUT, "b quarantines it")
     world.a_to_b("after-intruder.txt", "fine\n")
     assert world.b.read("intruder.txt") is None and world.a.read("intruder.txt") is None
+
+
+async def test_compromised_relay_cannot_break_the_agent(world: World) -> None:
+    """What a relay could send besides envelopes: garbage and text frames cost the agent its
+    connection (it reconnects), a garbage envelope is quarantined, a forged membership log is
+    ignored with a warning. Sync goes on afterwards."""
+    for bad in (b"\x42" + bytes(100), "a text frame", F.encode_frame(F.Deliver(1, b""))[:7]):
+        before = world.proxy.connections
+        world.proxy.inject_raw(bad)
+        wait_until(
+            lambda before=before: world.proxy.connections > before and world.proxy.connected(),
+            SYNC_TIMEOUT,
+            f"b reconnects after {bad!r:.20}",
+        )
+    q = world.quarantined(world.b)
+    world.inject(b"\x01" + bytes(300))
+    wait_until(lambda: world.quarantined(world.b) == q + 1, SYNC_TIMEOUT, "garbage quarantined")
+
+    members = world.members_known_to(world.b)
+    outsider = DeviceIdentity.generate()
+    forged, secret = MembershipLog.create(outsider, now=time.time(), space_id=world.space.space_id)
+    for _ in range(len(world.space.log) + 2):  # longer than the real log
+        forged.add_member(outsider, DeviceIdentity.generate().public, Role.admin, {0: secret}, 0)
+    world.proxy.inject(F.Membership(log=forged.to_bytes()))
+    wait_until(
+        lambda: any("rewrites history" in w for w in world.status(world.b)["warnings"]),
+        SYNC_TIMEOUT,
+        "b ignores the forged log",
+    )
+    assert world.members_known_to(world.b) == members
+    world.sync_goes_on()
 
 
 async def test_removed_member_is_refused_by_the_relay_and_by_the_agent(world: World) -> None:
