@@ -425,12 +425,7 @@ class Agent:
                 if config.name != self.device_name:
                     old, self.device_name = self.device_name, config.name
                     changes.append(f"device name {old!r} -> {config.name!r}")
-                    for rt in list(self.spaces.values()):
-                        await rt.sync.send_device_info(
-                            self.device_name,
-                            f"{platform.system()}-{platform.machine()}",
-                            __version__,
-                        )
+                    await self.publish_device_info()
             for record in await self.store.spaces():
                 if record.space_id in self.spaces:
                     continue
