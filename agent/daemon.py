@@ -180,7 +180,7 @@ class SpaceRuntime:
             agent.device_name, f"{platform.system()}-{platform.machine()}", __version__
         )
         confirmed = False
-        if self.link is not None and not self.revoked:
+        if self.link is not None and not self.revoked and not self.record.paused:
             confirmed = await self.link.wait_relay_log(done.log.to_bytes(), REVOKE_CONFIRM_S)
         return {
             "space": self.record.name,
