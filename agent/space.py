@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pycrdt import Doc
+from pycrdt import Doc, merge_updates
 
+from qmoi_sync.agent.causal import UpdateDecodeError, missing_dependencies
 from qmoi_sync.agent.index import FileEntry, IndexDoc, derive_file_id
 from qmoi_sync.agent.keyring import Keyring
 from qmoi_sync.agent.layout import compute_layout
@@ -48,12 +49,16 @@ from qmoi_sync.agent.textdoc import ingest_disk_text, load_text_doc, new_text_do
 from qmoi_sync.protocol.envelope import open_envelope, parse_header, seal
 from qmoi_sync.protocol.errors import PathError, ProtocolError
 from qmoi_sync.protocol.identity import DeviceIdentity
+from qmoi_sync.protocol.lan import direct_seq, is_direct_seq
 from qmoi_sync.protocol.membership import Role
 from qmoi_sync.protocol.paths import conflict_name, validate_relpath
 from qmoi_sync.protocol.payload import (
     Capabilities,
     DeviceInfo,
     DocUpdate,
+    Payload,
+    StateReply,
+    StateRequest,
     Updates,
     decode_payload,
     encode_payload,
@@ -94,6 +99,7 @@ class SpaceStats:
     last_error: str | None = None
     applied_envelopes: int = 0
     sent_envelopes: int = 0
+    duplicates: int = 0  # envelopes dropped because they had arrived already (relay or LAN)
 
 
 @dataclass
@@ -162,6 +168,9 @@ class SpaceSync:
         self.refused: str | None = None
         self._keyring_changed = asyncio.Event()
         self._gave_up_waiting_on: Keyring | None = None
+        # Called synchronously, right after the commit, with every (seq, envelope) this device
+        # seals into its stream, so LAN peers get it at once (agent/peer_sync.py).
+        self.on_sealed: Callable[[list[tuple[int, bytes]]], None] | None = None
 
     # -- membership -----------------------------------------------------------------------------
     def set_keyring(self, keyring: Keyring) -> None:
@@ -500,10 +509,16 @@ class SpaceSync:
         return True
 
     async def _apply_envelope(
-        self, envelope: bytes, batch: _Batch, dirty: set[bytes], final: bool = True
+        self,
+        envelope: bytes,
+        batch: _Batch,
+        dirty: set[bytes],
+        final: bool = True,
+        peer: bool = False,
     ) -> bool:
         """Apply (or quarantine, or drop as a replay) one envelope. Returns False, changing
-        nothing, if it should wait for a longer membership log (see handle_remote)."""
+        nothing, if it should wait for a longer membership log (see handle_remote) or, for an
+        envelope from a LAN peer (``peer``), if its updates lack a dependency (handle_peer)."""
         try:
             header = parse_header(envelope)
         except ProtocolError as exc:
@@ -519,6 +534,10 @@ class SpaceSync:
             )
         ):
             return False
+        if peer and (not ring.ever_member(header.sender) or header.epoch not in ring.epoch_keys):
+            # Not openable yet (a log we lack): skipped, not quarantined; the relay or the
+            # next resync brings it once the membership log explains it.
+            return True
         role = ring.sender_role(header.sender, header.epoch, self.epoch_fence)
         try:
             opened = open_envelope(
@@ -532,11 +551,16 @@ class SpaceSync:
             return True
         sender = opened.header.sender
         seq = opened.header.seq
-        self.epoch_fence = max(self.epoch_fence, opened.header.epoch)
+        if not peer:  # the fence follows relay order only
+            self.epoch_fence = max(self.epoch_fence, opened.header.epoch)
         if sender == self.identity.public.sign_pk:
             return True
-        window = self.windows.setdefault(sender, ReplayWindow())
+        # Direct envelopes from a LAN peer (state replies, its device info) are outside the
+        # sender's stream: they never enter its replay window (a scratch one stands in).
+        direct = peer and is_direct_seq(seq)
+        window = ReplayWindow() if direct else self.windows.setdefault(sender, ReplayWindow())
         if window.seen(seq):
+            self.stats.duplicates += 1
             return True
         try:
             payload = decode_payload(opened.plaintext)
@@ -544,7 +568,7 @@ class SpaceSync:
             await self._quarantine(sender, f"{exc.code}: {exc}", envelope)
             window.mark(seq)
             return True
-        if isinstance(payload, Updates):
+        if isinstance(payload, Updates) or (direct and isinstance(payload, StateReply)):
             if role is Role.reader:
                 # The relay refuses publishes from readers; this is the second line of defence.
                 await self._quarantine(sender, "content change from a read-only member", envelope)
@@ -554,6 +578,14 @@ class SpaceSync:
                 await self._quarantine(sender, "malformed CRDT update", envelope)
                 window.mark(seq)
                 return True
+            if peer:
+                try:
+                    if await self._lacks_dependencies(payload.items):
+                        return False
+                except UpdateDecodeError:
+                    await self._quarantine(sender, "malformed CRDT update", envelope)
+                    window.mark(seq)
+                    return True
             # Before a remote change lands on a document, make sure any edit the user already
             # saved to that file is in the CRDT; otherwise materializing would overwrite it.
             await self._absorb_unsaved(
@@ -589,6 +621,115 @@ class SpaceSync:
         window.mark(seq)
         self.stats.applied_envelopes += 1
         return True
+
+    async def _lacks_dependencies(self, items: list[DocUpdate]) -> bool:
+        """True if an update refers to items its document does not have yet: pycrdt would hold
+        it pending and may lose it (design brief §4). Raises UpdateDecodeError."""
+        by_doc: dict[bytes, list[bytes]] = {}
+        for item in items:
+            by_doc.setdefault(item.doc_id, []).append(item.update)
+        for doc_id, updates in by_doc.items():
+            if doc_id == INDEX_DOC_ID:
+                sv = self.index.state_vector()
+            else:
+                sv = (await self._doc(doc_id)).get_state()
+            try:
+                merged = updates[0] if len(updates) == 1 else merge_updates(*updates)
+            except BaseException as exc:
+                if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
+                    raise
+                raise UpdateDecodeError(f"updates do not merge: {exc!r}") from None
+            if missing_dependencies(sv, merged):
+                return True
+        return False
+
+    # -- LAN peers (agent/peer_sync.py drives these) ---------------------------------------------
+    async def handle_peer(self, envelopes: list[bytes]) -> int:
+        """Apply envelopes a LAN peer sent: its own stream envelopes, already in its sequence
+        order (peer_sync puts a CausalBuffer in front), or direct ones (a StateReply, its
+        DeviceInfo). Unlike handle_remote this never advances the relay cursor nor the epoch
+        fence. Stops before the first envelope whose updates lack a dependency; returns how many
+        were consumed (applied, dropped as replays, or quarantined)."""
+        async with self.lock:
+            self._begin_batch()
+            batch = _Batch()
+            dirty: set[bytes] = set()
+            done = 0
+            for envelope in envelopes:
+                if not await self._apply_envelope(envelope, batch, dirty, peer=True):
+                    break
+                done += 1
+            await self._finish(batch, dirty=dirty, delivered=[(0, e) for e in envelopes[:done]])
+        return done
+
+    def _seal_direct(self, payload: Payload) -> bytes:
+        return seal(
+            identity=self.identity,
+            space_id=self.space_bytes,
+            epoch=self.keyring.current_epoch,
+            msg_key=self.keyring.msg_key,
+            seq=direct_seq(self.seq),
+            plaintext=encode_payload(payload),
+        )
+
+    async def seal_direct(self, payload: Payload) -> bytes | None:
+        """A direct envelope (outside the stream, for one LAN peer); None without a key."""
+        async with self.lock:
+            return self._seal_direct(payload) if self.keyring.can_write() else None
+
+    async def _peek_doc(self, doc_id: bytes) -> Doc:
+        """A text document, without pulling it into the cache (resyncs walk every document)."""
+        doc = self._docs.get(doc_id)
+        if doc is not None:
+            return doc
+        state, updates = await self.store.load_doc(self.space_id, doc_id)
+        doc = load_text_doc(state) if state else new_text_doc()
+        for u in updates:
+            doc.apply_update(u)
+        return doc
+
+    async def state_request(self) -> bytes | None:
+        """Sync step 1 for a LAN peer: a direct envelope with the state vector of every
+        document of the space; None if this device holds no key to seal with."""
+        async with self.lock:
+            if not self.keyring.can_write():
+                return None
+            items = [(INDEX_DOC_ID, self.index.state_vector())]
+            for doc_id in await self.store.doc_ids(self.space_id):
+                if doc_id != INDEX_DOC_ID:
+                    items.append((doc_id, (await self._peek_doc(doc_id)).get_state()))
+            return self._seal_direct(StateRequest(items=items))
+
+    async def state_reply(self, request: StateRequest) -> list[bytes]:
+        """Sync step 2: direct StateReply envelopes holding every update the requester's state
+        vectors lack (documents it did not list come whole). Their seq tells the requester they
+        cover this device's stream up to its current seq. Empty without a key."""
+        async with self.lock:
+            if not self.keyring.can_write():
+                return []
+            theirs = dict(request.items)
+            items: list[tuple[bytes, bytes]] = []
+            doc_ids = [INDEX_DOC_ID] + [
+                d for d in await self.store.doc_ids(self.space_id) if d != INDEX_DOC_ID
+            ]
+            for doc_id in doc_ids:
+                sv = theirs.get(doc_id, b"\x00")
+                try:
+                    if doc_id == INDEX_DOC_ID:
+                        diff = self.index.update_since(sv)
+                    else:
+                        diff = (await self._peek_doc(doc_id)).get_update(sv)
+                except BaseException as exc:
+                    if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
+                        raise
+                    log.warning("state request: refused a state vector: %r", exc)
+                    continue
+                if diff != b"\x00\x00":
+                    items.append((doc_id, diff))
+            return [
+                self._seal_direct(StateReply(items=[DocUpdate(d, u) for d, u in chunk]))
+                for chunk in _split(items)
+            ]
 
     async def _absorb_unsaved(self, fids: list[bytes], batch: _Batch) -> None:
         by_fid = {rec.fid: rec for rec in self.files.values()}
@@ -794,6 +935,7 @@ class SpaceSync:
             return
         now = self.clock()
         due: list[bytes] = []
+        sealed: list[tuple[int, bytes]] = []
         block = self.send_block if items else None
         if block is not None:
             # Local changes are held back before they reach a document (_ingest_local); this
@@ -817,6 +959,7 @@ class SpaceSync:
                         plaintext=payload,
                     )
                     await self.store.add_outbox(self.space_id, self.seq, envelope)
+                    sealed.append((self.seq, envelope))
                 await self.store.set_counter(self.space_id, "seq", self.seq)
             if delivered:
                 await self.store.set_counter(self.space_id, "relay_cursor", self.cursor)
@@ -837,6 +980,8 @@ class SpaceSync:
         if items:
             self.stats.sent_envelopes += 1
             self.outbox_changed.set()
+        if sealed and self.on_sealed is not None:
+            self.on_sealed(sealed)
         for doc_id in due:
             await self._compact(doc_id)
 
@@ -936,7 +1081,10 @@ class SpaceSync:
             )
             await self.store.add_outbox(self.space_id, self.seq, envelope)
             await self.store.set_counter(self.space_id, "seq", self.seq)
+            sealed = [(self.seq, envelope)]
         self.outbox_changed.set()
+        if self.on_sealed is not None:
+            self.on_sealed(sealed)
 
 
 def _split(items: list[tuple[bytes, bytes]]) -> list[list[tuple[bytes, bytes]]]:
