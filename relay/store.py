@@ -543,7 +543,11 @@ class RelayStore:
                         await self._load_meta_locked(p.space_id)
                     except StoreError as exc:
                         p.future.set_exception(exc)
-            live = [p for p in batch if not p.future.done()]
+            # A *cancelled* future only means its waiter went away (e.g. the publisher's
+            # connection closed and its ack task was cancelled): the envelope is still decided
+            # and stored. Skipping it would store the sender's later envelopes, so its resend
+            # would be taken for a duplicate (seq <= sender max) and acked, i.e. lost.
+            live = [p for p in batch if p.future.cancelled() or not p.future.done()]
             # Decide each envelope's fate in order against a working copy of the metadata.
             work: dict[bytes, _SpaceMeta] = {}
             decisions: list[tuple[_Pending, AppendStatus, int]] = []
