@@ -14,14 +14,14 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from harness import Relay
-from security.sec_helpers import LegitPair, Space, Wire, resign
+from security.sec_helpers import LegitPair, Space, Wire, assert_readable, resign
 from websockets.frames import CloseCode
 
 from qmoi_sync.protocol import _codec as c
 from qmoi_sync.protocol import frames as F
 from qmoi_sync.protocol.envelope import MAX_ENVELOPE
 from qmoi_sync.protocol.identity import SIGNATURE_LEN, DeviceIdentity
-from qmoi_sync.protocol.membership import MembershipLog
+from qmoi_sync.protocol.membership import MembershipLog, Role
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -300,6 +300,29 @@ async def test_unsupported_protocol_version(relay: Relay, pair: LegitPair) -> No
     err = await w.expect_error("unsupported_version", fatal=True)
     assert "99" in err.message
     await w.wait_closed()
+    await assert_nothing_stored(pair)
+
+
+async def test_garbage_membership_log_in_auth(relay: Relay, pair: LegitPair) -> None:
+    space = pair.space
+    w = await Wire.open(relay.url)
+    res = await w.auth(space.members[2], space.space_id, b"\x01" + os.urandom(500))
+    assert isinstance(res, F.Error) and res.fatal, res
+    assert_readable(res)
+    assert "membership log refused" in res.message, res
+    await w.wait_closed()
+    await assert_nothing_stored(pair)
+
+
+async def test_reader_may_not_publish(relay: Relay, pair: LegitPair) -> None:
+    space = pair.space
+    reader = DeviceIdentity.generate()
+    space.add(reader, Role.reader)
+    admin = await Wire.open(relay.url)  # the relay learns the longer log from the admin
+    assert isinstance(await admin.auth(space.admin, space.space_id, space.log_bytes), F.Welcome)
+    w = await attacker(relay, space, reader)
+    err = await w.publish(space.seal(reader, b"a reader's write"))
+    assert isinstance(err, F.Error) and err.code == "read_only" and not err.fatal, err
     await assert_nothing_stored(pair)
 
 
