@@ -19,6 +19,6 @@ async def _close_raw_connections() -> AsyncIterator[None]:
 @pytest.fixture(scope="session")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     """One relay + agents a, b + never-started member m, shared by the agent-level tests
-    (test_sec_malicious_member runs before test_sec_replay, which revokes m at its very end)."""
+    (any order: tests only add state, and the revocation test revokes a device of its own)."""
     with world_of(tmp_path_factory.mktemp("world")) as w:
         yield w

@@ -4,7 +4,7 @@ Real processes (the session's ``world``): a relay, agents ``a`` (admin) and ``b`
 ``m`` (init + join, never started; the test speaks for it). ``b`` reaches the relay through an
 in-test man in the middle that forwards everything and can inject frames: what a compromised relay
 could deliver. So the agent's own defences are exercised where the relay's checks would otherwise
-stop the input first. The last test revokes m: it must stay last in the session.
+stop the input first.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from harness import wait_until
+from harness import Device, invite, join, wait_until
 from security.sec_helpers import (
     SYNC_TIMEOUT,
     Replica,
+    Space,
     Wire,
     World,
     create_files_payload,
@@ -133,29 +134,32 @@ async def test_compromised_relay_cannot_break_the_agent(world: World) -> None:
 
 
 async def test_removed_member_is_refused_by_the_relay_and_by_the_agent(world: World) -> None:
-    m_w = await world.wire_as()  # connected while it is removed
-    world.a.cli("revoke", "notes", world.m_dev.public.short_id)
-    m_pk = world.m_dev.public.sign_pk
-    wait_until(
-        lambda: m_pk not in world.members_known_to(world.b), SYNC_TIMEOUT, "b learns m's removal"
-    )
-    # The relay: m's open connection is cut, a new one refused.
-    err = await m_w.recv_skipping()
+    # A member of its own (so the session's m stays usable whatever the test order).
+    tmp = world.tmp
+    gone = Device(tmp / "home-gone", tmp / "folder-gone", "gone").init()
+    join(gone, invite(world.a))
+    space, dev = Space.of_device(gone)
+    pk = dev.public.sign_pk
+    wait_until(lambda: pk in world.members_known_to(world.b), SYNC_TIMEOUT, "b knows it")
+    w_open = await Wire.open(world.relay.url)  # connected while it is removed
+    assert isinstance(await w_open.auth(dev, space.space_id), F.Welcome)
+
+    world.a.cli("revoke", "notes", dev.public.short_id)
+    wait_until(lambda: pk not in world.members_known_to(world.b), SYNC_TIMEOUT, "b learns it")
+    # The relay: the open connection is cut, a new one refused.
+    err = await w_open.recv_skipping()
     assert isinstance(err, F.Error) and err.code == "revoked" and err.fatal, err
     w = await Wire.open(world.relay.url)
-    res = await w.auth(world.m_dev, world.space.space_id)
+    res = await w.auth(dev, space.space_id)
     assert isinstance(res, F.Error) and res.code == "not_a_member" and res.fatal, res
 
-    # Content of the new epoch reaches b (this also moves b's epoch fence past m's removal).
+    # Content of the new epoch reaches b (this also moves b's epoch fence past the removal).
     world.a_to_b("after-removal.txt", "new epoch\n")
-    # m still holds the old epoch key and seals a new envelope with it; a compromised relay
-    # delivers it to b, which must refuse it.
+    # The removed device still holds the old epoch key and seals a new envelope with it; a
+    # compromised relay delivers it to b, which must refuse it.
     q = world.quarantined(world.b)
-    rep = Replica(world.space)
-    ghost = world.space.seal(
-        world.m_dev, create_files_payload(rep, ["ghost.txt"], "EVIL\n"), epoch=0
-    )
-    world.inject(ghost)
+    payload = create_files_payload(Replica(space), ["ghost.txt"], "EVIL\n")
+    world.inject(space.seal(dev, payload, epoch=0))
     wait_until(lambda: world.quarantined(world.b) == q + 1, SYNC_TIMEOUT, "b quarantines it")
     world.a_to_b("after-ghost.txt", "fine\n")
     assert world.b.read("ghost.txt") is None and world.a.read("ghost.txt") is None
