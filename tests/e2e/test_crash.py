@@ -8,7 +8,7 @@ from pathlib import Path
 from harness import Device, cluster, wait_until
 
 N_FILES = 200
-KILL_AT = 90
+KILL_AT = 120
 
 
 def _burst(dev: Device, expected: dict[str, bytes], start: int, stop: int) -> None:
@@ -52,7 +52,13 @@ def test_writer_killed_mid_burst(tmp_path: Path) -> None:
     with cluster(tmp_path) as (_relay, (a, b)):
         expected: dict[str, bytes] = {}
         _burst(a, expected, 0, KILL_AT)
-        a.kill()  # SIGKILL while the burst is being ingested and sent
+        # SIGKILL a while it is ingesting and sending the burst: once its first files reach b.
+        wait_until(
+            lambda: len(list(b.folder.rglob("f*.txt"))) >= 5,
+            what="a's first files reach b",
+            interval=0.002,
+        )
+        a.kill()
         # The rest of the burst lands on disk while a is dead.
         _burst(a, expected, KILL_AT, N_FILES)
         a.start()

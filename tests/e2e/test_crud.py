@@ -105,11 +105,14 @@ def _nested_ops(src: Device, devs: list[Device], tag: str) -> None:
     for p in [p for p in state if p.startswith(f"{tag}/src/")]:
         del state[p]
     _expect(devs, state, f"{tag}: delete a folder")
+    # The folders themselves follow, not just the files in them: a moved or deleted folder
+    # does not linger empty on the other device.
     for d in devs:
-        wait_until(
-            lambda d=d: not (d.folder / f"{tag}/src/lib/util.py").exists(),
-            what=f"{tag}/src gone on {d.name}",
-        )
+        for gone in (f"{tag}/src", f"{tag}/docs"):
+            wait_until(
+                lambda d=d, gone=gone: not (d.folder / gone).exists(),
+                what=f"folder {gone} gone on {d.name}",
+            )
 
 
 def test_nested_folders_both_directions(tmp_path: Path) -> None:
