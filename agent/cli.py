@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="no desktop: JSON log lines on stdout, and the device is announced as headless",
     )
 
+    s = sub.add_parser("tray", help="show a tray icon (starts the agent if none runs)")
+    s.add_argument(
+        "--no-start", action="store_true", help="only attach to a running agent; never start one"
+    )
+    # Test hook: action ids read from this file drive the real menu callbacks (agent/tray.py).
+    s.add_argument("--test-actions-file", type=Path, help=argparse.SUPPRESS)
+
     s = sub.add_parser("status", help="show this device, its spaces and peers")
     s.add_argument("--json", action="store_true")
 
@@ -189,6 +196,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return doctor(home, as_json=args.json, timeout=args.timeout)
     if args.cmd == "status":
         return _status(home, as_json=args.json)
+    if args.cmd == "tray":
+        from qmoi_sync.agent.tray import run_tray
+
+        return run_tray(
+            home, start_agent=not args.no_start, test_actions_file=args.test_actions_file
+        )
     if args.cmd == "stop":
         return _control_or_fail(home, {"cmd": "stop"}, lambda r: print("agent stopping"))
     if args.cmd == "space":
