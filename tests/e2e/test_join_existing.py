@@ -105,6 +105,7 @@ def test_join_with_one_different_file_keeps_both(tmp_path: Path) -> None:
         shutil.copytree(a.folder, b.folder)
         b_version = "buy bread\nB's own list, never seen by a\n"
         b.write("notes/todo.txt", b_version)
+        b.write("notes/only-on-b.txt", "b had this before joining\n")
         try:
             join(b, invite(a))
             b.start()
@@ -124,6 +125,7 @@ def test_join_with_one_different_file_keeps_both(tmp_path: Path) -> None:
             # Everything else is untouched and undoubled.
             rest = {p: t.encode() for p, t in ORIGINAL.items() if p != "notes/todo.txt"}
             rest |= {"barrier-1-a.txt": b"a\n", "barrier-1-b.txt": b"b\n"}
+            rest["notes/only-on-b.txt"] = b"b had this before joining\n"
             others = {p: v for p, v in tree.items() if p not in ("notes/todo.txt", copy)}
             assert others == rest
             for d in (a, b):
