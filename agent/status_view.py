@@ -54,10 +54,10 @@ def render_status(report: StatusReport) -> None:
     if sys.stdout.isatty():
         _render_rich(report)
     else:
-        _renderprintable(report)
+        _render_plain(report)
 
 
-def _renderprintable(report: StatusReport) -> None:
+def _render_plain(report: StatusReport) -> None:
     d = report.device
     print(f"device  {printable(d.name)}  {d.id}")
     if not report.agent_running:
