@@ -77,6 +77,9 @@ TEXT_MAX_BYTES = 4 * 1024 * 1024
 ENVELOPE_PAYLOAD_BUDGET = 6 * 1024 * 1024
 # Text documents kept in memory; the rest live in SQLite until touched.
 DOC_CACHE_SIZE = 128
+# Files written to disk concurrently: their fsyncs overlap and the file system commits them
+# together (measured on ext4: ~5 ms per file one at a time, ~0.4 ms each 4+ at a time).
+MATERIALIZE_GROUP = 32
 # How long a delivered envelope from an unknown sender or of a future epoch waits for the
 # membership log that explains it (the relay sends that log just before, on another task).
 MEMBERSHIP_WAIT_S = 5.0
@@ -141,6 +144,9 @@ class SpaceSync:
         self.index = IndexDoc()
         self._docs: OrderedDict[bytes, Doc] = OrderedDict()
         self.files: dict[str, FileRecord] = {}
+        # Changes to `files` not yet in SQLite (path -> record, None = forget): written in the
+        # transaction that commits the document updates they belong to (_write_file_records).
+        self._file_ops: dict[str, FileRecord | None] = {}
         self.windows: dict[bytes, ReplayWindow] = {}
         self.lock = asyncio.Lock()
         self.outbox_changed = asyncio.Event()
@@ -395,7 +401,7 @@ class SpaceSync:
             batch.add(fid, update)
             batch.add(INDEX_DOC_ID, self.index.record_edit(fid.hex(), self.device))
         mode = _mode_of(ch.stat, self.root / ch.path)
-        entry = self.index.entries().get(fid.hex())
+        entry = self.index.entry(fid.hex())
         if entry is not None and entry.mode != mode:
             batch.add(INDEX_DOC_ID, self.index.set_mode(fid.hex(), mode, self.device))
         await self._record(ch.path, fid, ch.data, ch.stat)
@@ -451,16 +457,30 @@ class SpaceSync:
         rec = FileRecord(path, fid, content_hash(data), st.size, st.mtime_ns, st.inode)
         self.files[path] = rec
         self.warnings.pop(f"held:{path}", None)
-        await self.store.put_file(self.space_id, rec)
+        self._file_ops[path] = rec
 
     async def _record_stat(self, path: str, fid: bytes, digest: bytes, st: DiskStat) -> None:
         rec = FileRecord(path, fid, digest, st.size, st.mtime_ns, st.inode)
         self.files[path] = rec
-        await self.store.put_file(self.space_id, rec)
+        self._file_ops[path] = rec
 
     async def _forget(self, path: str) -> None:
         self.files.pop(path, None)
-        await self.store.delete_file(self.space_id, path)
+        self._file_ops[path] = None
+
+    async def _write_file_records(self) -> None:
+        """Persist the queued file records; call inside a transaction. A record must never be
+        durable before the document updates of the content it describes: after a crash in
+        between, the file would look already ingested while its content never reached the
+        CRDT (and the next reconcile would even delete it as not alive). One executemany per
+        batch also replaces one autocommitted INSERT per file."""
+        ops, self._file_ops = self._file_ops, {}
+        puts = [rec for rec in ops.values() if rec is not None]
+        gone = [path for path, rec in ops.items() if rec is None]
+        if puts:
+            await self.store.put_files(self.space_id, puts)
+        if gone:
+            await self.store.delete_files(self.space_id, gone)
 
     # -- remote side --------------------------------------------------------------------------
     async def handle_remote(self, delivered: list[tuple[int, bytes]]) -> None:
@@ -593,6 +613,7 @@ class SpaceSync:
             )
             if self._disk_note is not None:
                 await self._keep_bases([i.doc_id for i in payload.items])
+            applied: list[tuple[bytes, bytes]] = []
             for item in payload.items:
                 try:
                     if item.doc_id == INDEX_DOC_ID:
@@ -605,10 +626,12 @@ class SpaceSync:
                     await self._quarantine(sender, f"update rejected by CRDT: {exc!r}", envelope)
                     await self._reload_doc(item.doc_id)
                     continue
+                applied.append((item.doc_id, item.update))
                 dirty.add(item.doc_id)
-            await self.store.append_doc_updates(
-                self.space_id, [(i.doc_id, i.update) for i in payload.items]
-            )
+            # Only what a live document accepted is made durable: a rejected update must not
+            # come back at the next start and poison the document it failed on.
+            if applied:
+                await self.store.append_doc_updates(self.space_id, applied)
         elif isinstance(payload, DeviceInfo):
             info: dict[str, object] = {
                 "name": payload.name,
@@ -880,6 +903,7 @@ class SpaceSync:
 
         # Content: new files and documents that changed.
         current = {rec.fid: path for path, rec in self.files.items()}
+        todo: list[tuple[bytes, str, FileEntry]] = []
         for fid, path in desired.items():
             if fid in current and fid not in dirty:
                 continue
@@ -899,29 +923,43 @@ class SpaceSync:
                 # once the policy sees free space again (PolicyMonitor -> materialize_pending).
                 self.unwritten.add(fid)
                 continue
-            await self._materialize_text(fid, path, entries[fid.hex()])
+            todo.append((fid, path, entries[fid.hex()]))
+        for i in range(0, len(todo), MATERIALIZE_GROUP):
+            await self._materialize_texts(todo[i : i + MATERIALIZE_GROUP])
         self.unwritten.intersection_update(desired)
         return blocked
 
-    async def _materialize_text(self, fid: bytes, path: str, entry: FileEntry) -> None:
-        doc = await self._doc(fid)
-        data = text_of(doc).encode("utf-8")
-        rec = self.files.get(path)
-        if rec is not None and rec.hash == content_hash(data):
-            st = stat_file(self.root, path)
-            if st is not None:
-                return
-        mode = 0o755 if entry.mode & 0o111 else 0o644
-        try:
-            st = await asyncio.to_thread(write_file_atomic, self.root, path, data, mode)
-        except (OSError, UnsafePathError) as exc:
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                self.unwritten.add(fid)  # retried with the next batch or when space is freed
-            self.warnings[f"write:{path}"] = f"cannot write {path}: {exc}"
-            return
-        self.warnings.pop(f"write:{path}", None)
-        self.unwritten.discard(fid)
-        await self._record(path, fid, data, st)
+    async def _materialize_texts(self, group: list[tuple[bytes, str, FileEntry]]) -> None:
+        """Write a group of text files concurrently (temp + fsync + rename each), then record
+        them in one transaction."""
+        jobs: list[tuple[bytes, str, bytes, int]] = []
+        for fid, path, entry in group:
+            doc = await self._doc(fid)
+            data = text_of(doc).encode("utf-8")
+            rec = self.files.get(path)
+            if rec is not None and rec.hash == content_hash(data):
+                st = stat_file(self.root, path)
+                if st is not None:
+                    continue
+            jobs.append((fid, path, data, 0o755 if entry.mode & 0o111 else 0o644))
+        results = await asyncio.gather(
+            *(asyncio.to_thread(write_file_atomic, self.root, p, d, m) for _f, p, d, m in jobs),
+            return_exceptions=True,
+        )
+        for (fid, path, data, _mode), res in zip(jobs, results, strict=True):
+            if isinstance(res, (OSError, UnsafePathError)):
+                if isinstance(res, OSError) and res.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self.unwritten.add(fid)  # retried with the next batch or when space is freed
+                self.warnings[f"write:{path}"] = f"cannot write {path}: {res}"
+                continue
+            if isinstance(res, BaseException):
+                raise res
+            self.warnings.pop(f"write:{path}", None)
+            self.unwritten.discard(fid)
+            await self._record(path, fid, data, res)
+        if self._file_ops:
+            async with self.store.transaction():
+                await self._write_file_records()
 
     async def _commit(
         self,
@@ -931,7 +969,13 @@ class SpaceSync:
     ) -> None:
         """One transaction: document updates, their sealed envelopes, the relay cursor, replay
         windows and the set of documents still to be written to disk."""
-        if not items and not delivered and pending is None and not self._bases_changed:
+        if (
+            not items
+            and not delivered
+            and pending is None
+            and not self._bases_changed
+            and not self._file_ops
+        ):
             return
         now = self.clock()
         due: list[bytes] = []
@@ -968,6 +1012,7 @@ class SpaceSync:
                     await self.store.save_replay(self.space_id, sender, window.to_bytes())
             if pending is not None:
                 await self.store.set_pending(self.space_id, sorted(pending))
+            await self._write_file_records()
             for fid in self._bases_changed:
                 if fid in self._bases:
                     await self.store.put_materialize_base(self.space_id, fid, self._bases[fid])
