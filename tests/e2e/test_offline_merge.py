@@ -33,30 +33,61 @@ def _wait_merged(devices: list[Device], path: str, want: str, what: str) -> None
         raise AssertionError(f"{exc}\nwant:\n{want}\ngot: {got}\n{logs}") from None
 
 
-def _seed(a: Device, b: Device, path: str) -> None:
-    a.write(path, _text(BASE))
-    _wait_merged([a, b], path, _text(BASE), "seed file on both devices")
+def _edit(lines: list[str], changes: dict[int, str | None], insert_top: str = "") -> list[str]:
+    """A copy of `lines` with line i replaced (or removed, for None), optionally a new first
+    line."""
+    out = [changes.get(i, line) for i, line in enumerate(lines)]
+    return ([insert_top] if insert_top else []) + [x for x in out if x is not None]
+
+
+# path -> (a's version, b's version, the merge of both), every case editing DIFFERENT lines.
+CASES = {
+    "notes/far-apart.txt": (
+        _edit(BASE, {1: "line 2: EDITED ON A while b was offline\n"}),
+        _edit(BASE, {9: "line 10: EDITED ON B while its agent was stopped\n"}),
+        _edit(
+            BASE,
+            {
+                1: "line 2: EDITED ON A while b was offline\n",
+                9: "line 10: EDITED ON B while its agent was stopped\n",
+            },
+        ),
+    ),
+    "adjacent.txt": (
+        _edit(BASE, {4: "line 5: a's version\n"}),
+        _edit(BASE, {5: "line 6: b's version\n"}),
+        _edit(BASE, {4: "line 5: a's version\n", 5: "line 6: b's version\n"}),
+    ),
+    "notes/top-and-bottom.txt": (
+        _edit(BASE, {}, insert_top="a new first line from a\n"),
+        [*BASE, "a new last line from b\n"],
+        [*_edit(BASE, {}, insert_top="a new first line from a\n"), "a new last line from b\n"],
+    ),
+    "delete-and-edit.txt": (
+        _edit(BASE, {7: "line 8: a edits this one\n"}),
+        _edit(BASE, {2: None, 3: None}),  # b deletes lines 3 and 4
+        _edit(BASE, {7: "line 8: a edits this one\n", 2: None, 3: None}),
+    ),
+}
 
 
 def test_peer_stopped_concurrent_edits_merge(tmp_path: Path) -> None:
     with cluster(tmp_path) as (_relay, (a, b)):
-        _seed(a, b, "notes/plan.txt")
+        for path in CASES:
+            a.write(path, _text(BASE))
+        for path in CASES:
+            _wait_merged([a, b], path, _text(BASE), "seed files on both devices")
         b.stop()
 
-        a_lines = list(BASE)
-        a_lines[1] = "line 2: EDITED ON A while b was offline\n"
-        a.write("notes/plan.txt", _text(a_lines))
-        b_lines = list(BASE)
-        b_lines[9] = "line 10: EDITED ON B while its agent was stopped\n"
-        b.write("notes/plan.txt", _text(b_lines))
-        # a has taken its edit in (and sent it to the relay) before b comes back.
-        wait_until(lambda: a.space_status()["pending_out"] == 0, what="a's edit at the relay")
+        for path, (a_lines, b_lines, _merged) in CASES.items():
+            a.write(path, _text(a_lines))
+            b.write(path, _text(b_lines))
+        # Usually a's edits are at the relay before b comes back; the merge must not care.
+        wait_until(lambda: a.space_status()["pending_out"] == 0, what="a's outbox drained")
 
         b.start()
-        merged = list(BASE)
-        merged[1] = a_lines[1]
-        merged[9] = b_lines[9]
-        _wait_merged([a, b], "notes/plan.txt", _text(merged), "both offline edits merged")
+        for path, (_a, _b, merged) in CASES.items():
+            _wait_merged([a, b], path, _text(merged), f"{path}: both offline edits merged")
         assert a.tree() == b.tree()
         assert _conflict_copies([a, b]) == []
         assert a.space_status()["conflicts"] == 0
@@ -66,7 +97,10 @@ def test_peer_stopped_concurrent_edits_merge(tmp_path: Path) -> None:
 def test_relay_down_concurrent_edits_merge(tmp_path: Path) -> None:
     with cluster(tmp_path) as (relay, (a, b)):
         assert relay is not None
-        _seed(a, b, "plan.txt")
+        for path in CASES:
+            a.write(path, _text(BASE))
+        for path in CASES:
+            _wait_merged([a, b], path, _text(BASE), "seed files on both devices")
         port = relay.port
         relay.stop()
         for d in (a, b):
@@ -75,27 +109,23 @@ def test_relay_down_concurrent_edits_merge(tmp_path: Path) -> None:
                 what=f"{d.name} notices the relay is down",
             )
 
-        a_lines = list(BASE)
-        a_lines[0] = "line 1: EDITED ON A during the relay outage\n"
-        a.write("plan.txt", _text(a_lines))
-        b_lines = list(BASE)
-        b_lines[11] = "line 12: EDITED ON B during the relay outage\n"
-        b.write("plan.txt", _text(b_lines))
-        # Each agent has taken its own edit in and holds it in the outbox.
+        for path, (a_lines, b_lines, _merged) in CASES.items():
+            a.write(path, _text(a_lines))
+            b.write(path, _text(b_lines))
+        # Each agent has taken its own edits in and holds them in its outbox.
         for d in (a, b):
             wait_until(
                 lambda d=d: d.space_status()["pending_out"] > 0,
-                what=f"{d.name} queues its edit while the relay is down",
+                what=f"{d.name} queues its edits while the relay is down",
             )
-        assert a.read("plan.txt") == _text(a_lines)
-        assert b.read("plan.txt") == _text(b_lines)
+        for path, (a_lines, b_lines, _merged) in CASES.items():
+            assert a.read(path) == _text(a_lines)
+            assert b.read(path) == _text(b_lines)
 
         relay.start()  # same data directory, same port
         assert relay.port == port
-        merged = list(BASE)
-        merged[0] = a_lines[0]
-        merged[11] = b_lines[11]
-        _wait_merged([a, b], "plan.txt", _text(merged), "agents reconnect and merge")
+        for path, (_a, _b, merged) in CASES.items():
+            _wait_merged([a, b], path, _text(merged), f"{path}: agents reconnect and merge")
         for d in (a, b):
             wait_until(
                 lambda d=d: d.space_status()["pending_out"] == 0, what=f"{d.name} outbox drained"
