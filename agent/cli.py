@@ -77,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=parse_duration, default=600)
     s.add_argument("--insecure", action="store_true")
 
+    cp = sub.add_parser("config", help="device settings (<home>/config.json)").add_subparsers(
+        dest="config_cmd", required=True
+    )
+    s = cp.add_parser(
+        "set", help="set lan.enabled | lan.port | lan.interfaces (per space: lan.enabled)"
+    )
+    s.add_argument("key")
+    s.add_argument("value")
+    s.add_argument("--space", help="set it for one space only (name or id)")
+    s = cp.add_parser("get", help="show the settings (of one space with --space)")
+    s.add_argument("--space", help="space name or id")
+    s.add_argument("--json", action="store_true")
+
     s = sub.add_parser("run", help="run the agent in the foreground")
     s.add_argument(
         "--headless",
@@ -216,6 +229,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _devices(home, args)
     if args.cmd == "revoke":
         return _revoke(home, args)
+    if args.cmd == "config":
+        return _config(home, args)
     if args.cmd in ("pause", "resume"):
         return _pause(home, args.space, paused=args.cmd == "pause")
     raise UserError(f"unknown command {args.cmd}")
@@ -373,7 +388,8 @@ def _offline_invite(home: Home, args: argparse.Namespace) -> str:
 
 
 def _join(home: Home, args: argparse.Namespace) -> int:
-    from qmoi_sync.agent.membership_ops import check_folder, join_via_relay
+    from qmoi_sync.agent.lan_join import join_any
+    from qmoi_sync.agent.membership_ops import check_folder
     from qmoi_sync.agent.store import SpaceRecord
 
     identity = home.load_identity()
@@ -381,7 +397,7 @@ def _join(home: Home, args: argparse.Namespace) -> int:
     if _agent_running(home):
         raise UserError("stop the agent before joining a space (qmoi-sync stop)")
     print("waiting for an admin device of the space to accept…", file=sys.stderr)
-    joined = asyncio.run(join_via_relay(identity, name, args.token, float(args.timeout)))
+    joined = asyncio.run(join_any(home, identity, name, args.token, float(args.timeout)))
     space_id = joined.log.space_id.hex()
     space_name = args.name or joined.invite.space_name or f"space-{space_id[:8]}"
 
@@ -419,6 +435,52 @@ def _join(home: Home, args: argparse.Namespace) -> int:
             f"{role.value if role else 'nothing'}",
             file=sys.stderr,
         )
+    return EXIT_OK
+
+
+def _space_ids(home: Home) -> dict[str, str]:
+    """name -> id of every space of this device (via the agent, else from disk)."""
+    from qmoi_sync.agent.control import AgentNotRunning
+
+    try:
+        spaces = _control(home, {"cmd": "status"})["spaces"]
+        return {s["name"]: s["id"] for s in spaces}
+    except AgentNotRunning:
+
+        async def go(store: Any) -> dict[str, str]:
+            return {r.name: r.space_id for r in await store.spaces()}
+
+        return dict(_with_offline_store(home, go)) if home.db_path.exists() else {}
+
+
+def _config(home: Home, args: argparse.Namespace) -> int:
+    import json
+
+    from qmoi_sync.agent import lan_config as C
+
+    space_id = None
+    if args.space:
+        ids = _space_ids(home)
+        space_id = ids.get(args.space) or (args.space if args.space in ids.values() else None)
+        if space_id is None:
+            raise UserError(f"no space named {args.space!r} on this device")
+    settings = C.load_settings(home.root)
+    if args.config_cmd == "set":
+        value = C.set_value(settings, args.key, args.value, space_id)
+        C.save_settings(home.root, settings)
+        where = f" for space {args.space}" if args.space else ""
+        print(f"{args.key} = {json.dumps(value)}{where}")
+        if _agent_running(home):
+            print("restart the agent to apply it (qmoi-sync stop, then run)", file=sys.stderr)
+        return EXIT_OK
+    values = C.get_values(settings, space_id)
+    if args.json:
+        print(json.dumps(values, indent=2))
+    else:
+        for key, value in values.items():
+            print(f"{key} = {json.dumps(value)}")
+        if C.lan_killed():
+            print(f"note: {C.KILL_SWITCH_ENV} in the environment switches LAN off", file=sys.stderr)
     return EXIT_OK
 
 

@@ -147,6 +147,8 @@ class ControlServer:
             token = await membership_ops.create_invite(
                 agent.store, agent.identity, rt.keyring.log, rt.record, req.role, req.expires_s
             )
+            if agent.lan is not None:
+                agent.lan.request_invite_refresh()  # advertise it on the LAN at once
             return {"token": token}
         if isinstance(req, AddSpaceRequest):
             for record in await agent.store.spaces():

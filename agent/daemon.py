@@ -21,6 +21,8 @@ from qmoi_sync.agent import membership_ops
 from qmoi_sync.agent.control import ControlServer
 from qmoi_sync.agent.home import AgentLock, Home, UserError
 from qmoi_sync.agent.keyring import Keyring
+from qmoi_sync.agent.lan import LanService, lan_status, path_fields
+from qmoi_sync.agent.peer_sync import SpaceLan
 from qmoi_sync.agent.policy import POLICY_FILE, Policy, PolicyConfig, PolicyMonitor, wait_for_scan
 from qmoi_sync.agent.relay_link import RelayLink
 from qmoi_sync.agent.resources import ProcessUsage, make_probe
@@ -47,6 +49,9 @@ log = logging.getLogger("qmoi_sync.agent")
 WATCH_READY_TIMEOUT = 10.0
 # How long `revoke` waits for the relay to confirm it holds the new membership log.
 REVOKE_CONFIRM_S = 10.0
+# A device joining a space without a relay waits this long for a first sync with a LAN peer
+# before it scans its own folder (as a relay joiner waits for its first catch-up).
+LAN_FIRST_SYNC_S = 15.0
 # Offline CLI commands (`status`, `devices`, … while no agent runs) hold the agent lock for a
 # moment; an agent starting meanwhile waits this long for it before concluding another agent runs.
 LOCK_WAIT_S = 5.0
@@ -73,9 +78,12 @@ class SpaceRuntime:
         # Serializes changes of the membership log (relay updates, joins we accept, revocations)
         # so two of them never fork it.
         self.membership_lock = asyncio.Lock()
+        self.lan: SpaceLan | None = None  # LAN peers (agent/lan.py), when enabled
 
     async def start(self) -> None:
         await self.sync.load()
+        if self.agent.lan is not None:
+            self.lan = await self.agent.lan.add_space(self)
         watch_ready = asyncio.Event()
         self.tasks.append(
             asyncio.create_task(
@@ -103,6 +111,8 @@ class SpaceRuntime:
         # own folder, so files already present on both sides are recognized, not duplicated.
         if not self.record.seeded and self.link is not None:
             await self.link.caught_up.wait()
+        elif not self.record.seeded and self.lan is not None:
+            await self.lan.wait_first_sync(LAN_FIRST_SYNC_S)
         await wait_for_scan(self.agent.policy, self.sync)
         await self.sync.rescan()
         if not self.record.seeded:
@@ -226,11 +236,15 @@ class SpaceRuntime:
         async with self.sync.lock:
             self.stop.set()
             self.link_stop.set()
+            if self.lan is not None:
+                self.lan.cancel()
             for t in self.tasks:
                 t.cancel()
         for t in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self.agent.lan is not None:
+            await self.agent.lan.remove_space(self.record.space_id)
 
     async def status(self) -> SpaceStatus:
         store = self.agent.store
@@ -268,6 +282,7 @@ class SpaceRuntime:
         seen = await store.device_seen(self.record.space_id)
         me = self.agent.identity.public.sign_pk
         mine = self.agent.policy.capabilities(self.record.folder)
+        lan_peers = self.agent.lan.peers(self.record.space_id) if self.agent.lan else {}
         devices = []
         for pk, member in sorted(self.keyring.log.members().items()):
             info = infos.get(pk, {})
@@ -287,6 +302,7 @@ class SpaceRuntime:
                     this_device=pk == me,
                     last_seen=last_seen,
                     capabilities=CapabilitiesStatus.model_validate(caps) if caps else None,
+                    **path_fields(self, pk, lan_peers),
                 )
             )
         last = self.sync.stats.last_sync
@@ -309,6 +325,8 @@ class SpaceRuntime:
             files=len(self.sync.files),
             warnings=warnings,
             devices=devices,
+            lan=lan_status(self),
+            duplicates=self.sync.stats.duplicates,
         )
 
 
@@ -337,6 +355,7 @@ class Agent:
         self.running = asyncio.Event()  # set once every space started and control listens
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        self.lan: LanService | None = None
 
     async def _acquire_lock(self) -> bool:
         loop = asyncio.get_running_loop()
@@ -353,6 +372,8 @@ class Agent:
         try:
             self.store = await Store.open(self.home.db_path)
             try:
+                self.lan = LanService(self)
+                await self.lan.start()
                 for record in await self.store.spaces():
                     await self.start_space(record)
                 self.control = ControlServer(self.home.control_path, self)
@@ -392,6 +413,8 @@ class Agent:
         async with self._reload_lock:  # a reload in progress finishes first
             for runtime in self.spaces.values():
                 await runtime.close()
+        if self.lan is not None:
+            await self.lan.close()
         await self.store.close()
         log.info("agent stopped: every batch finished, database closed")
 

@@ -83,6 +83,13 @@ class RelayLink:
         self._push_pending = False
         self._relay_log_digest: bytes | None = None
         self._relay_log_changed = asyncio.Event()
+        self._ws: ClientConnection | None = None
+
+    @property
+    def latency_ms(self) -> float | None:
+        """Round trip of the last keepalive ping to the relay (None before the first one)."""
+        ws = self._ws
+        return round(ws.latency * 1000, 3) if ws is not None and ws.latency else None
 
     def push_membership(self) -> None:
         """Send our (grown) membership log to the relay: on the live connection, before any
@@ -153,6 +160,7 @@ class RelayLink:
             proxy=None,
         ) as ws:
             await self._handshake(ws)
+            self._ws = ws
             self.state.connected = True
             self.state.last_error = None
             await ws.send(F.encode_frame(F.Subscribe(from_seq=self.sync.cursor)))
@@ -168,6 +176,7 @@ class RelayLink:
             try:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                self._ws = None
                 for t in tasks:
                     t.cancel()
                 for t in tasks:

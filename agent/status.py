@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 SpaceState = Literal["idle", "syncing", "offline", "error", "paused"]
 PolicyState = Literal["normal", "deferring_bulk", "disk_full"]
+PeerPath = Literal["lan", "relay"]
 
 
 class DeviceStatus(BaseModel):
@@ -42,6 +43,25 @@ class MemberStatus(BaseModel):
     this_device: bool = False
     last_seen: str | None = None  # when the device last published its info (ISO 8601 UTC)
     capabilities: CapabilitiesStatus | None = None
+    # How this device reaches that one now: "lan" (a direct, authenticated peer connection),
+    # "relay" (through the connected relay), or None (neither). `address` is the peer's
+    # ip:port, or the relay URL; `rtt_ms` the round trip of that connection (for "relay", the
+    # hop from this device to the relay).
+    path: PeerPath | None = None
+    address: str | None = None
+    rtt_ms: float | None = None
+
+
+class LanStatus(BaseModel):
+    """LAN peers of a space (agent/lan.py, agent/peer_sync.py)."""
+
+    enabled: bool
+    port: int | None = None
+    peers: int = 0  # devices connected over the LAN now
+    received: int = 0  # stream envelopes received from LAN peers
+    sent: int = 0  # stream envelopes sent to LAN peers
+    resyncs: int = 0  # state-vector resyncs asked of LAN peers
+    refused: int = 0  # peer connections refused (failed challenge, not a member)
 
 
 class SpaceStatus(BaseModel):
@@ -58,6 +78,8 @@ class SpaceStatus(BaseModel):
     files: int
     warnings: list[str]
     devices: list[MemberStatus]
+    lan: LanStatus | None = None
+    duplicates: int = 0  # envelopes that arrived twice (LAN and relay) and were applied once
 
 
 class PolicyStatus(BaseModel):
