@@ -107,20 +107,46 @@ def run_cli(home: Path | None, *args: str, timeout: float = 120) -> str:
 
 def _agent_argv(*args: str) -> list[str]:
     """argv for a long-running agent/relay: the console script, or the profiling wrapper."""
-    if os.environ.get(PROFILE_ENV):
+    if os.environ.get(PROFILE_ENV) and os.environ.get(PROFILER_ENV) != "py-spy":
         return [sys.executable, str(BENCH_DIR / "profiled_agent.py"), *args]
     return _cmd(*args)
 
 
-def _stop_proc(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def _attach_py_spy(pid: int, role: str) -> subprocess.Popen[bytes] | None:
+    """With --profile py-spy: sample `pid` until it exits (collapsed stacks, all threads)."""
+    out = os.environ.get(PROFILE_ENV)
+    if not out or os.environ.get(PROFILER_ENV) != "py-spy":
+        return None
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        raise BenchError("py-spy is not installed (pip install py-spy)")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--nonblocking",
+         "--idle", "--threads", "-o", str(Path(out) / f"{role}-{pid}.txt")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _stop_proc(
+    proc: subprocess.Popen[bytes] | None,
+    timeout: float = 30,
+    spy: subprocess.Popen[bytes] | None = None,
+) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if spy is not None:
+        try:
+            spy.wait(timeout=30)  # py-spy writes its output when the target exits
+        except subprocess.TimeoutExpired:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=30)
 
 
 @dataclass
@@ -128,6 +154,7 @@ class Relay:
     data: Path
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    spy: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -154,6 +181,7 @@ class Relay:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
             )
+        self.spy = _attach_py_spy(self.proc.pid, "relay")
         wait_until(self._listening, timeout=30, what="relay listening")
         return self
 
@@ -166,8 +194,8 @@ class Relay:
         return False
 
     def stop(self) -> None:
-        _stop_proc(self.proc)
-        self.proc = None
+        _stop_proc(self.proc, spy=self.spy)
+        self.proc = self.spy = None
 
 
 @dataclass
@@ -177,6 +205,7 @@ class Device:
     name: str
     space: str = "bench"
     proc: subprocess.Popen[bytes] | None = None
+    spy: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     log_path: Path = field(init=False)
 
@@ -216,6 +245,7 @@ class Device:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
             )
+        self.spy = _attach_py_spy(self.proc.pid, f"agent-{self.name}")
         if wait:
             wait_until(self._ready, timeout=60, what=f"agent {self.name} ready")
         return self
@@ -250,8 +280,8 @@ class Device:
         wait_until(self.idle, timeout=timeout, what=f"{self.name} idle", interval=0.02)
 
     def stop(self) -> None:
-        _stop_proc(self.proc)
-        self.proc = None
+        _stop_proc(self.proc, spy=self.spy)
+        self.proc = self.spy = None
 
 
 def control_request(path: Path, payload: dict[str, Any], timeout: float = 30) -> Any:
@@ -415,6 +445,7 @@ def machine_info() -> dict[str, Any]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             pkgs[name] = metadata.version(name)
     info: dict[str, Any] = {
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "hostname": platform.node(),
         "platform": platform.platform(),
         "machine": platform.machine(),

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         nargs="?",
         const="cprofile",
-        choices=["cprofile", "pyinstrument"],
+        choices=["cprofile", "pyinstrument", "py-spy"],
         help="run relay and agents under a profiler; profiles go to "
         "bench/results/profile-<scenario>-<timestamp>/",
     )
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[benchlib.PROFILER_ENV] = args.profile
         print(f"== {name}{' (quick)' if args.quick else ''} …", flush=True)
         t0 = time.perf_counter()
+        load0 = [round(x, 2) for x in os.getloadavg()]
         try:
             result = mod.run(**kwargs)
         except Exception:
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {name}: FAILED", flush=True)
             continue
         result["bench_wall_s"] = round(time.perf_counter() - t0, 1)
+        result["loadavg_at_start"] = load0
+        result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
         if args.profile:
             result["profile_dir"] = os.environ[benchlib.PROFILE_ENV]
         print(mod.summary(result), flush=True)
