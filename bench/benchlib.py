@@ -122,8 +122,21 @@ def _attach_py_spy(pid: int, role: str) -> subprocess.Popen[bytes] | None:
         raise BenchError("py-spy is not installed (pip install py-spy)")
     Path(out).mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
-        [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--nonblocking",
-         "--idle", "--threads", "-o", str(Path(out) / f"{role}-{pid}.txt")],
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--nonblocking",
+            "--idle",
+            "--threads",
+            "-o",
+            str(Path(out) / f"{role}-{pid}.txt"),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
