@@ -41,12 +41,27 @@ def _flat_ops(src: Device, devs: list[Device], tag: str) -> None:
     state[f"{tag}.txt"] = f"FIRST line from {tag}\nsecond line\n"
     _expect(devs, state, f"{tag}: edit (same size, in place)")
 
+    # An editor's atomic save: write a temporary file, rename it over the original.
+    tmp = src.folder / f".{tag}.txt.swp"
+    tmp.write_text(f"FIRST line from {tag}\nsecond line\nsaved atomically\n")
+    os.replace(tmp, src.folder / f"{tag}.txt")
+    state[f"{tag}.txt"] = f"FIRST line from {tag}\nsecond line\nsaved atomically\n"
+    _expect(devs, state, f"{tag}: edit (atomic save)")
+
     os.rename(src.folder / f"{tag}.txt", src.folder / f"{tag}-renamed.txt")
     state[f"{tag}-renamed.txt"] = state.pop(f"{tag}.txt")
     _expect(devs, state, f"{tag}: rename")
 
-    (src.folder / f"{tag}-renamed.txt").unlink()
-    del state[f"{tag}-renamed.txt"]
+    # Rename onto an existing file (mv over it): the target's old content is replaced.
+    src.write(f"{tag}-victim.txt", "to be overwritten\n")
+    state[f"{tag}-victim.txt"] = "to be overwritten\n"
+    _expect(devs, state, f"{tag}: create the rename target")
+    os.replace(src.folder / f"{tag}-renamed.txt", src.folder / f"{tag}-victim.txt")
+    state[f"{tag}-victim.txt"] = state.pop(f"{tag}-renamed.txt")
+    _expect(devs, state, f"{tag}: rename over an existing file")
+
+    (src.folder / f"{tag}-victim.txt").unlink()
+    del state[f"{tag}-victim.txt"]
     _expect(devs, state, f"{tag}: delete")
 
 
