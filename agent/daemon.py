@@ -109,8 +109,16 @@ class SpaceRuntime:
     async def _initial_scan(self) -> None:
         # A device that joined an existing space learns the remote state before it ingests its
         # own folder, so files already present on both sides are recognized, not duplicated.
+        # A first state-vector sync with a LAN peer counts as that catch-up too.
         if not self.record.seeded and self.link is not None:
-            await self.link.caught_up.wait()
+            waits = [asyncio.ensure_future(self.link.caught_up.wait())]
+            if self.lan is not None:
+                waits.append(asyncio.ensure_future(self.lan.first_sync.wait()))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
         elif not self.record.seeded and self.lan is not None:
             await self.lan.wait_first_sync(LAN_FIRST_SYNC_S)
         await wait_for_scan(self.agent.policy, self.sync)

@@ -361,7 +361,7 @@ class SpaceLan:
         while (target := self.targets.get(instance)) is not None and not self._closed:
             pk = self.instance_pk.get(instance)
             live = self.sessions.get(pk) if pk is not None else None
-            if live is not None:
+            if live is not None and not live.done.is_set():
                 await live.done.wait()
                 continue
             if not self.active:

@@ -1,0 +1,309 @@
+"""LAN peers with real mDNS between network namespaces (real agent processes, no mocks).
+
+One shared world per module (like the security suite): namespaces a, b, c and f joined by a
+LAN bridge (mDNS) and a separate relay network whose relay (in the hub namespace) starts
+stopped. The tests run in order and build on each other:
+
+1. relay configured but down: B joins A's space over the LAN, files flow both ways;
+2. spoofed announcements (forged tag; replayed real tag behind a key outside the membership)
+   get no envelope, state vector, log or welcome;
+3. the relay starts: A's and B's outboxes drain, a third device C that only uses the relay gets
+   every file;
+4. an edit arriving over the LAN and through the relay is applied once;
+5. B's LAN link goes down: edits keep flowing both ways through the relay, then the LAN comes
+   back;
+6. a space without any relay: invite and join over the LAN, files both ways.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import wait_until
+from lan.netns import LanNet, NsDevice, NsRelay, python_in
+
+pytestmark = pytest.mark.slow
+
+FAKE_PEER = Path(__file__).with_name("fake_peer.py")
+#: The issue's target: a new peer found and authenticated within 2 s of its agent starting
+#: (asserted with headroom for a loaded CI machine; bench/lan.py reports the real numbers).
+DISCOVERY_LIMIT_S = 5.0
+
+
+@dataclass
+class World:
+    net: LanNet
+    tmp: Path
+    relay: NsRelay
+    a: NsDevice
+    b: NsDevice
+    c: NsDevice
+    space_id: str = ""
+
+
+@pytest.fixture(scope="module")
+def world(net: LanNet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("lan")
+    relay = NsRelay(data=tmp / "relay-data", net=net)
+    devs = [NsDevice(net, n, tmp / f"home-{n}", tmp / f"folder-{n}") for n in ("a", "b", "c")]
+    w = World(net, tmp, relay, *devs)
+    try:
+        for d in devs:
+            d.init()
+        # A and B do LAN on their LAN cable only (so unplugging it really cuts the LAN path);
+        # C is a relay-only device.
+        for d in (w.a, w.b):
+            d.cli("config", "set", "lan.interfaces", "lan0")
+        w.c.cli("config", "set", "lan.enabled", "false")
+        yield w
+    finally:
+        for d in devs:
+            d.stop()
+        relay.stop()
+
+
+def connected_at(dev: NsDevice, peer_name_hint: str = "") -> float | None:
+    """Wall-clock time of the first 'LAN: ... connected' line in an agent's log."""
+    for line in dev.log().splitlines():
+        if "qmoi_sync.lan: LAN:" in line and " connected for space " in line:
+            stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            return stamp.timestamp()
+    return None
+
+
+def path_of(dev: NsDevice, space: str, other: str) -> dict[str, Any] | None:
+    for row in dev.space_status(space)["devices"]:
+        if row["name"] == other:
+            return row  # type: ignore[no-any-return]
+    return None
+
+
+def test_relay_down_lan_join_and_sync_both_ways(world: World) -> None:
+    w = world
+    w.relay.port = 18765  # not started: the relay is configured but down
+    w.space_id = (
+        w.a.cli(
+            "space",
+            "create",
+            "notes",
+            "--folder",
+            str(w.a.folder),
+            "--relay",
+            w.relay.url,
+            "--insecure",
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    w.a.space = "notes"
+    w.a.write("from-a.txt", "written on a before b existed\n")
+    w.a.start()
+    token = w.a.cli("invite", "notes").stdout.strip().splitlines()[-1]
+    # The relay is unreachable: the join succeeds over the LAN.
+    out = w.b.cli(
+        "join", token, "--folder", str(w.b.folder), "--name", "notes", "--insecure", timeout=60
+    )
+    assert "joined space notes" in out.stdout
+    w.b.space = "notes"
+    started = time.time()
+    w.b.start()
+    wait_until(
+        lambda: w.b.read("from-a.txt") == "written on a before b existed\n",
+        what="a's file reaches b over the LAN",
+    )
+    t = wait_until(lambda: connected_at(w.b), what="b logs its LAN peer")
+    assert t - started < DISCOVERY_LIMIT_S, f"b found and authenticated a after {t - started:.2f}s"
+
+    w.b.write("from-b.txt", "hello from b\n")
+    wait_until(lambda: w.a.read("from-b.txt") == "hello from b\n", what="b→a over the LAN")
+    w.a.write("from-a.txt", "written on a before b existed\nand edited after\n")
+    wait_until(
+        lambda: w.b.read("from-a.txt") == "written on a before b existed\nand edited after\n",
+        what="a's edit reaches b over the LAN",
+    )
+    row = path_of(w.a, "notes", "b")
+    assert row is not None and row["path"] == "lan", row
+    assert row["address"].startswith("10.213.1.")
+    st = w.a.space_status("notes")
+    assert st["relay"]["connected"] is False and st["lan"]["peers"] == 1
+    assert st["pending_out"] > 0  # the relay outbox still holds everything for later
+
+
+def _fake_events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_spoofed_announcements_get_nothing(world: World) -> None:
+    w = world
+    out = w.tmp / "fake.jsonl"
+    log = w.tmp / "fake.log"
+    before_a = w.a.space_status("notes")["lan"]["refused"]
+    proc = python_in(
+        w.net,
+        "f",
+        FAKE_PEER,
+        "--out",
+        str(out),
+        "--space-id",
+        w.space_id,
+        "--duration",
+        "6",
+        log=log,
+    )
+    try:
+        # The agents dial the replayed-tag advertisement and refuse the non-member behind it;
+        # the fake's own dial to A is refused after its (valid) signature.
+        wait_until(
+            lambda: any(e["event"] == "done" for e in _fake_events(out)),
+            timeout=40,
+            what=f"fake peer finished (log: {log.read_text() if log.exists() else ''})",
+        )
+    finally:
+        proc.kill()
+        proc.wait()
+    events = _fake_events(out)
+    copied = next(e for e in events if e["event"] == "copied")
+    assert copied["member"].startswith(("10.213.1.1:", "10.213.1.2:"))
+    forged_port = 47801
+    replay_port = 47802
+    # Nobody even connected to the advertisement with a forged tag.
+    assert not [e for e in events if e.get("port") == forged_port and e["event"] != "advertised"]
+    # Members connected to the replayed tag (the test exercised the membership check) ...
+    hellos = [e for e in events if e.get("port") == replay_port and e.get("frame") == "PeerHello"]
+    assert hellos, events
+    # ... and sent nothing after their hello: no key, no log, no envelope, no state vector.
+    received = {e.get("frame") for e in events if e["event"] in ("frame", "client_frame")}
+    assert received <= {"PeerHello", "PeerChallenge"}, received
+    # As a client with a valid signature but a key outside the membership: refused after Auth.
+    client = [e["frame"] for e in events if e["event"] == "client_frame"]
+    assert client == ["PeerChallenge"], client
+    assert "not a member" in w.a.log() + w.b.log()
+    assert w.a.space_status("notes")["lan"]["refused"] > before_a
+    # the real peers are still connected to each other
+    row = path_of(w.a, "notes", "b")
+    assert row is not None and row["path"] == "lan"
+
+
+def test_relay_starts_and_catches_up(world: World) -> None:
+    w = world
+    w.relay.start()
+    for d in (w.a, w.b):
+        wait_until(
+            lambda d=d: d.space_status("notes")["pending_out"] == 0,
+            timeout=45,
+            what=f"{d.name}'s outbox drained to the relay once it is up",
+        )
+    token = w.a.cli("invite", "notes").stdout.strip().splitlines()[-1]
+    w.c.cli("join", token, "--folder", str(w.c.folder), "--name", "notes", "--insecure", timeout=60)
+    w.c.space = "notes"
+    w.c.start()
+    expected = w.a.tree()
+    assert set(expected) == {"from-a.txt", "from-b.txt"}
+    wait_until(lambda: w.c.tree() == expected, timeout=30, what="relay-only c gets every file")
+    assert w.c.space_status("notes")["lan"]["enabled"] is False
+    row = path_of(w.c, "notes", "a")
+    assert row is not None and row["path"] == "relay", row
+
+
+def test_edit_on_both_paths_is_applied_once(world: World) -> None:
+    w = world
+    wait_until(
+        lambda: (path_of(w.b, "notes", "a") or {}).get("path") == "lan", what="a and b on the LAN"
+    )
+    before = w.b.space_status("notes")["duplicates"]
+    text = ""
+    for i in range(5):
+        text += f"line {i} from a\n"
+        w.a.write("both.txt", text)
+        wait_until(lambda t=text: w.b.read("both.txt") == t, what=f"edit {i} reaches b")
+    for d in (w.b, w.c):
+        wait_until(lambda d=d: d.read("both.txt") == text, what=f"{d.name} converges")
+    # every envelope reached b twice (LAN first, then the relay) and was applied once
+    wait_until(
+        lambda: w.b.space_status("notes")["duplicates"] >= before + 5,
+        timeout=20,
+        what="relay copies dropped as duplicates on b",
+    )
+    assert w.b.read("both.txt") == text and w.c.read("both.txt") == text
+
+
+def test_peer_disappears_falls_back_to_relay(world: World) -> None:
+    w = world
+    w.net.link("b", up=False)
+    try:
+        text = ""
+        for i in range(4):
+            text += f"while b is off the LAN {i}\n"
+            w.a.write("fallback.txt", text)
+        w.b.write("from-b-offline.txt", "b, relay only\n")
+        wait_until(
+            lambda: w.b.read("fallback.txt") == text,
+            timeout=30,
+            what="a's edits reach b through the relay",
+        )
+        wait_until(
+            lambda: w.a.read("from-b-offline.txt") == "b, relay only\n",
+            timeout=30,
+            what="b's edit reaches a through the relay",
+        )
+        wait_until(
+            lambda: (path_of(w.a, "notes", "b") or {}).get("path") == "relay",
+            timeout=30,
+            what="a sees b through the relay only",
+        )
+    finally:
+        w.net.link("b", up=True)
+    wait_until(
+        lambda: (path_of(w.a, "notes", "b") or {}).get("path") == "lan",
+        timeout=40,
+        what="the LAN path comes back",
+    )
+    w.b.write("back.txt", "back on the LAN\n")
+    wait_until(lambda: w.a.read("back.txt") == "back on the LAN\n", what="b→a again")
+    for d in (w.a, w.b, w.c):
+        wait_until(lambda d=d: d.read("fallback.txt") == text, what=f"{d.name} has every edit")
+
+
+def test_lan_only_space_invite_and_join(world: World) -> None:
+    w = world
+    w.a.stop()
+    w.a.cli("space", "create", "solo", "--folder", str(w.tmp / "solo-a"))
+    w.a.start()
+    solo_a = w.tmp / "solo-a"
+    (solo_a / "one.txt").write_text("one, from a\n")
+    token = w.a.cli("invite", "solo").stdout.strip().splitlines()[-1]
+    w.b.stop()
+    w.b.cli("join", token, "--folder", str(w.tmp / "solo-b"), "--name", "solo", timeout=60)
+    w.b.start()
+    solo_b = w.tmp / "solo-b"
+    wait_until(
+        lambda: (
+            (solo_b / "one.txt").exists() and (solo_b / "one.txt").read_text() == "one, from a\n"
+        ),
+        what="a→b in the LAN-only space",
+    )
+    (solo_b / "two.txt").write_text("two, from b\n")
+    wait_until(
+        lambda: (
+            (solo_a / "two.txt").exists() and (solo_a / "two.txt").read_text() == "two, from b\n"
+        ),
+        what="b→a in the LAN-only space",
+    )
+    st = w.a.space_status("solo")
+    assert st["relay"]["url"] is None and st["pending_out"] == 0
+    row = path_of(w.a, "solo", "b")
+    assert row is not None and row["path"] == "lan" and row["name"] == "b"
+    assert re.match(r"10\.213\.1\.2:\d+$", row["address"]), row
+    # the relay space kept syncing after both restarts
+    w.a.write("after-restart.txt", "still syncing\n")
+    wait_until(lambda: w.c.read("after-restart.txt") == "still syncing\n", what="notes still syncs")
