@@ -13,6 +13,8 @@ type   frame               fields
 0x05   PushMembership      log blob
 0x06   JoinRequest         space_id 16 | invite_id 16 | request blob
 0x07   JoinReply           request_id u64 | accepted bool | reason str | log blob
+0x08   PutChunk            chunk_id 32 | data blob (<= MAX_CHUNK_CIPHERTEXT)
+0x09   GetChunk            chunk_id 32
 0x81   Challenge           nonce 32
 0x82   Welcome             head_seq u64 | log blob
 0x83   Deliver             relay_seq u64 | envelope blob
@@ -22,7 +24,14 @@ type   frame               fields
 0x87   JoinForward         request_id u64 | request blob
 0x88   JoinResult          ok bool | reason str | log blob
 0x89   Error               code str (<= 64) | message str (<= 1 KiB) | fatal bool
+0x8a   ChunkAck            chunk_id 32 | stored bool (False: the relay had it already)
+0x8b   ChunkData           chunk_id 32 | data blob (<= MAX_CHUNK_CIPHERTEXT)
+0x8c   ChunkMissing        chunk_id 32
 =====  ==================  ==========================================================
+
+The chunk frames form the *blob channel* (protocol/chunks.py): encrypted chunks of binary files,
+kept apart from the envelope log. A PutChunk is answered by a ChunkAck once the chunk is durable,
+or by a non-fatal ``Error("quota_exceeded")``; a GetChunk by ChunkData or ChunkMissing.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import _codec as c
+from .chunks import CHUNK_ID_LEN, MAX_CHUNK_CIPHERTEXT
 from .envelope import MAX_ENVELOPE
 from .errors import MalformedError, TooLargeError
 from .identity import SIGN_PK_LEN, SIGNATURE_LEN
@@ -40,6 +50,7 @@ from .version import PROTO_VERSION
 
 __all__ = [
     "AUTH_CONTEXT",
+    "BLOB_FRAME_TYPES",
     "INVITE_ID_LEN",
     "MAX_CODE",
     "MAX_FRAME",
@@ -51,9 +62,13 @@ __all__ = [
     "Auth",
     "CaughtUp",
     "Challenge",
+    "ChunkAck",
+    "ChunkData",
+    "ChunkMissing",
     "Deliver",
     "Error",
     "Frame",
+    "GetChunk",
     "Hello",
     "JoinForward",
     "JoinReply",
@@ -62,6 +77,7 @@ __all__ = [
     "Membership",
     "Publish",
     "PushMembership",
+    "PutChunk",
     "Subscribe",
     "Welcome",
     "auth_message",
@@ -135,6 +151,17 @@ class JoinReply:
     log: bytes = b""
 
 
+@dataclass(frozen=True)
+class PutChunk:
+    chunk_id: bytes
+    data: bytes
+
+
+@dataclass(frozen=True)
+class GetChunk:
+    chunk_id: bytes
+
+
 # -- relay -> client -------------------------------------------------------------------------
 
 
@@ -192,6 +219,26 @@ class Error:
     fatal: bool = False
 
 
+@dataclass(frozen=True)
+class ChunkAck:
+    chunk_id: bytes
+    stored: bool = True
+
+
+@dataclass(frozen=True)
+class ChunkData:
+    chunk_id: bytes
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ChunkMissing:
+    chunk_id: bytes
+
+
+#: Frame types of the blob channel (the relay rate-limits them apart from envelopes).
+BLOB_FRAME_TYPES = frozenset({0x08, 0x09})
+
 Frame = (
     Hello
     | Auth
@@ -200,6 +247,8 @@ Frame = (
     | PushMembership
     | JoinRequest
     | JoinReply
+    | PutChunk
+    | GetChunk
     | Challenge
     | Welcome
     | Deliver
@@ -209,6 +258,9 @@ Frame = (
     | JoinForward
     | JoinResult
     | Error
+    | ChunkAck
+    | ChunkData
+    | ChunkMissing
 )
 
 _TYPE: dict[type, int] = {
@@ -219,6 +271,8 @@ _TYPE: dict[type, int] = {
     PushMembership: 0x05,
     JoinRequest: 0x06,
     JoinReply: 0x07,
+    PutChunk: 0x08,
+    GetChunk: 0x09,
     Challenge: 0x81,
     Welcome: 0x82,
     Deliver: 0x83,
@@ -228,6 +282,9 @@ _TYPE: dict[type, int] = {
     JoinForward: 0x87,
     JoinResult: 0x88,
     Error: 0x89,
+    ChunkAck: 0x8A,
+    ChunkData: 0x8B,
+    ChunkMissing: 0x8C,
 }
 
 
@@ -273,6 +330,15 @@ def encode_frame(msg: Frame) -> bytes:
             c.str16(msg.reason, MAX_REASON, "reason"),
             c.blob32(msg.log, MAX_LOG_BYTES, "log"),
         ]
+    elif isinstance(msg, PutChunk | ChunkData):
+        parts += [
+            c.fixed(msg.chunk_id, CHUNK_ID_LEN, "chunk_id"),
+            c.blob32(msg.data, MAX_CHUNK_CIPHERTEXT, "chunk data"),
+        ]
+    elif isinstance(msg, GetChunk | ChunkMissing):
+        parts.append(c.fixed(msg.chunk_id, CHUNK_ID_LEN, "chunk_id"))
+    elif isinstance(msg, ChunkAck):
+        parts += [c.fixed(msg.chunk_id, CHUNK_ID_LEN, "chunk_id"), _bool(msg.stored, "stored")]
     elif isinstance(msg, Challenge):
         parts.append(c.fixed(msg.nonce, NONCE_LEN, "nonce"))
     elif isinstance(msg, Welcome):
@@ -337,6 +403,10 @@ def decode_frame(data: bytes, max_size: int = MAX_FRAME) -> Frame:
             r.str16(MAX_REASON, "reason"),
             r.blob32(MAX_LOG_BYTES, "log"),
         )
+    elif t == 0x08:
+        msg = PutChunk(r.take(CHUNK_ID_LEN, "chunk_id"), r.blob32(MAX_CHUNK_CIPHERTEXT, "data"))
+    elif t == 0x09:
+        msg = GetChunk(r.take(CHUNK_ID_LEN, "chunk_id"))
     elif t == 0x81:
         msg = Challenge(r.take(NONCE_LEN, "nonce"))
     elif t == 0x82:
@@ -357,6 +427,12 @@ def decode_frame(data: bytes, max_size: int = MAX_FRAME) -> Frame:
         )
     elif t == 0x89:
         msg = Error(r.str16(MAX_CODE, "code"), r.str16(MAX_REASON, "message"), r.boolean("fatal"))
+    elif t == 0x8A:
+        msg = ChunkAck(r.take(CHUNK_ID_LEN, "chunk_id"), r.boolean("stored"))
+    elif t == 0x8B:
+        msg = ChunkData(r.take(CHUNK_ID_LEN, "chunk_id"), r.blob32(MAX_CHUNK_CIPHERTEXT, "data"))
+    elif t == 0x8C:
+        msg = ChunkMissing(r.take(CHUNK_ID_LEN, "chunk_id"))
     else:
         raise MalformedError(f"unknown frame type 0x{t:02x}")
     r.end()
