@@ -105,6 +105,18 @@ class SpaceStats:
     duplicates: int = 0  # envelopes dropped because they had arrived already (relay or LAN)
 
 
+@dataclass(frozen=True)
+class SnapshotView:
+    """What SpaceSync.snapshot_view returns (see there)."""
+
+    index_state: bytes
+    cursor: int
+    epoch_fence: int
+    windows: dict[bytes, bytes]
+    seq: int
+    doc_ids: list[bytes]
+
+
 @dataclass
 class _LocalChange:
     path: str
@@ -1135,6 +1147,84 @@ class SpaceSync:
         if self.on_sealed is not None:
             self.on_sealed(sealed)
 
+
+    # -- snapshots (agent/snapshotter.py, agent/restore.py drive these) -------------------------
+    async def update_shared(self, mutate: Callable[[Doc], bytes]) -> bool:
+        """Change the space's shared configuration kept in the index document (e.g. the
+        snapshot target, policy and duty lease): ``mutate`` runs on the index's pycrdt Doc and
+        returns its update, which is committed and sealed like any index change. False when
+        this device may not send (reader, removed)."""
+        async with self.lock:
+            if self.send_block is not None:
+                return False
+            self._begin_batch()
+            batch = _Batch()
+            batch.add(INDEX_DOC_ID, mutate(self.index.doc))
+            await self._finish(batch, dirty=set(), delivered=[])
+            return True
+
+    async def snapshot_view(self) -> SnapshotView:
+        """A consistent starting point for a snapshot, taken between batches: the index state,
+        the relay cursor it covers, replay windows, this device's seq and every document id.
+        Documents read from the store afterwards are at least as new as this index."""
+        async with self.lock:
+            return SnapshotView(
+                index_state=self.index.state(),
+                cursor=self.cursor,
+                epoch_fence=self.epoch_fence,
+                windows={s: w.to_bytes() for s, w in self.windows.items()},
+                seq=self.seq,
+                doc_ids=[d for d in await self.store.doc_ids(self.space_id) if d != INDEX_DOC_ID],
+            )
+
+    async def apply_snapshot(
+        self,
+        states: list[tuple[bytes, bytes]],
+        cursor: int,
+        epoch_fence: int,
+        windows: dict[bytes, bytes],
+        own_seq: int,
+    ) -> None:
+        """Merge document states restored from a snapshot (CRDT merge: on a fresh device this
+        *is* the snapshot's state), then follow the relay from the snapshot's cursor. Files are
+        written by the usual reconcile, and recorded, so nothing is re-ingested as new.
+        ``own_seq``: the highest sequence number this device's identity is known to have used
+        (a device restored under the same identity must not reuse sequence numbers)."""
+        async with self.lock:
+            self._begin_batch()
+            batch = _Batch()
+            # Text documents first, the index last: files appear once their content is there.
+            ordered = [x for x in states if x[0] != INDEX_DOC_ID]
+            ordered += [x for x in states if x[0] == INDEX_DOC_ID]
+            await self._absorb_unsaved([d for d, _ in ordered if d != INDEX_DOC_ID], batch)
+            dirty: set[bytes] = set()
+            for doc_id, state in ordered:
+                if not _updates_are_sane([DocUpdate(doc_id=doc_id, update=state)]):
+                    raise ValueError(f"snapshot state of document {doc_id.hex()} is malformed")
+                if doc_id == INDEX_DOC_ID:
+                    self.index.apply_update(state)
+                else:
+                    (await self._doc(doc_id)).apply_update(state)
+                dirty.add(doc_id)
+            for sender, raw in windows.items():
+                if sender not in self.windows and sender != self.identity.public.sign_pk:
+                    self.windows[sender] = ReplayWindow.from_bytes(raw)
+            async with self.store.transaction():
+                due = await self.store.append_doc_updates(self.space_id, ordered)
+                if cursor > self.cursor:
+                    self.cursor = cursor
+                    await self.store.set_counter(self.space_id, "relay_cursor", self.cursor)
+                if epoch_fence > self.epoch_fence:
+                    self.epoch_fence = epoch_fence
+                    await self.store.set_counter(self.space_id, "epoch_fence", self.epoch_fence)
+                if own_seq > self.seq:
+                    self.seq = own_seq
+                    await self.store.set_counter(self.space_id, "seq", self.seq)
+                for sender, window in self.windows.items():
+                    await self.store.save_replay(self.space_id, sender, window.to_bytes())
+            await self._finish(batch, dirty=dirty, delivered=[])
+            for doc_id in due:
+                await self._compact(doc_id)
 
 def _tracked_under(files: Iterable[str], folders: set[str]) -> list[str]:
     """Tracked paths inside any of `folders` (relative paths, '/'-separated)."""
