@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-cert")
     s.add_argument("--tls-key")
     s.add_argument("--quota-mb", type=int, default=1024, help="per-space storage quota")
+    s.add_argument(
+        "--blob-quota-mb",
+        type=int,
+        default=20 * 1024,
+        help="per-space quota on stored file chunks (binary/large files), MiB",
+    )
     # Same as `python -m qmoi_sync.relay` (relay/__main__.py); not imported from there because
     # importing qmoi_sync.relay loads the whole server for every CLI command.
     s.add_argument(
@@ -653,6 +659,7 @@ def _relay_serve(args: argparse.Namespace) -> int:
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
         space_quota_bytes=args.quota_mb * 1024 * 1024,
+        blob_quota_bytes=args.blob_quota_mb * 1024 * 1024,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         metrics_space_label=args.metrics_space_label,

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .limits import (
+    DEFAULT_BLOB_QUOTA_BYTES,
     DEFAULT_MAX_SPACES,
     DEFAULT_RATE_BURST,
     DEFAULT_RATE_BYTES_PER_S,
@@ -36,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
     p.add_argument(
         "--space-quota", type=int, default=DEFAULT_SPACE_QUOTA_BYTES, help="bytes per space"
+    )
+    p.add_argument(
+        "--blob-quota",
+        type=int,
+        default=DEFAULT_BLOB_QUOTA_BYTES,
+        help="bytes of file chunks per space",
     )
     p.add_argument("--max-spaces", type=int, default=DEFAULT_MAX_SPACES)
     p.add_argument("--rate-msgs", type=float, default=DEFAULT_RATE_MSGS_PER_S, help="msgs/s/conn")
@@ -76,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         space_quota_bytes=args.space_quota,
+        blob_quota_bytes=args.blob_quota,
         max_spaces=args.max_spaces,
         rate_msgs_per_s=args.rate_msgs,
         rate_burst=args.rate_burst,

@@ -45,6 +45,13 @@ DEFAULT_MAX_JOIN_REQUEST_BYTES = 4 * KiB  # = protocol.invite.MAX_JOIN_REQUEST
 DEFAULT_MAX_INFLIGHT_PUBLISHES = 1_024
 #: Live deliveries buffered for one subscriber before it falls back to reading from the store.
 DEFAULT_SUBSCRIBER_BUFFER_BYTES = 16 * MiB
+#: Default per-space quota on stored chunk bytes (the blob channel; apart from envelopes).
+DEFAULT_BLOB_QUOTA_BYTES = 20 * GiB
+#: Chunk frames (PutChunk/GetChunk) are rate-limited apart from envelopes, per connection.
+DEFAULT_BLOB_RATE_BYTES_PER_S = 1 * GiB
+DEFAULT_BLOB_RATE_MSGS_PER_S = 5_000.0
+#: Chunk uploads accepted from one connection but not yet acknowledged.
+DEFAULT_MAX_INFLIGHT_CHUNKS = 64
 
 
 class Verdict(Enum):

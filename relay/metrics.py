@@ -66,6 +66,12 @@ class RelayMetrics:
     membership_pushes: int = 0
     membership_broadcasts: int = 0
     refusals: Counter[str] = field(default_factory=Counter)  # reason = the Error code
+    #: Blob channel: PutChunk frames by result (stored, present, quota_exceeded), and bytes.
+    blob_puts: Counter[str] = field(default_factory=Counter)
+    blob_bytes_received: int = 0
+    blob_bytes_stored: int = 0
+    blob_gets: Counter[str] = field(default_factory=Counter)  # result: served | missing
+    blob_bytes_served: int = 0
 
     @property
     def uptime_s(self) -> float:
@@ -80,6 +86,8 @@ class RelayMetrics:
         if isinstance(frame, F.Publish):
             self.envelopes_received += 1
             self.bytes_received += len(frame.envelope)
+        elif isinstance(frame, F.PutChunk):
+            self.blob_bytes_received += len(frame.data)
         elif isinstance(frame, F.PushMembership):
             self.membership_pushes += 1
         elif isinstance(frame, F.JoinRequest):
@@ -90,6 +98,11 @@ class RelayMetrics:
         if isinstance(frame, F.Deliver):
             self.envelopes_delivered += 1
             self.bytes_delivered += len(frame.envelope)
+        elif isinstance(frame, F.ChunkData):
+            self.blob_gets["served"] += 1
+            self.blob_bytes_served += len(frame.data)
+        elif isinstance(frame, F.ChunkMissing):
+            self.blob_gets["missing"] += 1
         elif isinstance(frame, F.Error):
             self.refusals[frame.code] += 1
         elif isinstance(frame, F.Membership):
@@ -98,6 +111,12 @@ class RelayMetrics:
             self.joins["accepted" if frame.ok else "refused"] += 1
         elif isinstance(frame, F.JoinForward):
             self.join_forwards += 1
+
+    def blob_put(self, result: str, size: int) -> None:
+        """A PutChunk was decided: stored, present (already there) or quota_exceeded."""
+        self.blob_puts[result] += 1
+        if result == "stored":
+            self.blob_bytes_stored += size
 
     def refused(self, reason: str) -> None:
         """A refusal that sends no Error frame (e.g. an oversized frame websockets closed)."""
@@ -209,6 +228,24 @@ def render(m: RelayMetrics, snap: Snapshot) -> str:
         "closed with 1009).",
         [({"reason": r}, n) for r, n in sorted(m.refusals.items())],
     )
+    w.metric(
+        "qmoi_relay_chunk_puts_total",
+        "counter",
+        "Chunk uploads (PutChunk) by result: stored, present (already stored), quota_exceeded.",
+        [({"result": r}, m.blob_puts.get(r, 0)) for r in ("stored", "present", "quota_exceeded")],
+    )
+    w.metric(
+        "qmoi_relay_chunk_gets_total",
+        "counter",
+        "Chunk downloads (GetChunk) by result: served, missing.",
+        [({"result": r}, m.blob_gets.get(r, 0)) for r in ("served", "missing")],
+    )
+    for what, size in (
+        ("received", m.blob_bytes_received),
+        ("stored", m.blob_bytes_stored),
+        ("served", m.blob_bytes_served),
+    ):
+        w.single(f"qmoi_relay_chunk_bytes_{what}_total", "counter", f"Chunk bytes {what}.", size)
     w.single("qmoi_relay_join_requests_total", "counter", "Join requests.", m.join_requests)
     w.metric(
         "qmoi_relay_joins_total",

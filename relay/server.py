@@ -58,16 +58,22 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from qmoi_sync.protocol import frames as F
+from qmoi_sync.protocol.chunks import MAX_CHUNK_CIPHERTEXT
 from qmoi_sync.protocol.envelope import verify_envelope_signature
 from qmoi_sync.protocol.errors import ProtocolError
 from qmoi_sync.protocol.identity import verify
 from qmoi_sync.protocol.invite import parse_join_request
 from qmoi_sync.protocol.membership import MembershipLog, Role
 
+from .blobs import BlobStore, PutStatus
 from .limits import (
+    DEFAULT_BLOB_QUOTA_BYTES,
+    DEFAULT_BLOB_RATE_BYTES_PER_S,
+    DEFAULT_BLOB_RATE_MSGS_PER_S,
     DEFAULT_HANDSHAKE_TIMEOUT_S,
     DEFAULT_JOIN_TIMEOUT_S,
     DEFAULT_MAX_ERRORS,
+    DEFAULT_MAX_INFLIGHT_CHUNKS,
     DEFAULT_MAX_INFLIGHT_PUBLISHES,
     DEFAULT_MAX_JOIN_REQUEST_BYTES,
     DEFAULT_MAX_PENDING_JOINS_PER_SPACE,
@@ -137,6 +143,21 @@ class RelayConfig:
     metrics_port: int | None = None
     #: How per-space series are labelled: "hash" (default), "raw" space id, or "none".
     metrics_space_label: SpaceLabelMode = "hash"
+    #: The blob channel (relay/blobs.py): per-space quota on stored chunk bytes, and the rate
+    #: limit of chunk frames per connection (kept apart from the envelope limits above).
+    blob_quota_bytes: int = DEFAULT_BLOB_QUOTA_BYTES
+    blob_rate_bytes_per_s: float = DEFAULT_BLOB_RATE_BYTES_PER_S
+    blob_rate_msgs_per_s: float = DEFAULT_BLOB_RATE_MSGS_PER_S
+    max_inflight_chunks: int = DEFAULT_MAX_INFLIGHT_CHUNKS
+
+    def blob_rate_limits(self) -> RateLimits:
+        return RateLimits(
+            msgs_per_s=self.blob_rate_msgs_per_s,
+            burst=int(2 * self.blob_rate_msgs_per_s),
+            bytes_per_s=self.blob_rate_bytes_per_s,
+            bytes_burst=max(int(2 * self.blob_rate_bytes_per_s), 2 * F.MAX_FRAME),
+            max_strikes=self.max_rate_strikes,
+        )
 
     def rate_limits(self) -> RateLimits:
         bytes_burst = self.rate_bytes_burst
@@ -309,6 +330,11 @@ class _Conn:
         self.cid = next(self._ids)
         cfg = server.config
         self.limiter = ConnectionLimiter(cfg.rate_limits())
+        self.blob_limiter = ConnectionLimiter(cfg.blob_rate_limits())
+        self.blob_inflight: asyncio.Queue[tuple[bytes, int, asyncio.Future[PutStatus]]] = (
+            asyncio.Queue(maxsize=max(1, cfg.max_inflight_chunks))
+        )
+        self.blob_acker: asyncio.Task[None] | None = None
         self.errors = 0
         self.space: _Space | None = None
         self.sign_pk: bytes | None = None
@@ -387,7 +413,8 @@ class _Conn:
                 "text frames are not accepted; binary frames only",
                 CloseCode.UNSUPPORTED_DATA,
             )
-        verdict = self.limiter.check(len(data))
+        blob = bool(data) and data[0] in F.BLOB_FRAME_TYPES
+        verdict = (self.blob_limiter if blob else self.limiter).check(len(data))
         if verdict is Verdict.CLOSE:
             raise _Fatal(
                 "rate_limited", "sustained rate-limit violations", CloseCode.POLICY_VIOLATION
@@ -483,6 +510,10 @@ class _Conn:
                 await self._push_membership(frame)
             elif isinstance(frame, F.JoinReply):
                 await self._join_reply(frame)
+            elif isinstance(frame, F.PutChunk):
+                await self._put_chunk(frame)
+            elif isinstance(frame, F.GetChunk):
+                await self._get_chunk(frame)
             else:
                 await self.error(
                     "unexpected_frame", f"{type(frame).__name__} is not valid after authentication"
@@ -615,6 +646,62 @@ class _Conn:
                     duplicate=result.status is AppendStatus.DUPLICATE,
                 )
             )
+
+    # -- blob channel (relay/blobs.py) ------------------------------------------------------
+
+    async def _put_chunk(self, frame: F.PutChunk) -> None:
+        space, me = self._authed()
+        role = space.log.role_of(me)
+        if role is None:
+            raise _Fatal("revoked", "this device is no longer a member of the space")
+        if role is Role.reader:
+            await self.error("read_only", "readers may not upload chunks")
+            return
+        if self.blob_acker is None:
+            self._spawn(self._blob_ack_loop(), "blob-ack")
+            self.blob_acker = self.tasks[-1]
+        blobs = self.server.blobs
+        quota = self.server.config.blob_quota_bytes
+        fut = await blobs.submit_put(space.space_id, frame.chunk_id, frame.data, quota)
+        await self.blob_inflight.put((frame.chunk_id, len(frame.data), fut))
+
+    async def _blob_ack_loop(self) -> None:
+        metrics = self.server.metrics
+        while True:
+            chunk_id, size, fut = await self.blob_inflight.get()
+            try:
+                status = await fut
+            except OSError as exc:
+                _ev(logging.ERROR, "blob_store_error", conn=self.cid, error=str(exc))
+                await self.send_error(
+                    "store_unavailable", "relay storage failed; retry later", False
+                )
+                continue
+            metrics.blob_put(status.value, size)
+            if status is PutStatus.QUOTA_EXCEEDED:
+                space = self.space
+                _ev(
+                    logging.INFO,
+                    "blob_quota_exceeded",
+                    conn=self.cid,
+                    space=short(space.space_id) if space else "?",
+                )
+                await self.send_error(
+                    "quota_exceeded",
+                    f"blob quota of {self.server.config.blob_quota_bytes} bytes reached; "
+                    f"chunk {chunk_id.hex()[:16]} not stored",
+                    False,
+                )
+                continue
+            await self.send(F.ChunkAck(chunk_id, stored=status is PutStatus.STORED))
+
+    async def _get_chunk(self, frame: F.GetChunk) -> None:
+        space, _me = self._authed()  # any member, readers included, may download
+        data = await self.server.blobs.get(space.space_id, frame.chunk_id, MAX_CHUNK_CIPHERTEXT)
+        if data is None:
+            await self.send(F.ChunkMissing(frame.chunk_id))
+        else:
+            await self.send(F.ChunkData(frame.chunk_id, data))
 
     # -- subscribe -------------------------------------------------------------------------
 
@@ -793,6 +880,7 @@ class RelayServer:
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
         self._store: RelayStore | None = None
+        self._blobs: BlobStore | None = None
         self._server: Server | None = None
         self._spaces: dict[bytes, _Space] = {}
         self._spaces_lock = asyncio.Lock()
@@ -810,6 +898,12 @@ class RelayServer:
         return self._store
 
     @property
+    def blobs(self) -> BlobStore:
+        if self._blobs is None:
+            raise RuntimeError("relay not started")
+        return self._blobs
+
+    @property
     def scheme(self) -> str:
         return "wss" if self.config.tls_cert else "ws"
 
@@ -820,6 +914,7 @@ class RelayServer:
         self._store.add_commit_listener(self._on_commit)
         self._store.add_commit_listener(self.metrics.on_commit)
         try:
+            self._blobs = await BlobStore.open(cfg.data_dir)
             self._server = await serve(
                 self._handle,
                 cfg.host,
@@ -842,6 +937,9 @@ class RelayServer:
                 self._server.close()
                 await self._server.wait_closed()
                 self._server = None
+            if self._blobs is not None:
+                await self._blobs.close()
+                self._blobs = None
             await self._store.close()
             raise
         sockets = self._server.sockets
@@ -866,6 +964,9 @@ class RelayServer:
         await self.ops.close()
         for task in list(self._background):
             task.cancel()
+        if self._blobs is not None:
+            await self._blobs.close()
+            self._blobs = None
         if self._store is not None:
             await self._store.close()
             self._store = None
