@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -189,6 +189,9 @@ class SpaceSync:
         # Called synchronously, right after the commit, with every (seq, envelope) this device
         # seals into its stream, so LAN peers get it at once (agent/peer_sync.py).
         self.on_sealed: Callable[[list[tuple[int, bytes]]], None] | None = None
+        # Called synchronously at the end of every batch, still under the lock, with the ids of
+        # the documents remote updates changed in it (agent/settings_sync.py listens).
+        self.batch_listeners: list[Callable[[set[bytes]], None]] = []
 
     # -- membership -----------------------------------------------------------------------------
     def set_keyring(self, keyring: Keyring) -> None:
@@ -806,6 +809,7 @@ class SpaceSync:
     async def _finish(
         self, batch: _Batch, dirty: set[bytes], delivered: list[tuple[int, bytes]]
     ) -> None:
+        remote = set(dirty)
         # Documents an earlier batch could not write (disk full) are retried with every batch.
         dirty = dirty | self.unwritten
         await self._commit(batch.items, delivered, pending=dirty)
@@ -828,6 +832,9 @@ class SpaceSync:
             if not extra.items and not blocked:
                 break
         self._show_disk_note()
+        if remote:
+            for listener in self.batch_listeners:
+                listener(remote)
 
     async def _pending_materialize(self) -> set[bytes]:
         return set(await self.store.get_pending(self.space_id))
@@ -1162,6 +1169,30 @@ class SpaceSync:
             batch.add(INDEX_DOC_ID, mutate(self.index.doc))
             await self._finish(batch, dirty=set(), delivered=[])
             return True
+
+    # -- settings documents (agent/settings_sync.py drives these) --------------------------------
+    async def doc(self, doc_id: bytes) -> Doc:
+        """A non-index document (loaded lazily, cached): use it only while holding the lock."""
+        return await self._doc(doc_id)
+
+    async def run_local(
+        self,
+        produce: Callable[
+            [Callable[[bytes, bytes | None], None]],
+            Awaitable[Callable[[], Awaitable[None]] | None],
+        ],
+    ) -> None:
+        """A local change made under the owner's lock: ``produce(add)`` edits documents and
+        hands each update to ``add(doc_id, update)``; they commit and are sealed like any local
+        change (``produce`` must check ``send_block`` itself). What it returns runs after the
+        commit, still under the lock (e.g. writing a file that reflects the committed state)."""
+        async with self.lock:
+            self._begin_batch()
+            batch = _Batch()
+            after = await produce(batch.add)
+            await self._finish(batch, dirty=set(), delivered=[])
+            if after is not None:
+                await after()
 
     async def snapshot_view(self) -> SnapshotView:
         """A consistent starting point for a snapshot, taken between batches: the index state,
