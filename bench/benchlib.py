@@ -39,6 +39,8 @@ CLI = shutil.which("qmoi-sync", path=str(Path(sys.executable).parent)) or shutil
 #: real CLI under cProfile / pyinstrument and writes the profile to this directory on exit.
 PROFILE_ENV = "QMOI_BENCH_PROFILE_DIR"
 PROFILER_ENV = "QMOI_BENCH_PROFILER"
+#: Set by run.py --lan: leave LAN discovery/sync on (default: off, so the relay path is measured).
+LAN_ENV = "QMOI_BENCH_LAN"
 
 
 class BenchError(Exception):
@@ -236,6 +238,9 @@ class Device:
 
     def init(self) -> Device:
         self.cli("init", "--name", self.name)
+        if not os.environ.get(LAN_ENV):
+            # The scenarios measure the relay path: LAN discovery off (`run.py --lan` keeps it).
+            self.cli("config", "set", "lan.enabled", "false")
         return self
 
     def create_space(self, relay_url: str) -> str:

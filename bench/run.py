@@ -63,9 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         help="run relay and agents under a profiler; profiles go to "
         "bench/results/profile-<scenario>-<timestamp>/",
     )
+    p.add_argument(
+        "--lan",
+        action="store_true",
+        help="leave LAN peer discovery on (default: `config set lan.enabled false` on every "
+        "device, so traffic goes through the relay only)",
+    )
     p.add_argument("--no-save", action="store_true", help="print only, write no JSON")
     args = p.parse_args(argv)
     names = args.scenarios or list(SCENARIOS)
+    if args.lan:
+        os.environ[benchlib.LAN_ENV] = "1"
 
     if benchlib.CLI is None:
         print(
@@ -96,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {name}: FAILED", flush=True)
             continue
         result["bench_wall_s"] = round(time.perf_counter() - t0, 1)
+        result["lan"] = bool(args.lan)
         result["loadavg_at_start"] = load0
         result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
         if args.profile:
