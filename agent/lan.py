@@ -31,6 +31,7 @@ from qmoi_sync.agent.peer_link import (
     accept,
     recv_frame,
     refuse,
+    ws_log,
 )
 from qmoi_sync.agent.peer_sync import SpaceLan, Target
 from qmoi_sync.agent.status import LanStatus
@@ -93,6 +94,7 @@ class LanService:
             "ping_timeout": PING_TIMEOUT_S,
             "close_timeout": 2,
             "max_queue": 64,
+            "logger": ws_log,
         }
         try:
             server = await serve(self._handle, None, port, **kwargs)  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ from qmoi_sync.agent.home import Home, UserError
 from qmoi_sync.agent.lan_config import lan_killed, load_settings
 from qmoi_sync.agent.lan_discovery import Discovery, Found
 from qmoi_sync.agent.membership_ops import Joined, join_via_relay
-from qmoi_sync.agent.peer_link import CONNECT_TIMEOUT_S, Refused, recv_frame
+from qmoi_sync.agent.peer_link import CONNECT_TIMEOUT_S, Refused, recv_frame, ws_log
 from qmoi_sync.protocol import lan as L
 from qmoi_sync.protocol.errors import InviteError, ProtocolError
 from qmoi_sync.protocol.identity import DeviceIdentity
@@ -84,6 +84,7 @@ async def _ask(address: str, port: int, tag: bytes, request: bytes) -> L.JoinAns
         max_size=L.MAX_PEER_FRAME,
         open_timeout=CONNECT_TIMEOUT_S,
         proxy=None,
+        logger=ws_log,
     ) as ws:
         await ws.send(L.encode_peer_frame(L.JoinAsk(invite_tag=tag, request=request)))
         answer = await recv_frame(ws, ANSWER_TIMEOUT_S)

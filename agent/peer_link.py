@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,6 +29,9 @@ from qmoi_sync.protocol.errors import ProtocolError
 from qmoi_sync.protocol.identity import DeviceIdentity
 
 log = logging.getLogger("qmoi_sync.lan")
+# websockets logs every connection at INFO; peers come and go, so only its warnings are kept.
+ws_log = logging.getLogger("qmoi_sync.lan.ws")
+ws_log.setLevel(logging.WARNING)
 
 PING_INTERVAL_S = 5.0
 PING_TIMEOUT_S = 5.0
@@ -66,6 +70,7 @@ class PeerConn:
     address: str
     outbound: bool
     tag: bytes
+    handshake_rtt_ms: float | None = None
 
     async def recv(self) -> L.PeerFrame:
         return await recv_frame(self.ws, timeout=None)
@@ -75,8 +80,9 @@ class PeerConn:
 
     @property
     def latency_ms(self) -> float | None:
+        """Round trip of the last keepalive ping (of the handshake until the first ping)."""
         lat = self.ws.latency
-        return round(lat * 1000, 3) if lat else None
+        return round(lat * 1000, 3) if lat else self.handshake_rtt_ms
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         try:
@@ -136,21 +142,31 @@ async def dial(
         close_timeout=2,
         proxy=None,
         max_queue=64,
+        logger=ws_log,
     )
     try:
-        peer_pk = await _client_handshake(ws, identity, space, tag)
+        peer_pk, rtt = await _client_handshake(ws, identity, space, tag)
     except BaseException:
         await _abort(ws)
         raise
-    return PeerConn(ws=ws, peer_pk=peer_pk, address=address_of(ws), outbound=True, tag=tag)
+    return PeerConn(
+        ws=ws,
+        peer_pk=peer_pk,
+        address=address_of(ws),
+        outbound=True,
+        tag=tag,
+        handshake_rtt_ms=rtt,
+    )
 
 
 async def _client_handshake(
     ws: ClientConnection, identity: DeviceIdentity, space: SpaceAuth, tag: bytes
-) -> bytes:
+) -> tuple[bytes, float]:
     client_nonce = os.urandom(L.NONCE_LEN)
+    sent = time.perf_counter()
     await ws.send(L.encode_peer_frame(L.PeerHello(tag=tag, client_nonce=client_nonce)))
     challenge = await recv_frame(ws)
+    rtt = round((time.perf_counter() - sent) * 1000, 3)
     if not isinstance(challenge, L.PeerChallenge):
         raise Refused(f"expected a challenge, got {type(challenge).__name__}")
     if challenge.version != L.LAN_PROTO_VERSION:
@@ -191,7 +207,7 @@ async def _client_handshake(
         raise Refused(f"expected welcome, got {type(welcome).__name__}")
     if welcome.log:
         await space.adopt_log(welcome.log)
-    return server_pk
+    return server_pk, rtt
 
 
 # -- server side -------------------------------------------------------------------------------
@@ -219,7 +235,9 @@ async def accept(
     await ws.send(
         L.encode_peer_frame(L.PeerChallenge(sign_pk=me, server_nonce=server_nonce, signature=sig))
     )
+    sent = time.perf_counter()
     auth = await recv_frame(ws)
+    rtt = round((time.perf_counter() - sent) * 1000, 3)
     if not isinstance(auth, L.PeerAuth):
         raise Refused(f"expected auth, got {type(auth).__name__}")
     if auth.sign_pk == me:
@@ -237,7 +255,12 @@ async def accept(
     await _check_member(space, auth.sign_pk, auth.log)
     await ws.send(L.encode_peer_frame(L.PeerWelcome(log=space.log_bytes())))
     conn = PeerConn(
-        ws=ws, peer_pk=auth.sign_pk, address=address_of(ws), outbound=False, tag=hello.tag
+        ws=ws,
+        peer_pk=auth.sign_pk,
+        address=address_of(ws),
+        outbound=False,
+        tag=hello.tag,
+        handshake_rtt_ms=rtt,
     )
     return space, conn
 

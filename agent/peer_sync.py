@@ -343,6 +343,14 @@ class SpaceLan:
     def found(self, target: Target) -> None:
         if self._closed:
             return
+        if target.instance not in self.targets:
+            log.info(
+                "LAN: found %s at %s:%d for space %s",
+                target.instance[:12],
+                ",".join(target.addresses),
+                target.port,
+                self.rt.record.name,
+            )
         self.targets[target.instance] = target
         task = self._dialers.get(target.instance)
         if task is None or task.done():

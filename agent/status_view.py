@@ -35,8 +35,16 @@ def _agent_line(a: AgentStatus) -> str:
     )
 
 
+def _path(dev: MemberStatus) -> str:
+    """How this device reaches that one: "lan 10.0.0.7:47700 0.4 ms", "relay wss://… 12 ms"."""
+    if dev.path is None:
+        return ""
+    rtt = f" {dev.rtt_ms:.1f} ms" if dev.rtt_ms is not None else ""
+    return f"{dev.path} {printable(dev.address or '?')}{rtt}"
+
+
 def _device_extra(dev: MemberStatus) -> str:
-    parts = []
+    parts = [_path(dev)] if dev.path else []
     c = dev.capabilities
     if c is not None:
         if c.on_ac is False and c.battery_percent is not None:
@@ -73,6 +81,11 @@ def _render_plain(report: StatusReport) -> None:
             f"space   {printable(s.name)}  {s.state}  {printable(s.folder)}  "
             f"relay {printable(relay)} ({conn})  "
             f"pending {s.pending_out}  conflicts {s.conflicts}  last sync {s.last_sync or '-'}"
+            + (
+                f"  lan {s.lan.peers} peer(s) on port {s.lan.port}"
+                if s.lan and s.lan.enabled
+                else ""
+            )
         )
         for dev in s.devices:
             me = "  (this device)" if dev.this_device else ""
@@ -115,9 +128,14 @@ def _render_rich(report: StatusReport) -> None:
             f"\n[bold]{_rich(s.name)}[/] [{colour}]{s.state}[/]  {_rich(s.folder)}\n"
             f"  relay {_rich(relay)} {conn} · pending {s.pending_out} · conflicts {s.conflicts}"
             f" · files {s.files} · last sync {s.last_sync or '—'}"
+            + (
+                f" · LAN {s.lan.peers} peer(s), port {s.lan.port}"
+                if s.lan and s.lan.enabled
+                else ""
+            )
         )
         table = Table(box=None, show_header=True, header_style="dim", pad_edge=False)
-        for col in ("device", "name", "role", "platform", "resources / last seen"):
+        for col in ("device", "name", "role", "platform", "path / resources / last seen"):
             table.add_column(col)
         for dev in s.devices:
             name = _rich(dev.name or "?") + (" (this device)" if dev.this_device else "")
