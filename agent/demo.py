@@ -91,7 +91,10 @@ def run_demo(keep: bool = False) -> int:
 
     def spawn(*args: str) -> subprocess.Popen[bytes]:
         log = open(root / f"{args[1] if args[0] == '--home' else 'relay'}.log", "ab")  # noqa: SIM115
-        p = subprocess.Popen([PY, "-m", "qmoi_sync.agent", *args], stdout=log, stderr=log)
+        # The demo shows the relay path between two devices on this machine: LAN discovery
+        # (mDNS on the real network) stays off for its agents.
+        env = {**os.environ, "QMOI_SYNC_LAN": "off"}
+        p = subprocess.Popen([PY, "-m", "qmoi_sync.agent", *args], stdout=log, stderr=log, env=env)
         procs.append(p)
         return p
 
