@@ -68,6 +68,8 @@ GAP_TIMEOUT_S = 3.0
 #: A resync request without its final reply within this long is asked again.
 REQUEST_TIMEOUT_S = 60.0
 TICK_S = 0.25
+#: State requests of one peer are answered at most this often.
+MIN_ANSWER_INTERVAL_S = 0.5
 #: Frames queued for one peer; a peer that falls this far behind is disconnected (it resyncs
 #: when it comes back).
 SEND_QUEUE_MAX = 4096
@@ -421,6 +423,7 @@ class PeerSession:
     _stop_code: int = 1000
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _resync_at: float = 0.0
+    _last_answer: float = 0.0
 
     @property
     def peer_pk(self) -> bytes:
@@ -593,6 +596,11 @@ class PeerSession:
                     request = self._open_request(frame.envelope)
                     if request is None:
                         continue
+                    # A reply walks every document: a peer asking in a loop is slowed down.
+                    wait = self._last_answer + MIN_ANSWER_INTERVAL_S - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    self._last_answer = time.monotonic()
                     replies = await sync.state_reply(request)
                     for i, envelope in enumerate(replies):
                         self.enqueue(
