@@ -15,6 +15,7 @@ type   frame               fields
 0x07   JoinReply           request_id u64 | accepted bool | reason str | log blob
 0x08   PutChunk            chunk_id 32 | data blob (<= MAX_CHUNK_CIPHERTEXT)
 0x09   GetChunk            chunk_id 32
+0x0a   Truncate            before_seq u64  (admin: snapshots cover the log below before_seq)
 0x81   Challenge           nonce 32
 0x82   Welcome             head_seq u64 | log blob
 0x83   Deliver             relay_seq u64 | envelope blob
@@ -27,6 +28,9 @@ type   frame               fields
 0x8a   ChunkAck            chunk_id 32 | stored bool (False: the relay had it already)
 0x8b   ChunkData           chunk_id 32 | data blob (<= MAX_CHUNK_CIPHERTEXT)
 0x8c   ChunkMissing        chunk_id 32
+0x8d   Truncated           before_seq u64  (confirms a Truncate: the log now starts there)
+0x8e   LogTruncated        before_seq u64  (a Subscribe's cursor is below the retained log:
+                                            nothing delivered; restore from a snapshot first)
 =====  ==================  ==========================================================
 
 The chunk frames form the *blob channel* (protocol/chunks.py): encrypted chunks of binary files,
@@ -74,11 +78,14 @@ __all__ = [
     "JoinReply",
     "JoinRequest",
     "JoinResult",
+    "LogTruncated",
     "Membership",
     "Publish",
     "PushMembership",
     "PutChunk",
     "Subscribe",
+    "Truncate",
+    "Truncated",
     "Welcome",
     "auth_message",
     "decode_frame",
@@ -162,6 +169,13 @@ class GetChunk:
     chunk_id: bytes
 
 
+@dataclass(frozen=True)
+class Truncate:
+    """Snapshots cover everything before ``before_seq``: the relay may drop that prefix."""
+
+    before_seq: int
+
+
 # -- relay -> client -------------------------------------------------------------------------
 
 
@@ -236,6 +250,21 @@ class ChunkMissing:
     chunk_id: bytes
 
 
+@dataclass(frozen=True)
+class Truncated:
+    """Confirms a Truncate: the log now starts at ``before_seq``."""
+
+    before_seq: int
+
+
+@dataclass(frozen=True)
+class LogTruncated:
+    """The subscriber's cursor is below the retained log (which starts at ``before_seq``):
+    nothing is delivered; it must restore from a snapshot and subscribe again."""
+
+    before_seq: int
+
+
 #: Frame types of the blob channel (the relay rate-limits them apart from envelopes).
 BLOB_FRAME_TYPES = frozenset({0x08, 0x09})
 
@@ -249,6 +278,7 @@ Frame = (
     | JoinReply
     | PutChunk
     | GetChunk
+    | Truncate
     | Challenge
     | Welcome
     | Deliver
@@ -261,6 +291,8 @@ Frame = (
     | ChunkAck
     | ChunkData
     | ChunkMissing
+    | Truncated
+    | LogTruncated
 )
 
 _TYPE: dict[type, int] = {
@@ -273,6 +305,7 @@ _TYPE: dict[type, int] = {
     JoinReply: 0x07,
     PutChunk: 0x08,
     GetChunk: 0x09,
+    Truncate: 0x0A,
     Challenge: 0x81,
     Welcome: 0x82,
     Deliver: 0x83,
@@ -285,6 +318,8 @@ _TYPE: dict[type, int] = {
     ChunkAck: 0x8A,
     ChunkData: 0x8B,
     ChunkMissing: 0x8C,
+    Truncated: 0x8D,
+    LogTruncated: 0x8E,
 }
 
 
@@ -349,6 +384,8 @@ def encode_frame(msg: Frame) -> bytes:
         parts += [c.u64(msg.sender_seq), c.u64(msg.relay_seq), _bool(msg.duplicate, "duplicate")]
     elif isinstance(msg, CaughtUp):
         parts.append(c.u64(msg.head_seq))
+    elif isinstance(msg, Truncate | Truncated | LogTruncated):
+        parts.append(c.u64(msg.before_seq))
     elif isinstance(msg, JoinForward):
         parts += [c.u64(msg.request_id), c.blob32(msg.request, MAX_JOIN_REQUEST, "request")]
     elif isinstance(msg, JoinResult):
@@ -417,6 +454,12 @@ def decode_frame(data: bytes, max_size: int = MAX_FRAME) -> Frame:
         msg = Ack(r.u64("sender_seq"), r.u64("relay_seq"), r.boolean("duplicate"))
     elif t == 0x85:
         msg = CaughtUp(r.u64("head_seq"))
+    elif t == 0x0A:
+        msg = Truncate(r.u64("before_seq"))
+    elif t == 0x8D:
+        msg = Truncated(r.u64("before_seq"))
+    elif t == 0x8E:
+        msg = LogTruncated(r.u64("before_seq"))
     elif t == 0x86:
         msg = Membership(r.blob32(MAX_LOG_BYTES, "log"))
     elif t == 0x87:
