@@ -33,6 +33,7 @@ class DiskStat:
     size: int
     mtime_ns: int
     inode: int
+    mode: int = 0  # permission bits (st_mode & 0o7777); 0 when unknown
 
 
 def content_hash(data: bytes) -> bytes:
@@ -100,7 +101,7 @@ def write_file_atomic(root: Path, relpath: str, data: bytes, mode: int = 0o644) 
         os.close(fd)
         os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        return DiskStat(st.st_size, st.st_mtime_ns, st.st_ino)
+        return DiskStat(st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode & 0o7777)
 
 
 def read_file(root: Path, relpath: str, max_size: int) -> tuple[bytes, DiskStat] | None:
@@ -123,7 +124,7 @@ def read_file(root: Path, relpath: str, max_size: int) -> tuple[bytes, DiskStat]
                 data = b"".join(chunks)
                 if len(data) > max_size:
                     raise FileTooLargeError(relpath, len(data))
-                return data, DiskStat(st.st_size, st.st_mtime_ns, st.st_ino)
+                return data, DiskStat(st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode & 0o7777)
             finally:
                 os.close(fd)
     except (FileNotFoundError, NotADirectoryError):
@@ -147,7 +148,7 @@ def stat_file(root: Path, relpath: str) -> DiskStat | None:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             if not _is_regular(st.st_mode):
                 return None
-            return DiskStat(st.st_size, st.st_mtime_ns, st.st_ino)
+            return DiskStat(st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode & 0o7777)
     except (FileNotFoundError, NotADirectoryError, UnsafePathError):
         return None
 
@@ -187,7 +188,36 @@ def rename_file(root: Path, src: str, dst: str) -> DiskStat | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     _prune_empty_parents(root, src)
-    return DiskStat(st.st_size, st.st_mtime_ns, st.st_ino)
+    return DiskStat(st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode & 0o7777)
+
+
+def set_executable(root: Path, relpath: str, executable: bool) -> DiskStat | None:
+    """Set or clear the exec bits (u/g/o where the read bit is set) of a regular file without
+    following symlinks; None if the file is missing or not a regular file."""
+    try:
+        with _open_parent(root, relpath, create=False) as (dfd, name):
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                st = os.fstat(fd)
+                if not _is_regular(st.st_mode):
+                    return None
+                perms = st.st_mode & 0o7777
+                if executable:
+                    perms |= (perms & 0o444) >> 2
+                else:
+                    perms &= ~0o111
+                if perms != st.st_mode & 0o7777:
+                    os.fchmod(fd, perms)
+                st = os.fstat(fd)
+                return DiskStat(st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode & 0o7777)
+            finally:
+                os.close(fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise
 
 
 def _prune_empty_parents(root: Path, relpath: str) -> None:

@@ -41,6 +41,7 @@ from qmoi_sync.agent.materialize import (
     is_temp_name,
     read_file,
     rename_file,
+    set_executable,
     stat_file,
     write_file_atomic,
 )
@@ -304,6 +305,7 @@ class SpaceSync:
         a local edit absorbed before a remote change lands is never deferred."""
         changed: list[_LocalChange] = []
         gone: list[str] = []
+        mode_changed: list[tuple[bytes, int]] = []
         expanded: set[str] = set()
         maybe_folders: set[str] = set()
         for path in sorted(paths):
@@ -339,6 +341,10 @@ class SpaceSync:
                 rec.mtime_ns,
                 rec.inode,
             ):
+                # A chmod changes neither size nor mtime: compare the exec bit with the entry.
+                entry = self.index.entry(rec.fid.hex())
+                if entry is not None and entry.alive and _exec_differs(st.mode, entry.mode):
+                    mode_changed.append((rec.fid, _mode_bits(st.mode)))
                 continue
             if gate and self._defer_bulk(path, st.size):
                 continue
@@ -368,6 +374,8 @@ class SpaceSync:
         if block is not None:
             self._hold_back(block, changed, gone, set_aside)
             return
+        for fid, mode in mode_changed:
+            batch.add(INDEX_DOC_ID, self.index.set_mode(fid.hex(), mode, self.device))
 
         # A delete plus an add of identical content in one batch is a rename: keep the file id.
         gone_by_hash: dict[bytes, list[str]] = {}
@@ -926,6 +934,13 @@ class SpaceSync:
 
         # Content: new files and documents that changed.
         current = {rec.fid: path for path, rec in self.files.items()}
+        # Modes (exec bit) of tracked files whose entry changed: a remote chmod touches no
+        # document. The check after our own chmod sees the disk already matching (no echo).
+        for fid_hex in self.index.take_changed():
+            fid = bytes.fromhex(fid_hex)
+            path = current.get(fid)
+            if path is not None and desired.get(fid) == path:
+                await self._apply_mode(fid, path, entries[fid_hex])
         todo: list[tuple[bytes, str, FileEntry]] = []
         for fid, path in desired.items():
             if fid in current and fid not in dirty:
@@ -951,6 +966,24 @@ class SpaceSync:
             await self._materialize_texts(todo[i : i + MATERIALIZE_GROUP])
         self.unwritten.intersection_update(desired)
         return blocked
+
+    async def _apply_mode(self, fid: bytes, path: str, entry: FileEntry) -> None:
+        st = stat_file(self.root, path)
+        rec = self.files.get(path)
+        if st is None or rec is None or not _exec_differs(st.mode, entry.mode):
+            return
+        try:
+            new = set_executable(self.root, path, bool(entry.mode & 0o111))
+        except (OSError, UnsafePathError) as exc:
+            self.warnings[f"mode:{path}"] = f"cannot change the mode of {path}: {exc}"
+            return
+        self.warnings.pop(f"mode:{path}", None)
+        if new is not None and (st.size, st.mtime_ns, st.inode) == (
+            rec.size,
+            rec.mtime_ns,
+            rec.inode,
+        ):
+            await self._record_stat(path, fid, rec.hash, new)
 
     async def _materialize_texts(self, group: list[tuple[bytes, str, FileEntry]]) -> None:
         """Write a group of text files concurrently (temp + fsync + rename each), then record
@@ -1294,6 +1327,16 @@ def _as_text(data: bytes) -> str | None:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+def _mode_bits(perms: int) -> int:
+    """The mode an index entry records: 0o755 if any exec bit is set, else 0o644."""
+    return 0o755 if perms & 0o111 else 0o644
+
+
+def _exec_differs(disk_perms: int, entry_mode: int) -> bool:
+    """The disk's exec bit differs from the entry's (``disk_perms`` 0 = unknown: never)."""
+    return disk_perms != 0 and bool(disk_perms & 0o111) != bool(entry_mode & 0o111)
 
 
 def _mode_of(st: DiskStat, path: Path) -> int:
