@@ -356,13 +356,19 @@ class SpaceLan:
         self.targets[target.instance] = target
         task = self._dialers.get(target.instance)
         if task is None or task.done():
-            self._dialers[target.instance] = asyncio.create_task(self._dial_loop(target.instance))
+            task = asyncio.create_task(self._dial_loop(target.instance))
+            self._dialers[target.instance] = task
+            task.add_done_callback(lambda t, i=target.instance: self._forget_dialer(i, t))
+
+    def _forget_dialer(self, instance: str, task: asyncio.Task[None]) -> None:
+        if self._dialers.get(instance) is task:
+            del self._dialers[instance]
+            self.instance_pk.pop(instance, None)
 
     def lost(self, instance: str) -> None:
+        """The advertisement went away: stop dialing it. A live session is left alone (its
+        pings tell whether the peer is still there)."""
         self.targets.pop(instance, None)
-        task = self._dialers.pop(instance, None)
-        if task is not None:
-            task.cancel()
 
     async def _dial_loop(self, instance: str) -> None:
         delay = DIAL_BACKOFF_MIN
