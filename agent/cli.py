@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--timeout", type=float, default=5.0, help="network timeout in seconds")
 
+    from qmoi_sync.agent import settings_cli
+
+    settings_cli.add_parsers(sub)  # `settings …`, `conflicts`
+
     s = sub.add_parser("demo", help="watch two local devices sync through an embedded relay")
     s.add_argument("--keep", action="store_true", help="keep the temporary folders")
     return p
@@ -239,6 +243,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _config(home, args)
     if args.cmd in ("pause", "resume"):
         return _pause(home, args.space, paused=args.cmd == "pause")
+    if args.cmd in ("settings", "conflicts"):
+        from qmoi_sync.agent import settings_cli
+
+        return settings_cli.dispatch(home, args)
     raise UserError(f"unknown command {args.cmd}")
 
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -81,6 +82,9 @@ _REQUESTS: dict[str, type[BaseModel]] = {
     "resume": PauseRequest,
 }
 
+# Requests other modules add (agent/settings_control.py): cmd -> (model, handler(agent, req)).
+EXTRA_REQUESTS: dict[str, tuple[type[BaseModel], Callable[[Agent, Any], Awaitable[Any]]]] = {}
+
 
 class ControlServer:
     def __init__(self, path: Path, agent: Agent) -> None:
@@ -125,7 +129,8 @@ class ControlServer:
                 raise ValueError("request must be a JSON object")
             if raw.get("v") != CONTROL_VERSION:
                 return {"ok": False, "error": f"unsupported control version {raw.get('v')!r}"}
-            model = _REQUESTS.get(str(raw.get("cmd")))
+            cmd = str(raw.get("cmd"))
+            model = _REQUESTS.get(cmd) or EXTRA_REQUESTS.get(cmd, (None, None))[0]
             if model is None:
                 return {"ok": False, "error": f"unknown command {raw.get('cmd')!r}"}
             req = model.model_validate(raw)
@@ -140,6 +145,9 @@ class ControlServer:
         from qmoi_sync.agent import membership_ops
 
         agent = self.agent
+        extra = EXTRA_REQUESTS.get(str(getattr(req, "cmd", "")))
+        if extra is not None and isinstance(req, extra[0]):
+            return await extra[1](agent, req)
         if isinstance(req, StatusRequest):
             return (await agent.status()).model_dump(mode="json")
         if isinstance(req, InviteRequest):

@@ -14,10 +14,14 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from qmoi_sync.agent import membership_ops
+from qmoi_sync.agent import (
+    membership_ops,
+    settings_control,  # noqa: F401 - registers its control requests
+)
 from qmoi_sync.agent.control import ControlServer
 from qmoi_sync.agent.home import AgentLock, Home, UserError
 from qmoi_sync.agent.keyring import Keyring
@@ -26,6 +30,7 @@ from qmoi_sync.agent.peer_sync import SpaceLan
 from qmoi_sync.agent.policy import POLICY_FILE, Policy, PolicyConfig, PolicyMonitor, wait_for_scan
 from qmoi_sync.agent.relay_link import RelayLink
 from qmoi_sync.agent.resources import ProcessUsage, make_probe
+from qmoi_sync.agent.settings_sync import SettingsService
 from qmoi_sync.agent.space import SpaceSync
 from qmoi_sync.agent.status import (
     CapabilitiesStatus,
@@ -79,9 +84,11 @@ class SpaceRuntime:
         # so two of them never fork it.
         self.membership_lock = asyncio.Lock()
         self.lan: SpaceLan | None = None  # LAN peers (agent/lan.py), when enabled
+        self.settings = SettingsService(self)  # settings files (agent/settings_sync.py)
 
     async def start(self) -> None:
         await self.sync.load()
+        await self.settings.start()
         if self.agent.lan is not None:
             self.lan = await self.agent.lan.add_space(self)
         watch_ready = asyncio.Event()
@@ -237,6 +244,31 @@ class SpaceRuntime:
         log.info("space %s %s", self.record.name, "paused" if paused else "resumed")
         return True
 
+    async def replace_relay(self, url: str, prepare: Callable[[], Awaitable[None]]) -> None:
+        """Move this space to another relay (agent/relay_switch.py): the link stops (under the
+        owner's lock, as for pause), ``prepare`` hands over (cursor, full state), then a link to
+        ``url`` starts unless the space is paused."""
+        if self.link is not None:
+            async with self.sync.lock:
+                self.link_stop.set()
+            task, self.link_task = self.link_task, None
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                if task in self.tasks:
+                    self.tasks.remove(task)
+        await prepare()
+        self.record = dataclasses.replace(self.record, relay_url=url)
+        self.link = RelayLink(
+            self.sync,
+            url,
+            membership_log=lambda: self.keyring.log.to_bytes(),
+            on_membership=self.on_membership,
+            on_join_forward=self.on_join_forward,
+        )
+        if not self.record.paused:
+            self._start_link()
+
     async def close(self) -> None:
         # Take the owner's lock *before* setting stop: the batch in progress (local or remote)
         # finishes and commits; setting stop first would let the relay link cancel its applier
@@ -335,6 +367,7 @@ class SpaceRuntime:
             devices=devices,
             lan=lan_status(self),
             duplicates=self.sync.stats.duplicates,
+            settings=self.settings.status_items(),
         )
 
 

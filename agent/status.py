@@ -64,6 +64,22 @@ class LanStatus(BaseModel):
     refused: int = 0  # peer connections refused (failed challenge, not a member)
 
 
+class SettingsDocStatus(BaseModel):
+    """One settings document of a space, as this device syncs it (agent/settings_sync.py)."""
+
+    name: str
+    format: str
+    path: str | None  # this device's file; None: not mapped here
+    # ok | invalid (does not parse: not synced, not overwritten) | error | waiting | removed
+    # (from the space, elsewhere) | unmapped (known in the space, no file on this device)
+    state: str
+    error: str | None = None
+    keys: int = 0  # keys synced
+    local_keys: int = 0  # keys kept on this device by `settings local` patterns
+    secret_keys: list[str] = []  # keys kept on this device because they look like credentials
+    conflicts: int = 0  # keys whose concurrent losing values `qmoi-sync conflicts` lists
+
+
 class SpaceStatus(BaseModel):
     id: str
     name: str
@@ -80,6 +96,7 @@ class SpaceStatus(BaseModel):
     devices: list[MemberStatus]
     lan: LanStatus | None = None
     duplicates: int = 0  # envelopes that arrived twice (LAN and relay) and were applied once
+    settings: list[SettingsDocStatus] = []
 
 
 class PolicyStatus(BaseModel):
