@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from pycrdt import Doc, merge_updates
 
 from qmoi_sync.agent.causal import UpdateDecodeError, missing_dependencies
+from qmoi_sync.agent.ignore import IgnoreRules
 from qmoi_sync.agent.index import FileEntry, IndexDoc, derive_file_id
 from qmoi_sync.agent.keyring import Keyring
 from qmoi_sync.agent.layout import compute_layout
@@ -67,6 +68,7 @@ from qmoi_sync.protocol.payload import (
 from qmoi_sync.protocol.replay import ReplayWindow
 
 if TYPE_CHECKING:
+    from qmoi_sync.agent.binary_sync import BinarySync
     from qmoi_sync.agent.policy import SyncGate
 
 log = logging.getLogger("qmoi_sync.space")
@@ -84,16 +86,7 @@ MATERIALIZE_GROUP = 32
 # How long a delivered envelope from an unknown sender or of a future epoch waits for the
 # membership log that explains it (the relay sends that log just before, on another task).
 MEMBERSHIP_WAIT_S = 5.0
-# Editor and OS droppings that are never synced (the full ignore-file support is issue 3's).
-BUILTIN_IGNORES_SUFFIX = (".swp", ".swx", "~", ".tmp", ".part", ".crdownload")
-BUILTIN_IGNORES_NAME = {".DS_Store", "Thumbs.db", "desktop.ini", "4913"}
-
-
-def is_ignored(relpath: str) -> bool:
-    name = relpath.rsplit("/", 1)[-1]
-    if is_temp_name(name) or name in BUILTIN_IGNORES_NAME or name.startswith("~$"):
-        return True
-    return name.endswith(BUILTIN_IGNORES_SUFFIX)
+# Editor/OS droppings and the space's .qmoiignore patterns: agent/ignore.py (SpaceSync.ignores).
 
 
 @dataclass
@@ -157,6 +150,8 @@ class SpaceSync:
         self.index = IndexDoc()
         self._docs: OrderedDict[bytes, Doc] = OrderedDict()
         self.files: dict[str, FileRecord] = {}
+        # Local paths never sent (built-in droppings + .qmoiignore, re-read when it changes).
+        self.ignores = IgnoreRules(self.root)
         # Changes to `files` not yet in SQLite (path -> record, None = forget): written in the
         # transaction that commits the document updates they belong to (_write_file_records).
         self._file_ops: dict[str, FileRecord | None] = {}
@@ -193,6 +188,8 @@ class SpaceSync:
         # Called synchronously at the end of every batch, still under the lock, with the ids of
         # the documents remote updates changed in it (agent/settings_sync.py listens).
         self.batch_listeners: list[Callable[[set[bytes]], None]] = []
+        # Binary and large files (agent/binary_sync.py); None: they are skipped with a warning.
+        self.binary: BinarySync | None = None
 
     # -- membership -----------------------------------------------------------------------------
     def set_keyring(self, keyring: Keyring) -> None:
@@ -275,6 +272,7 @@ class SpaceSync:
             self._begin_batch()
             batch = _Batch()
             pending = await self._pending_materialize()
+            self._reload_ignores()
             on_disk = await asyncio.to_thread(self._walk_files, "")
             await self._ingest_local(set(on_disk) | set(self.files), batch, walked=True, gate=True)
             await self._finish(batch, dirty=pending, delivered=[])
@@ -285,7 +283,11 @@ class SpaceSync:
         for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
             rel_dir = os.path.relpath(dirpath, self.root)
             rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
-            dirnames[:] = [d for d in dirnames if not is_temp_name(d)]
+            dirnames[:] = [
+                d
+                for d in dirnames
+                if not is_temp_name(d) and not self.ignores.is_ignored(rel_dir + d, is_dir=True)
+            ]
             for name in filenames:
                 out.append(rel_dir + name)
         return out
@@ -305,9 +307,13 @@ class SpaceSync:
         a local edit absorbed before a remote change lands is never deferred."""
         changed: list[_LocalChange] = []
         gone: list[str] = []
+        bins: list[str] = []  # binary or > TEXT_MAX_BYTES: chunked by self.binary
         mode_changed: list[tuple[bytes, int]] = []
         expanded: set[str] = set()
         maybe_folders: set[str] = set()
+        if self._reload_ignores() and not walked:
+            # New patterns: files they no longer ignore are picked up now, without a restart.
+            paths = paths | set(await asyncio.to_thread(self._walk_files, ""))
         for path in sorted(paths):
             full = self.root / path
             if not walked and full.is_dir() and not full.is_symlink():
@@ -321,7 +327,7 @@ class SpaceSync:
         # 10,000 files a rescan spent ~10 s here.)
         expanded.update(_tracked_under(self.files, maybe_folders))
         for path in sorted(expanded):
-            if is_ignored(path):
+            if self.ignores.is_ignored(path):
                 continue
             try:
                 validate_relpath(path)
@@ -351,10 +357,7 @@ class SpaceSync:
             try:
                 got = await asyncio.to_thread(read_file, self.root, path, TEXT_MAX_BYTES)
             except FileTooLargeError:
-                self.warnings[f"binary:{path}"] = (
-                    f"{path}: larger than {TEXT_MAX_BYTES} bytes; binary/large files are not "
-                    "synced yet (skipped, left untouched)"
-                )
+                bins.append(path)
                 continue
             except (OSError, UnsafePathError) as exc:
                 self.warnings[f"read:{path}"] = f"{path}: cannot read ({exc}); will retry"
@@ -373,6 +376,8 @@ class SpaceSync:
         block = self.send_block
         if block is not None:
             self._hold_back(block, changed, gone, set_aside)
+            for path in bins:
+                self.warnings[f"held:{path}"] = f"{block}: local change to {path} not synced"
             return
         for fid, mode in mode_changed:
             batch.add(INDEX_DOC_ID, self.index.set_mode(fid.hex(), mode, self.device))
@@ -386,12 +391,14 @@ class SpaceSync:
             rec = self.files.get(ch.path)
             text = _as_text(ch.data)
             if text is None:
-                self.warnings[f"binary:{ch.path}"] = (
-                    f"{ch.path}: binary file; binary files are not synced yet (skipped, left "
-                    "untouched)"
-                )
+                bins.append(ch.path)
                 continue
-            self.warnings.pop(f"binary:{ch.path}", None)
+            kind = entries[rec.fid.hex()].kind if rec and rec.fid.hex() in entries else None
+            if rec is not None and kind == "binary":
+                # binary -> text: a new text entry replaces the binary one
+                batch.add(INDEX_DOC_ID, self.index.delete(rec.fid.hex(), self.device, self.clock()))
+                await self._forget(ch.path)
+                rec = None
             if rec is not None:
                 await self._ingest_edit(rec.fid, ch, text, batch)
                 continue
@@ -405,12 +412,37 @@ class SpaceSync:
                 gone.remove(old)
                 continue
             await self._ingest_new(ch, text, entries, batch)
+        for path in bins:
+            if self.binary is None:
+                self.warnings[f"binary:{path}"] = f"{path}: binary/large file not synced (skipped)"
+                continue
+            st = stat_file(self.root, path)
+            if st is None:
+                continue
+            moved = next((g for g in gone if _same_file(self.files[g], st)), None)
+            if moved is not None and path not in self.files:
+                # mv keeps inode, size and mtime: a rename, the file id stays
+                fid = self.files[moved].fid
+                batch.add(INDEX_DOC_ID, self.index.rename(fid.hex(), path, self.device))
+                await self._record_stat(path, fid, self.files[moved].hash, st)
+                await self._forget(moved)
+                gone.remove(moved)
+                continue
+            self.binary.local_changed(path, st.size)
         for path in gone:
             rec = self.files[path]
             entry = entries.get(rec.fid.hex())
             if entry is not None and entry.alive:
                 batch.add(INDEX_DOC_ID, self.index.delete(rec.fid.hex(), self.device, self.clock()))
             await self._forget(path)
+
+    def _reload_ignores(self) -> bool:
+        changed = self.ignores.reload()
+        if self.ignores.error is not None:
+            self.warnings["ignore"] = self.ignores.error
+        else:
+            self.warnings.pop("ignore", None)
+        return changed
 
     async def _ingest_edit(self, fid: bytes, ch: _LocalChange, text: str, batch: _Batch) -> None:
         doc = await self._doc(fid)
@@ -852,9 +884,12 @@ class SpaceSync:
         layout = compute_layout(entries)
         self.conflicts = len(layout.conflicts)
         desired: dict[bytes, str] = {}
+        binary: dict[bytes, str] = {}
         for path, fid_hex in layout.paths.items():
             entry = entries[fid_hex]
-            if entry.kind != "text":
+            if entry.kind == "binary" and self.binary is not None:
+                binary[bytes.fromhex(fid_hex)] = path
+            elif entry.kind != "text":
                 continue
             try:
                 validate_relpath(path)
@@ -862,6 +897,8 @@ class SpaceSync:
                 self.warnings[f"remote:{fid_hex}"] = f"refused a remote path: {exc}"
                 continue
             desired[bytes.fromhex(fid_hex)] = path
+        binary = {f: p for f, p in binary.items() if f in desired}
+        binary_at = {p: f for f, p in binary.items()}
         current = {rec.fid: path for path, rec in self.files.items()}
 
         # Files whose entry is no longer alive: delete, unless the user changed them since we
@@ -876,7 +913,20 @@ class SpaceSync:
                 rec.mtime_ns,
                 rec.inode,
             ):
-                got = read_file(self.root, path, TEXT_MAX_BYTES)
+                dead = entries.get(fid.hex())
+                try:
+                    got = read_file(self.root, path, TEXT_MAX_BYTES)
+                except FileTooLargeError:
+                    got = None
+                binary_now = got is None or _as_text(got[0]) is None
+                if (
+                    self.binary is not None
+                    and self.send_block is None
+                    and (binary_now or (dead is not None and dead.kind == "binary"))
+                ):
+                    # changed locally: an edit beats the delete (ingested as a new version)
+                    self.binary.local_changed(path, st.size)
+                    continue
                 if got is not None and content_hash(got[0]) != rec.hash:
                     text = _as_text(got[0])
                     block = self.send_block
@@ -895,6 +945,11 @@ class SpaceSync:
                             fid, _LocalChange(path, got[0], got[1]), text, batch
                         )
                         continue
+            taker = binary_at.get(path)
+            if taker is not None and st is not None:
+                # a binary version replaces this file in place when it is complete
+                await self._record_stat(path, taker, rec.hash, st)
+                continue
             delete_file(self.root, path)
             await self._forget(path)
 
@@ -943,7 +998,7 @@ class SpaceSync:
                 await self._apply_mode(fid, path, entries[fid_hex])
         todo: list[tuple[bytes, str, FileEntry]] = []
         for fid, path in desired.items():
-            if fid in current and fid not in dirty:
+            if fid in binary or (fid in current and fid not in dirty):
                 continue
             if fid not in current:
                 existing = stat_file(self.root, path)
@@ -964,6 +1019,8 @@ class SpaceSync:
             todo.append((fid, path, entries[fid.hex()]))
         for i in range(0, len(todo), MATERIALIZE_GROUP):
             await self._materialize_texts(todo[i : i + MATERIALIZE_GROUP])
+        if self.binary is not None:
+            self.binary.reconcile(binary, entries, batch)
         self.unwritten.intersection_update(desired)
         return blocked
 
@@ -1318,6 +1375,10 @@ def _split(items: list[tuple[bytes, bytes]]) -> list[list[tuple[bytes, bytes]]]:
         out[-1].append((doc_id, update))
         size += len(update) + 32
     return out
+
+
+def _same_file(rec: FileRecord, st: DiskStat) -> bool:
+    return (rec.size, rec.mtime_ns, rec.inode) == (st.size, st.mtime_ns, st.inode)
 
 
 def _as_text(data: bytes) -> str | None:

@@ -57,3 +57,44 @@ def test_case_only_rename_arrives_as_rename(tmp_path: Path) -> None:
         # Same file id: an edit on b continues the same document on a.
         b.write("A.txt", "one\ntwo\n")
         wait_until(lambda: a.tree() == {"A.txt": b"one\ntwo\n"}, what="edit after case rename")
+
+
+def test_qmoiignore_live_and_never_deletes_elsewhere(tmp_path: Path) -> None:
+    with cluster(tmp_path) as (_relay, (a, b)):
+        a.write("notes.log", "log v1\n")
+        a.write("keep.txt", "keep\n")
+        a.write("junk.swp", "swap\n")  # built-in ignore
+        wait_until(lambda: _text(b, "keep.txt") == "keep\n", what="keep.txt on b")
+        wait_until(lambda: _text(b, "notes.log") == "log v1\n", what="notes.log on b")
+        assert _text(b, "junk.swp") is None
+
+        # The ignore file syncs like any file and applies at once.
+        a.write(".qmoiignore", "# logs stay local\n*.log\n")
+        wait_until(lambda: _text(b, ".qmoiignore") is not None, what=".qmoiignore on b")
+
+        a.write("notes.log", "log v2, local only\n")
+        a.write("new.log", "never sent while ignored\n")
+        a.write("marker1.txt", "m1\n")
+        wait_until(lambda: _text(b, "marker1.txt") == "m1\n", what="marker1 on b")
+        assert _text(b, "notes.log") == "log v1\n"
+        assert _text(b, "new.log") is None
+
+        # Deleting an ignored file never deletes it on the other device.
+        (a.folder / "notes.log").unlink()
+        a.write("marker2.txt", "m2\n")
+        wait_until(lambda: _text(b, "marker2.txt") == "m2\n", what="marker2 on b")
+        assert _text(b, "notes.log") == "log v1\n"
+
+        # Narrowing the patterns (no restart): new.log is no longer ignored and is sent.
+        a.write(".qmoiignore", "notes.log\n")
+        wait_until(
+            lambda: _text(b, "new.log") == "never sent while ignored\n", what="new.log on b"
+        )
+        a.write("marker3.txt", "m3\n")
+        wait_until(lambda: _text(b, "marker3.txt") == "m3\n", what="marker3 on b")
+        assert _text(b, "notes.log") == "log v1\n"
+        # b's copy of the pattern file applies to b as well: its edit of notes.log stays local.
+        b.write("notes.log", "b's local log\n")
+        b.write("marker4.txt", "m4\n")
+        wait_until(lambda: _text(a, "marker4.txt") == "m4\n", what="marker4 on a")
+        assert _text(a, "notes.log") is None
