@@ -258,6 +258,8 @@ class _Subscription:
             # The client is ahead of us (e.g. the relay lost data): restart from our head so
             # nothing published from now on is skipped.
             self.cursor = head
+        if await self._below_log(store):
+            return
         # CaughtUp marks the end of the backlog as it stood when the subscription started, so a
         # busy space cannot postpone it indefinitely.
         backlog_end: int | None = head
@@ -278,7 +280,8 @@ class _Subscription:
                 continue
             head = store.committed_head(space_id) or 0
             if head > self.cursor:  # backlog, or live items that overflowed the buffer
-                await self._send_page(store, head)
+                if not await self._send_page(store, head):
+                    return
                 continue
             self.wake.clear()
             if self._idle(store):
@@ -297,15 +300,27 @@ class _Subscription:
         while self.buffer and self.buffer[0][0] <= self.cursor:
             self._pop()
 
-    async def _send_page(self, store: RelayStore, head: int) -> None:
+    async def _below_log(self, store: RelayStore) -> bool:
+        """If the envelope after the cursor was dropped (the log was truncated after a
+        snapshot), tell the subscriber (LogTruncated: it restores from the snapshot and
+        subscribes again) and end the subscription. Never skip silently over a gap."""
+        start = await store.log_start(self.space.space_id)
+        if self.cursor + 1 >= start:
+            return False
+        await self.conn.send(F.LogTruncated(before_seq=start))
+        return True
+
+    async def _send_page(self, store: RelayStore, head: int) -> bool:
+        """Send the next page of the backlog; False if the subscription must end."""
         page = await store.read_page(
             self.space.space_id,
             self.cursor,
             max_count=BACKLOG_PAGE_COUNT,
             max_bytes=BACKLOG_PAGE_BYTES,
         )
+        if (not page or page[0][0] > self.cursor + 1) and await self._below_log(store):
+            return False
         if not page:
-            # Everything between cursor and head was dropped (prefix truncation).
             self.cursor = max(self.cursor, head)
         for seq, data in page:
             if seq <= self.cursor:
@@ -317,6 +332,7 @@ class _Subscription:
             self.cursor = seq
         if self.own:
             self.own = {s for s in self.own if s > self.cursor}
+        return True
 
 
 class _Conn:
@@ -514,6 +530,8 @@ class _Conn:
                 await self._put_chunk(frame)
             elif isinstance(frame, F.GetChunk):
                 await self._get_chunk(frame)
+            elif isinstance(frame, F.Truncate):
+                await self._truncate(frame)
             else:
                 await self.error(
                     "unexpected_frame", f"{type(frame).__name__} is not valid after authentication"
@@ -702,6 +720,30 @@ class _Conn:
             await self.send(F.ChunkMissing(frame.chunk_id))
         else:
             await self.send(F.ChunkData(frame.chunk_id, data))
+
+    # -- log compaction after snapshots ---------------------------------------------------
+
+    async def _truncate(self, frame: F.Truncate) -> None:
+        """An admin device says snapshots cover the log below ``before_seq``: drop it. Devices
+        whose cursor is below are told (LogTruncated) and restore from the snapshot."""
+        space, me = self._authed()
+        if space.log.role_of(me) is not Role.admin:
+            await self.error("not_admin", "only an admin device may truncate the log")
+            return
+        store = self.server.store
+        head = await store.head_seq(space.space_id)
+        before = min(frame.before_seq, head + 1)
+        if before > await store.log_start(space.space_id):
+            freed = await store.drop_before(space.space_id, before)
+            _ev(
+                logging.INFO,
+                "log_truncated",
+                conn=self.cid,
+                space=short(space.space_id),
+                before=before,
+                freed=freed,
+            )
+        await self.send(F.Truncated(before_seq=await store.log_start(space.space_id)))
 
     # -- subscribe -------------------------------------------------------------------------
 

@@ -64,6 +64,10 @@ CREATE TABLE IF NOT EXISTS envelopes (
     UNIQUE (space_id, relay_seq),
     UNIQUE (space_id, sender, sender_seq)
 );
+CREATE TABLE IF NOT EXISTS truncations (
+    space_id    BLOB PRIMARY KEY,
+    before_seq  INTEGER NOT NULL    -- the log starts here: envelopes below it were dropped
+);
 CREATE TABLE IF NOT EXISTS senders (
     space_id    BLOB NOT NULL,
     sender      BLOB NOT NULL,
@@ -442,6 +446,15 @@ class RelayStore:
                 rows = await cur.fetchall()
         return [(int(seq), bytes(data)) for seq, data in rows]
 
+    async def log_start(self, space_id: bytes) -> int:
+        """The lowest relay sequence the log still holds or will hold (1 until truncated)."""
+        async with (
+            self._reader() as db,
+            db.execute("SELECT before_seq FROM truncations WHERE space_id=?", (space_id,)) as cur,
+        ):
+            row = await cur.fetchone()
+        return max(1, int(row[0])) if row else 1
+
     async def drop_before(self, space_id: bytes, before_seq: int) -> int:
         """Delete the envelopes of a space with ``relay_seq < before_seq``; returns bytes freed.
 
@@ -465,6 +478,12 @@ class RelayStore:
                 )
                 await self._db.execute(
                     "UPDATE spaces SET bytes_used=bytes_used-? WHERE space_id=?", (freed, space_id)
+                )
+                await self._db.execute(
+                    "INSERT INTO truncations(space_id, before_seq) VALUES (?, ?)"
+                    " ON CONFLICT(space_id) DO UPDATE SET"
+                    " before_seq=MAX(before_seq, excluded.before_seq)",
+                    (space_id, before_seq),
                 )
                 await self._db.execute("COMMIT")
             except BaseException:

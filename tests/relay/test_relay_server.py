@@ -368,7 +368,10 @@ async def test_quota_exceeded_then_success_after_raising_or_making_room(
     await a.send(F.Publish(envelope=env5))
     assert (await a.expect(F.Ack)).relay_seq == 5
     b = await authed(url, space, space.admin)
+    # A cursor below the retained log is told so (it restores from a snapshot), never skipped.
     await b.send(F.Subscribe(from_seq=0))
+    assert (await b.expect(F.LogTruncated)).before_seq == 3
+    await b.send(F.Subscribe(from_seq=2))
     delivers, _ = await b.collect_delivers(3)
     assert [d.relay_seq for d in delivers] == [3, 4, 5]
 
