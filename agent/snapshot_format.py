@@ -246,6 +246,7 @@ class DocRef:
 
     doc_id: bytes
     sv: bytes
+    digest: bytes  # hash of the logical state (state vector + delete set): "unchanged?"
     chain: tuple[ObjRef, ...]
 
     @property
@@ -324,7 +325,7 @@ def _b64(b: bytes) -> str:
 
 
 def _docref_json(d: DocRef) -> list[Any]:
-    return [d.doc_id.hex(), _b64(d.sv), [[o.name.hex(), o.size] for o in d.chain]]
+    return [d.doc_id.hex(), _b64(d.sv), d.digest.hex(), [[o.name.hex(), o.size] for o in d.chain]]
 
 
 def _content_json(m: Manifest) -> dict[str, Any]:
@@ -381,11 +382,11 @@ def _list(v: Any) -> list[Any]:
 
 
 def _docref(v: Any, doc_len: int = 16) -> DocRef:
-    doc_id, sv, chain = _list(v)
+    doc_id, sv, digest, chain = _list(v)
     refs = tuple(ObjRef(_hexb(n, NAME_LEN), _int(s)) for n, s in (_list(x) for x in _list(chain)))
     if not refs:
         raise _Bad("empty chain")
-    return DocRef(_hexb(doc_id, doc_len), _unb64(sv), refs)
+    return DocRef(_hexb(doc_id, doc_len), _unb64(sv), _hexb(digest, 32), refs)
 
 
 def _from_json(raw: Any, header: _Header) -> Manifest:

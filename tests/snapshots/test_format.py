@@ -71,9 +71,12 @@ def test_object_tamper_truncate_swap() -> None:
 
 
 def _manifest(seq: int = 3) -> Manifest:
-    idx = DocRef(bytes(16), b"\x00", (ObjRef(os.urandom(32), 10),))
+    idx = DocRef(bytes(16), b"\x00", os.urandom(32), (ObjRef(os.urandom(32), 10),))
     doc = DocRef(
-        os.urandom(16), b"\x01\x02", (ObjRef(os.urandom(32), 5), ObjRef(os.urandom(32), 2))
+        os.urandom(16),
+        b"\x01\x02",
+        os.urandom(32),
+        (ObjRef(os.urandom(32), 5), ObjRef(os.urandom(32), 2)),
     )
     return Manifest(
         space_id=SPACE,
