@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     settings_cli.add_parsers(sub)  # `settings …`, `conflicts`
 
+    from qmoi_sync.agent import snapshot_cli
+
+    snapshot_cli.add_parsers(sub)  # `snapshot …`, `restore`, `history`, `restore-file`
+
     s = sub.add_parser("demo", help="watch two local devices sync through an embedded relay")
     s.add_argument("--keep", action="store_true", help="keep the temporary folders")
     return p
@@ -247,6 +251,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from qmoi_sync.agent import settings_cli
 
         return settings_cli.dispatch(home, args)
+    if args.cmd in ("snapshot", "restore", "history", "restore-file"):
+        from qmoi_sync.agent import snapshot_cli
+
+        return snapshot_cli.dispatch(home, args)
     raise UserError(f"unknown command {args.cmd}")
 
 

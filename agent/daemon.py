@@ -21,6 +21,7 @@ from typing import Any
 from qmoi_sync.agent import (
     membership_ops,
     settings_control,  # noqa: F401 - registers its control requests
+    snapshot_control,  # noqa: F401 - registers its control requests
 )
 from qmoi_sync.agent.control import ControlServer
 from qmoi_sync.agent.home import AgentLock, Home, UserError
@@ -31,6 +32,7 @@ from qmoi_sync.agent.policy import POLICY_FILE, Policy, PolicyConfig, PolicyMoni
 from qmoi_sync.agent.relay_link import RelayLink
 from qmoi_sync.agent.resources import ProcessUsage, make_probe
 from qmoi_sync.agent.settings_sync import SettingsService
+from qmoi_sync.agent.snapshot_service import SnapshotService
 from qmoi_sync.agent.space import SpaceSync
 from qmoi_sync.agent.status import (
     CapabilitiesStatus,
@@ -85,6 +87,7 @@ class SpaceRuntime:
         self.membership_lock = asyncio.Lock()
         self.lan: SpaceLan | None = None  # LAN peers (agent/lan.py), when enabled
         self.settings = SettingsService(self)  # settings files (agent/settings_sync.py)
+        self.snapshots = SnapshotService(self)  # S3 snapshots (agent/snapshot_service.py)
 
     async def start(self) -> None:
         await self.sync.load()
@@ -109,6 +112,7 @@ class SpaceRuntime:
                 self._start_link()
         await asyncio.wait_for(watch_ready.wait(), WATCH_READY_TIMEOUT)
         self.tasks.append(asyncio.create_task(self._initial_scan()))
+        self.tasks.append(asyncio.create_task(self.snapshots.run(self.stop)))
         await self.sync.send_device_info(
             self.agent.device_name, f"{platform.system()}-{platform.machine()}", __version__
         )
@@ -285,6 +289,7 @@ class SpaceRuntime:
                 await t
         if self.agent.lan is not None:
             await self.agent.lan.remove_space(self.record.space_id)
+        self.snapshots.close()
 
     async def status(self) -> SpaceStatus:
         store = self.agent.store
@@ -368,6 +373,7 @@ class SpaceRuntime:
             lan=lan_status(self),
             duplicates=self.sync.stats.duplicates,
             settings=self.settings.status_items(),
+            snapshot=self.snapshots.status(),
         )
 
 

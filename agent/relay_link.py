@@ -36,6 +36,15 @@ BACKOFF_MAX = 30.0
 REFUSED_MEMBERSHIP = frozenset({"revoked", "not_a_member"})
 
 
+class LogTruncated(Exception):
+    """The relay no longer holds the log from this device's cursor (dropped after a
+    snapshot): restore from the snapshot, then subscribe again."""
+
+    def __init__(self, before_seq: int) -> None:
+        super().__init__(f"the relay's log now starts at seq {before_seq}")
+        self.before_seq = before_seq
+
+
 class RelayRefused(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -84,6 +93,9 @@ class RelayLink:
         self._relay_log_digest: bytes | None = None
         self._relay_log_changed = asyncio.Event()
         self._ws: ClientConnection | None = None
+        # Log compaction after snapshots: a Truncate to send, and the relay's last answer.
+        self._truncate_pending: int | None = None
+        self.truncated_before: int | None = None
 
     @property
     def latency_ms(self) -> float | None:
@@ -113,6 +125,12 @@ class RelayLink:
         self._relay_log_digest = hashlib.sha256(log).digest()
         self._relay_log_changed.set()
 
+    def request_truncate(self, before_seq: int) -> None:
+        """Tell the relay (admin devices) it may drop the log below ``before_seq``: a snapshot
+        covers it. Sent on the live connection, or on the next one."""
+        self._truncate_pending = max(before_seq, self._truncate_pending or 0)
+        self.sync.outbox_changed.set()
+
     def wake(self) -> None:
         """Retry now (e.g. the user asked, or the network came back)."""
         self._wake.set()
@@ -124,6 +142,20 @@ class RelayLink:
             try:
                 await self._session(stop)
                 delay = BACKOFF_MIN
+            except LogTruncated as exc:
+                restore = self.sync.on_log_truncated
+                self.state.last_error = f"{exc}; restoring from the latest snapshot"
+                log.warning("relay log truncated for %s: %s", self.sync.space_id[:8], exc)
+                if restore is not None:
+                    try:
+                        await restore(exc.before_seq)
+                        self.state.last_error = None
+                        delay = BACKOFF_MIN
+                    except Exception as rexc:
+                        self.state.last_error = f"{exc}; restore from snapshot failed: {rexc}"
+                        delay = BACKOFF_MAX
+                else:
+                    delay = BACKOFF_MAX
             except RelayRefused as exc:
                 self.state.last_error = str(exc)
                 log.warning("relay refused space %s: %s", self.sync.space_id[:8], exc)
@@ -234,6 +266,10 @@ class RelayLink:
             elif isinstance(frame, F.Ack):
                 acks.put_nowait(frame.sender_seq)
                 self.state.quota_exceeded = False
+            elif isinstance(frame, F.LogTruncated):
+                raise LogTruncated(frame.before_seq)
+            elif isinstance(frame, F.Truncated):
+                self.truncated_before = frame.before_seq
             elif isinstance(frame, F.CaughtUp):
                 deliveries.put_nowait((-1, b""))
             elif isinstance(frame, F.Membership):
@@ -306,6 +342,9 @@ class RelayLink:
                 # be in `rows` if the push was requested before, so the log always goes first.
                 self._push_pending = False
                 await ws.send(F.encode_frame(F.PushMembership(log=self.membership_log())))
+            if self._truncate_pending is not None:
+                before, self._truncate_pending = self._truncate_pending, None
+                await ws.send(F.encode_frame(F.Truncate(before_seq=before)))
             if rows:
                 for seq, envelope in rows:
                     await ws.send(F.encode_frame(F.Publish(envelope=envelope)))

@@ -10,7 +10,7 @@ Keys:
 
 - ``target``: ``{"url": "s3://bucket/prefix", "endpoint_url", "region", "path_style"}`` —
   never credentials: each device takes those from boto3's standard chain.
-- ``policy``: ``{"every_s", "keep_last", "keep_daily"}``.
+- ``policy``: ``{"every_s", "keep_last", "keep_daily", "gc_grace_s"}``.
 - ``lease``: ``{"device": sign_pk hex, "until": unix seconds}`` — snapshot duty
   (agent/snapshot_duty.py).
 - ``last``: ``{"seq", "id", "at", "hash"}`` — the latest snapshot written (so every device,
@@ -34,6 +34,7 @@ _EMPTY_UPDATE = b"\x00\x00"
 DEFAULT_EVERY_S = 3600
 DEFAULT_KEEP_LAST = 24
 DEFAULT_KEEP_DAILY = 30
+DEFAULT_GC_GRACE_S = 3600
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,17 @@ class SnapshotPolicy:
     every_s: int = DEFAULT_EVERY_S
     keep_last: int = DEFAULT_KEEP_LAST
     keep_daily: int = DEFAULT_KEEP_DAILY
+    #: unreferenced objects younger than this are not garbage-collected (they may belong to a
+    #: snapshot another device is still uploading)
+    gc_grace_s: int = DEFAULT_GC_GRACE_S
 
     def to_json(self) -> dict[str, Any]:
-        return {"every_s": self.every_s, "keep_last": self.keep_last, "keep_daily": self.keep_daily}
+        return {
+            "every_s": self.every_s,
+            "keep_last": self.keep_last,
+            "keep_daily": self.keep_daily,
+            "gc_grace_s": self.gc_grace_s,
+        }
 
     @classmethod
     def from_json(cls, raw: Any) -> SnapshotPolicy:
@@ -60,6 +69,7 @@ class SnapshotPolicy:
             every_s=num("every_s", DEFAULT_EVERY_S, 1),
             keep_last=num("keep_last", DEFAULT_KEEP_LAST, 1),
             keep_daily=num("keep_daily", DEFAULT_KEEP_DAILY, 0),
+            gc_grace_s=num("gc_grace_s", DEFAULT_GC_GRACE_S, 0),
         )
 
 

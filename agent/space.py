@@ -314,6 +314,8 @@ class SpaceSync:
             full = self.root / path
             if not walked and full.is_dir() and not full.is_symlink():
                 expanded.update(await asyncio.to_thread(self._walk_files, path))
+                if path in self.files:
+                    expanded.add(path)  # a tracked file replaced by a folder: it is gone
                 continue
             expanded.add(path)
             if not walked and path not in self.files:

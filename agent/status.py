@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -80,6 +80,21 @@ class SettingsDocStatus(BaseModel):
     conflicts: int = 0  # keys whose concurrent losing values `qmoi-sync conflicts` lists
 
 
+class SnapshotStatus(BaseModel):
+    """S3 snapshots of a space (agent/snapshot_service.py)."""
+
+    target: str | None = None  # s3://bucket/prefix, None when not configured
+    every_s: int | None = None
+    duty: str = ""  # who takes snapshots, from this device's point of view
+    holder: bool = False  # this device holds snapshot duty
+    running: bool = False
+    progress: dict[str, Any] | None = None  # while a snapshot or restore runs
+    last_id: str | None = None
+    last_at: str | None = None  # ISO 8601 UTC
+    last_error: str | None = None  # e.g. bucket unreachable, credentials refused
+    retention_note: str | None = None
+
+
 class SpaceStatus(BaseModel):
     id: str
     name: str
@@ -97,6 +112,7 @@ class SpaceStatus(BaseModel):
     lan: LanStatus | None = None
     duplicates: int = 0  # envelopes that arrived twice (LAN and relay) and were applied once
     settings: list[SettingsDocStatus] = []
+    snapshot: SnapshotStatus | None = None
 
 
 class PolicyStatus(BaseModel):
