@@ -184,6 +184,9 @@ class SpaceSync:
         # Called synchronously, right after the commit, with every (seq, envelope) this device
         # seals into its stream, so LAN peers get it at once (agent/peer_sync.py).
         self.on_sealed: Callable[[list[tuple[int, bytes]]], None] | None = None
+        # Called by the relay link when the relay's log no longer holds what this device needs
+        # (it was truncated after a snapshot): restores from the snapshot (snapshot_service).
+        self.on_log_truncated: Callable[[int], Awaitable[None]] | None = None
         # Called synchronously at the end of every batch, still under the lock, with the ids of
         # the documents remote updates changed in it (agent/settings_sync.py listens).
         self.batch_listeners: list[Callable[[set[bytes]], None]] = []
