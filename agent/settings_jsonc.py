@@ -194,7 +194,7 @@ class _Parser:
             items.append(_to_py(self.text, self.value(depth + 1)))
             sep = self._next("',' or ']'")
             if self._punct(sep, ","):
-                continue
+                continue  # a trailing comma is fine: the loop then meets the ']'
             if self._punct(sep, "]"):
                 return _Value("array", open_tok.start, sep.end, py=items)
             raise self._err("expected ',' or ']'", sep.start)
