@@ -164,9 +164,8 @@ class SpaceLan:
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         self.spawn(self._gap_ticker())
-        if self.rt.record.relay_url is None:
-            self._drain_task = asyncio.create_task(self._drain_outbox())
-            self._outbox_dirty.set()
+        self._drain_task = asyncio.create_task(self._drain_outbox())
+        self._outbox_dirty.set()
 
     async def _gap_ticker(self) -> None:
         while True:
@@ -224,6 +223,8 @@ class SpaceLan:
         while True:
             await self._outbox_dirty.wait()
             self._outbox_dirty.clear()
+            if self.rt.record.relay_url is not None:
+                continue  # the relay link owns the outbox (checked each time: relays can change)
             if self.rt.record.paused:
                 await asyncio.sleep(1.0)
                 self._outbox_dirty.set()
