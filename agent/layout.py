@@ -21,9 +21,12 @@ Rules:
 * No conflict copies of conflict copies: when the losing entry's own path is already a
   conflict name, the new name is derived from the original path it was derived from.
 
-Out of scope for now (a later issue): paths that differ only by case or by Unicode
-normalization (``Café`` NFC vs NFD) collide on case-insensitive / normalizing filesystems
-(macOS, Windows) but are distinct here.
+* Paths that differ only by Unicode normalization (``Café`` NFC vs NFD) are the same name on
+  normalizing file systems (macOS): they always collide here, and with ``fold_case`` (set by a
+  device whose folder is case-insensitive) so do paths that differ only by case. The exact
+  spelling of the earliest-created entry keeps its path; every entry spelled differently is
+  placed under a conflict name (never overwritten). Only the full path is compared: two
+  *folders* spelled differently still map to two folders (left for later).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import math
 import posixpath
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -121,13 +125,23 @@ def _rank(e: FileEntry) -> tuple[float, str, str]:
     return (e.created_ts, e.created_dev, e.fid)
 
 
+def fold_name(path: str, fold_case: bool = False) -> str:
+    """The key under which two paths name the same file: NFC, and case-folded if asked."""
+    nfc = unicodedata.normalize("NFC", path)
+    return nfc.casefold() if fold_case else nfc
+
+
 def compute_layout(
-    entries: Mapping[str, FileEntry], *, namer: ConflictNamer | None = None
+    entries: Mapping[str, FileEntry],
+    *,
+    namer: ConflictNamer | None = None,
+    fold_case: bool = False,
 ) -> Layout:
     """The layout of the alive ``entries`` (keyed by fid hex; dead entries are ignored).
 
     ``namer`` overrides the conflict naming function (tests); by default it is
-    ``qmoi_sync.protocol.paths.conflict_name``.
+    ``qmoi_sync.protocol.paths.conflict_name``. ``fold_case``: names differing only by case
+    collide (a case-insensitive folder).
     """
     name_of = namer or _safe_conflict_name
     alive = sorted(
@@ -139,16 +153,28 @@ def compute_layout(
     for e in alive:
         assert e.path is not None
         claims.setdefault(e.path, []).append(e)
+    # Spellings of one name (NFC/NFD, or case with fold_case): the spelling of the earliest
+    # entry keeps the name; entries claiming any other spelling become conflict copies.
+    spellings: dict[str, list[str]] = {}
+    for p in claims:
+        spellings.setdefault(fold_name(p, fold_case), []).append(p)
+    respelled: list[FileEntry] = []
+    for group in spellings.values():
+        if len(group) > 1:
+            keep = min(group, key=lambda p: (_rank(claims[p][0]), p))
+            for p in group:
+                if p != keep:
+                    respelled.extend(claims.pop(p))
     # Every directory some alive entry needs to exist.
     needed_dirs: set[str] = set()
     for p in claims:
         needed_dirs.update(_ancestors(p))
     # Paths a conflict name must avoid: every claimed path and every needed directory.
-    taken: set[str] = set(claims) | needed_dirs
+    taken: set[str] = {fold_name(p, fold_case) for p in set(claims) | needed_dirs}
 
     paths: dict[str, str] = {}
     by_fid: dict[str, str] = {}
-    losers: list[FileEntry] = []
+    losers: list[FileEntry] = list(respelled)
     for path, group in claims.items():  # sorted by path then rank, so group[0] is earliest
         dirs = [e for e in group if e.kind == "dir"]
         files = [e for e in group if e.kind != "dir"]
@@ -178,10 +204,10 @@ def compute_layout(
         candidate = name_of(strip_conflict_marker(e.path), e.created_ts, e.created_dev)
         n = 1
         final = candidate
-        while final in taken:
+        while fold_name(final, fold_case) in taken:
             n += 1
             final = _with_suffix(candidate, n)
-        taken.add(final)
+        taken.add(fold_name(final, fold_case))
         paths[final] = e.fid
         by_fid[e.fid] = final
         conflicts.add(e.fid)
