@@ -15,6 +15,7 @@ is what makes the agent crash-safe:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -34,6 +35,7 @@ from qmoi_sync.agent.index import FileEntry, IndexDoc, derive_file_id
 from qmoi_sync.agent.keyring import Keyring
 from qmoi_sync.agent.layout import compute_layout
 from qmoi_sync.agent.materialize import (
+    TEMP_PREFIX,
     DiskStat,
     FileTooLargeError,
     UnsafePathError,
@@ -149,6 +151,9 @@ class SpaceSync:
         self.index = IndexDoc()
         self._docs: OrderedDict[bytes, Doc] = OrderedDict()
         self.files: dict[str, FileRecord] = {}
+        # Whether the folder's file system ignores case (probed at load): names differing only
+        # by case then collide in the layout and the later one gets a conflict name.
+        self.case_insensitive = False
         # Local paths never sent (built-in droppings + .qmoiignore, re-read when it changes).
         self.ignores = IgnoreRules(self.root)
         # Changes to `files` not yet in SQLite (path -> record, None = forget): written in the
@@ -233,6 +238,7 @@ class SpaceSync:
         self.unwritten = set(await self.store.get_pending(self.space_id))
         self._bases = await self.store.materialize_bases(self.space_id)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.case_insensitive = await asyncio.to_thread(_probe_case_insensitive, self.root)
 
     async def _doc(self, fid: bytes) -> Doc:
         doc = self._docs.get(fid)
@@ -864,7 +870,7 @@ class SpaceSync:
 
     async def _reconcile_once(self, dirty: set[bytes], batch: _Batch) -> list[str]:
         entries = self.index.entries()
-        layout = compute_layout(entries)
+        layout = compute_layout(entries, fold_case=self.case_insensitive)
         self.conflicts = len(layout.conflicts)
         desired: dict[bytes, str] = {}
         for path, fid_hex in layout.paths.items():
@@ -1321,6 +1327,22 @@ def _tracked_under(files: Iterable[str], folders: set[str]) -> list[str]:
                 break
             i = p.rfind("/", 0, i)
     return out
+
+
+def _probe_case_insensitive(root: Path) -> bool:
+    """Create a mixed-case probe file (a temp name: never synced) and look for its swapped-case
+    spelling. False if the probe cannot be made (a read-only folder: nothing is written)."""
+    name = f"{TEMP_PREFIX}case-{os.urandom(4).hex()}-aB"
+    try:
+        fd = os.open(root / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    try:
+        return os.path.lexists(root / name.swapcase())
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(root / name)
 
 
 def _split(items: list[tuple[bytes, bytes]]) -> list[list[tuple[bytes, bytes]]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import unicodedata
 from collections.abc import Iterator
 
 import pytest
@@ -69,6 +70,26 @@ def test_case_only_rename_arrives_as_rename(pair: Pair) -> None:
     # Same file id: an edit on b continues the same document on a.
     b.write("case/A.txt", "one\ntwo\n")
     wait_until(lambda: _tree(a, "case") == {"case/A.txt": b"one\ntwo\n"}, what="edit on a")
+
+
+def test_nfc_and_nfd_names_from_two_devices_both_survive(pair: Pair) -> None:
+    a, b = pair
+    nfc = unicodedata.normalize("NFC", "nf/caf\u00e9.txt")
+    nfd = unicodedata.normalize("NFD", nfc)
+    assert nfc != nfd
+    a.write(nfc, "composed, from a\n")
+    b.write(nfd, "decomposed, from b\n")
+    want = {b"composed, from a\n", b"decomposed, from b\n"}
+
+    def settled() -> bool:
+        ta, tb = _tree(a, "nf"), _tree(b, "nf")
+        return ta == tb and len(ta) == 2 and set(ta.values()) == want
+
+    wait_until(settled, what="both spellings kept on both devices")
+    names = set(_tree(a, "nf"))
+    # One keeps its spelling, the other is a conflict copy: neither overwrote the other.
+    assert len({unicodedata.normalize("NFC", n) for n in names}) == 2
+    assert any(".sync-conflict-" in n for n in names)
 
 
 def test_folder_rename_keeps_ids_and_tree_delete(pair: Pair) -> None:
