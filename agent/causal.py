@@ -66,15 +66,26 @@ class _Reader:
 
     def varuint(self) -> int:
         # lib0 varuint: little-endian base-128. Yjs caps at 53 bits; yrs writes up to 64.
+        # Hot: a text document's snapshot is decoded at every local ingest (textdoc), and it
+        # grows by a client per ingest; so bytes are read inline, not through u8().
+        data = self.data
+        pos = self.pos
+        end = len(data)
         result = 0
         shift = 0
         while True:
-            b = self.u8()
+            if pos >= end:
+                self.pos = pos
+                raise UpdateDecodeError("unexpected end of data")
+            b = data[pos]
+            pos += 1
             result |= (b & 0x7F) << shift
             if b < 0x80:
+                self.pos = pos
                 return result
             shift += 7
             if shift > 70:
+                self.pos = pos
                 raise UpdateDecodeError("varuint too long")
 
     def varint(self) -> int:
@@ -204,7 +215,7 @@ def decode_snapshot(
     sv = _read_state_vector(r)
     if not r.at_end():
         raise UpdateDecodeError("trailing bytes after snapshot")
-    return sv, {c: _normalize_ranges(v) for c, v in ds.items() if _normalize_ranges(v)}
+    return sv, {c: n for c, v in ds.items() if (n := _normalize_ranges(v))}
 
 
 # --------------------------------------------------------------------------------------------
