@@ -31,6 +31,9 @@ from qmoi_sync.protocol import lan as L
 from qmoi_sync.protocol.errors import ProtocolError
 
 log = logging.getLogger("qmoi_sync.lan")
+# zeroconf logs a traceback for every send on an interface that just went away; interface
+# changes are reported by this module instead.
+logging.getLogger("zeroconf").setLevel(logging.ERROR)
 
 INTERFACE_POLL_S = 2.0
 RESOLVE_TIMEOUT_MS = 3000

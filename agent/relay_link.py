@@ -265,6 +265,7 @@ class RelayLink:
                 deliveries.put_nowait((frame.relay_seq, frame.envelope))
             elif isinstance(frame, F.Ack):
                 acks.put_nowait(frame.sender_seq)
+                self.sync.note_own_relay_seq(frame.relay_seq)
                 self.state.quota_exceeded = False
             elif isinstance(frame, F.LogTruncated):
                 raise LogTruncated(frame.before_seq)

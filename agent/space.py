@@ -167,6 +167,9 @@ class SpaceSync:
         self.conflicts = 0
         self.seq = 0
         self.cursor = 0
+        # Relay sequences of this device's own envelopes above the cursor (the relay never
+        # delivers them back): the cursor moves over them once everything before is applied.
+        self._own_above: set[int] = set()
         # Resource policy (agent/policy.py); None = never defer, never hold writes back.
         self.gate: SyncGate | None = None
         # This device's capabilities for this space's folder, published with every DeviceInfo.
@@ -554,6 +557,7 @@ class SpaceSync:
                     if not await self._apply_envelope(envelope, batch, dirty, final):
                         break
                     self.cursor = max(self.cursor, relay_seq)
+                    self._skip_own()
                     done.append((relay_seq, envelope))
                 await self._finish(batch, dirty=dirty, delivered=done)
             pending = pending[len(done) :]
@@ -1247,6 +1251,22 @@ class SpaceSync:
             await self._finish(batch, dirty=set(), delivered=[])
             if after is not None:
                 await after()
+
+    def note_own_relay_seq(self, relay_seq: int) -> None:
+        """The relay stored one of this device's envelopes as ``relay_seq`` (its Ack). Its
+        content is applied here already, so the cursor — "every relay seq up to here is
+        applied" — may pass over it; this is what lets a snapshot of a device that is the only
+        writer cover its own changes (relay log compaction)."""
+        if relay_seq > self.cursor:
+            self._own_above.add(relay_seq)
+            self._skip_own()
+
+    def _skip_own(self) -> None:
+        while self.cursor + 1 in self._own_above:
+            self.cursor += 1
+            self._own_above.discard(self.cursor)
+        if self._own_above and min(self._own_above) <= self.cursor:
+            self._own_above = {s for s in self._own_above if s > self.cursor}
 
     async def snapshot_view(self) -> SnapshotView:
         """A consistent starting point for a snapshot, taken between batches: the index state,

@@ -107,10 +107,16 @@ class LanNet:
         _ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", "lan0")
 
     def link(self, node: str, up: bool) -> None:
-        """Unplug (or plug back) a node's LAN cable; its relay network stays."""
-        _ip("-n", self.ns(node), "link", "set", "lan0", "up" if up else "down")
+        """Unplug (or plug back) a node's LAN cable, losing (regaining) its address as with
+        DHCP; its relay network stays."""
+        ns = self.ns(node)
         if up:
-            _ip("-n", self.ns(node), "route", "replace", "224.0.0.0/4", "dev", "lan0")
+            _ip("-n", ns, "addr", "add", f"{self.lan_ip(node)}/24", "dev", "lan0")
+            _ip("-n", ns, "link", "set", "lan0", "up")
+            _ip("-n", ns, "route", "replace", "224.0.0.0/4", "dev", "lan0")
+        else:
+            _ip("-n", ns, "link", "set", "lan0", "down")
+            _ip("-n", ns, "addr", "flush", "dev", "lan0")
 
     def destroy(self) -> None:
         for name in [*(self.ns(n) for n in self.nodes), self.hub]:
