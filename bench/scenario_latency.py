@@ -113,6 +113,10 @@ def run(quick: bool, method: str = "auto", keep: bool = False) -> dict[str, Any]
             "min": round(min(values), 2) if values else None,
             "mean": round(sum(values) / len(values), 2) if values else None,
         },
+        # Each save adds a client id to the document (textdoc), so ingest cost grows with the
+        # number of saves of one file: compare the first and last quarter of the samples.
+        "median_first_quarter_ms": round(percentile(values[: len(values) // 4], 50), 2),
+        "median_last_quarter_ms": round(percentile(values[-(len(values) // 4) :], 50), 2),
         "raw_ms": [round(v, 3) for v in values],
         "targets": {
             "p50_ms": {"target": TARGET_P50_MS, "verdict": verdict(p50, TARGET_P50_MS)},
