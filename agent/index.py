@@ -25,7 +25,8 @@ delete — is not decided by LWW at all but by per-device edit counters:
 
 Fields per fid: ``path`` (str), ``kind`` ("text"|"binary"|"dir"|"symlink"), ``mode`` (int),
 ``created`` ({"ts": float, "dev": str}), ``del`` (null | {"ts", "dev", "seen": {dev: int}}),
-``e:<dev>`` (int).
+``e:<dev>`` (int), ``mtime`` (int ns: the content's modification time where it was last
+written locally; set with the content, not an edit of its own).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class FileEntry:
     edits: Mapping[str, int] = field(default_factory=dict)
     deleted: DeleteRecord | None = None
     alive: bool = False
+    mtime_ns: int | None = None
 
 
 def _is_alive(path: str | None, edits: Mapping[str, int], deleted: DeleteRecord | None) -> bool:
@@ -172,6 +174,7 @@ def _build_entry(fid: str, fields: Mapping[str, Any]) -> FileEntry:
         # Unknown kind (e.g. from a newer agent): keep the entry but never materialize it.
         kind, path = "binary" if kind is None else str(kind), None
     mode = _int(fields.get("mode"))
+    mtime_ns = _int(fields.get("mtime"))
     created = fields.get("created")
     created_ts, created_dev = 0.0, ""
     if isinstance(created, dict):
@@ -198,6 +201,7 @@ def _build_entry(fid: str, fields: Mapping[str, Any]) -> FileEntry:
         created_dev=created_dev,
         edits=MappingProxyType(edits),  # read-only: entries are cached and shared
         deleted=deleted,
+        mtime_ns=mtime_ns if mtime_ns is not None and mtime_ns >= 0 else None,
         alive=_is_alive(path, edits, deleted),
     )
 
@@ -419,6 +423,15 @@ class IndexDoc:
             self._bump(fid, device)
 
         return self._mutate(run)
+
+    def set_mtime(self, fid: str, mtime_ns: int) -> bytes:
+        """Record the content's modification time (ns). Not an edit by itself: it travels with
+        the content change it belongs to; concurrent writes: the highest client id wins."""
+        _check_fid(fid)
+        self._require(fid)
+        if isinstance(mtime_ns, bool) or not isinstance(mtime_ns, int) or mtime_ns < 0:
+            raise ValueError(f"bad mtime: {mtime_ns!r}")
+        return self._mutate(lambda: self._set(fid, "mtime", mtime_ns))
 
     def delete(self, fid: str, device: str, now: float) -> bytes:
         """Mark deleted, recording the edit counters seen so a concurrent edit still wins."""

@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,11 @@ def _open_parent(root: Path, relpath: str, create: bool) -> Iterator[tuple[int, 
         os.close(fd)
 
 
-def write_file_atomic(root: Path, relpath: str, data: bytes, mode: int = 0o644) -> DiskStat:
+def write_file_atomic(
+    root: Path, relpath: str, data: bytes, mode: int = 0o644, mtime_ns: int | None = None
+) -> DiskStat:
+    """Replace ``relpath`` atomically; ``mtime_ns``: the modification time to give it (set on
+    the temp file before the rename, so the file never appears with another one)."""
     with _open_parent(root, relpath, create=True) as (dfd, name):
         try:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
@@ -93,6 +98,8 @@ def write_file_atomic(root: Path, relpath: str, data: bytes, mode: int = 0o644) 
                 view = view[n:]
             os.fsync(fd)
             os.fchmod(fd, mode)
+            if mtime_ns is not None:
+                os.utime(fd, ns=(time.time_ns(), mtime_ns))
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -218,6 +225,22 @@ def set_executable(root: Path, relpath: str, executable: bool) -> DiskStat | Non
         if exc.errno == errno.ELOOP:
             return None
         raise
+
+
+def set_mtime(root: Path, relpath: str, mtime_ns: int) -> DiskStat | None:
+    """Set a regular file's modification time (the access time is left as it is), without
+    following symlinks; the stat afterwards, or None if missing or not a regular file."""
+    try:
+        with _open_parent(root, relpath, create=False) as (dfd, name):
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not _is_regular(st.st_mode):
+                return None
+            if st.st_mtime_ns != mtime_ns:
+                os.utime(name, ns=(st.st_atime_ns, mtime_ns), dir_fd=dfd, follow_symlinks=False)
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            return DiskStat(st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode & 0o7777)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def _prune_empty_parents(root: Path, relpath: str) -> None:

@@ -45,6 +45,7 @@ from qmoi_sync.agent.materialize import (
     read_file,
     rename_file,
     set_executable,
+    set_mtime,
     stat_file,
     write_file_atomic,
 )
@@ -453,6 +454,8 @@ class SpaceSync:
             batch.add(INDEX_DOC_ID, self.index.record_edit(fid.hex(), self.device))
         mode = _mode_of(ch.stat, self.root / ch.path)
         entry = self.index.entry(fid.hex())
+        if update and entry is not None and entry.mtime_ns != ch.stat.mtime_ns:
+            batch.add(INDEX_DOC_ID, self.index.set_mtime(fid.hex(), ch.stat.mtime_ns))
         if entry is not None and entry.mode != mode:
             batch.add(INDEX_DOC_ID, self.index.set_mode(fid.hex(), mode, self.device))
         await self._record(ch.path, fid, ch.data, ch.stat)
@@ -473,6 +476,7 @@ class SpaceSync:
                 INDEX_DOC_ID,
                 self.index.create(fid.hex(), ch.path, "text", mode, self.device, self.clock()),
             )
+            batch.add(INDEX_DOC_ID, self.index.set_mtime(fid.hex(), ch.stat.mtime_ns))
         doc = await self._doc(fid)
         batch.add(fid, ingest_disk_text(doc, text))
         await self._record(ch.path, fid, ch.data, ch.stat)
@@ -965,7 +969,7 @@ class SpaceSync:
             fid = bytes.fromhex(fid_hex)
             path = current.get(fid)
             if path is not None and desired.get(fid) == path:
-                await self._apply_mode(fid, path, entries[fid_hex])
+                await self._apply_meta(fid, path, entries[fid_hex])
         todo: list[tuple[bytes, str, FileEntry]] = []
         for fid, path in desired.items():
             if fid in current and fid not in dirty:
@@ -992,28 +996,32 @@ class SpaceSync:
         self.unwritten.intersection_update(desired)
         return blocked
 
-    async def _apply_mode(self, fid: bytes, path: str, entry: FileEntry) -> None:
+    async def _apply_meta(self, fid: bytes, path: str, entry: FileEntry) -> None:
+        """Exec bit and modification time of an unchanged tracked file whose entry changed.
+        A file the user changed since we recorded it is left alone (it is ingested next)."""
         st = stat_file(self.root, path)
         rec = self.files.get(path)
-        if st is None or rec is None or not _exec_differs(st.mode, entry.mode):
+        if st is None or rec is None:
             return
+        if (st.size, st.mtime_ns, st.inode) != (rec.size, rec.mtime_ns, rec.inode):
+            return
+        new: DiskStat | None = None
         try:
-            new = set_executable(self.root, path, bool(entry.mode & 0o111))
+            if _exec_differs(st.mode, entry.mode):
+                new = set_executable(self.root, path, bool(entry.mode & 0o111))
+            if entry.mtime_ns is not None and st.mtime_ns != entry.mtime_ns:
+                new = set_mtime(self.root, path, entry.mtime_ns) or new
         except (OSError, UnsafePathError) as exc:
-            self.warnings[f"mode:{path}"] = f"cannot change the mode of {path}: {exc}"
+            self.warnings[f"mode:{path}"] = f"cannot change the mode/mtime of {path}: {exc}"
             return
         self.warnings.pop(f"mode:{path}", None)
-        if new is not None and (st.size, st.mtime_ns, st.inode) == (
-            rec.size,
-            rec.mtime_ns,
-            rec.inode,
-        ):
+        if new is not None:
             await self._record_stat(path, fid, rec.hash, new)
 
     async def _materialize_texts(self, group: list[tuple[bytes, str, FileEntry]]) -> None:
         """Write a group of text files concurrently (temp + fsync + rename each), then record
         them in one transaction."""
-        jobs: list[tuple[bytes, str, bytes, int]] = []
+        jobs: list[tuple[bytes, str, bytes, int, int | None]] = []
         for fid, path, entry in group:
             doc = await self._doc(fid)
             data = text_of(doc).encode("utf-8")
@@ -1022,12 +1030,15 @@ class SpaceSync:
                 st = stat_file(self.root, path)
                 if st is not None:
                     continue
-            jobs.append((fid, path, data, 0o755 if entry.mode & 0o111 else 0o644))
+            jobs.append((fid, path, data, 0o755 if entry.mode & 0o111 else 0o644, entry.mtime_ns))
         results = await asyncio.gather(
-            *(asyncio.to_thread(write_file_atomic, self.root, p, d, m) for _f, p, d, m in jobs),
+            *(
+                asyncio.to_thread(write_file_atomic, self.root, p, d, m, t)
+                for _f, p, d, m, t in jobs
+            ),
             return_exceptions=True,
         )
-        for (fid, path, data, _mode), res in zip(jobs, results, strict=True):
+        for (fid, path, data, _mode, _mtime), res in zip(jobs, results, strict=True):
             if isinstance(res, (OSError, UnsafePathError)):
                 if isinstance(res, OSError) and res.errno in (errno.ENOSPC, errno.EDQUOT):
                     self.unwritten.add(fid)  # retried with the next batch or when space is freed

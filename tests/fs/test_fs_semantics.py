@@ -61,6 +61,31 @@ def test_exec_bit_travels_both_ways(pair: Pair) -> None:
     assert not _is_exec(a, "x/run.sh") and not _is_exec(b, "x/run.sh")
 
 
+def _mtime(dev: Device, rel: str) -> int:
+    return os.stat(dev.folder / rel).st_mtime_ns
+
+
+def test_mtime_travels(pair: Pair) -> None:
+    a, b = pair
+    old = 978_307_200_123_456_789  # 2001-01-01, with sub-second digits
+    tmp = a.folder / "mt/.doc.txt.swp"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text("written long ago\n")
+    os.utime(tmp, ns=(old, old))
+    os.replace(tmp, a.folder / "mt/doc.txt")  # a save that keeps the file's mtime
+    wait_until(lambda: b.read("mt/doc.txt") == "written long ago\n", what="doc on b")
+    wait_until(lambda: _mtime(b, "mt/doc.txt") == old, what="old mtime on b")
+
+    b.write("mt/doc.txt", "written long ago\nand today\n")
+    wait_until(lambda: a.read("mt/doc.txt") == "written long ago\nand today\n", what="edit")
+    wait_until(lambda: _mtime(a, "mt/doc.txt") == _mtime(b, "mt/doc.txt"), what="b's mtime on a")
+    assert _mtime(a, "mt/doc.txt") > old
+    # Setting the mtime was not taken for a local change (no echo back and forth).
+    a.write("mt/marker.txt", "m\n")
+    wait_until(lambda: b.read("mt/marker.txt") == "m\n", what="marker on b")
+    assert _mtime(a, "mt/doc.txt") == _mtime(b, "mt/doc.txt")
+
+
 def test_case_only_rename_arrives_as_rename(pair: Pair) -> None:
     a, b = pair
     a.write("case/a.txt", "one\n")
