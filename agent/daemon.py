@@ -23,6 +23,7 @@ from qmoi_sync.agent import (
     settings_control,  # noqa: F401 - registers its control requests
     snapshot_control,  # noqa: F401 - registers its control requests
 )
+from qmoi_sync.agent.binary_sync import BinarySync, attach, status_fields
 from qmoi_sync.agent.control import ControlServer
 from qmoi_sync.agent.home import AgentLock, Home, UserError
 from qmoi_sync.agent.keyring import Keyring
@@ -88,9 +89,11 @@ class SpaceRuntime:
         self.lan: SpaceLan | None = None  # LAN peers (agent/lan.py), when enabled
         self.settings = SettingsService(self)  # settings files (agent/settings_sync.py)
         self.snapshots = SnapshotService(self)  # S3 snapshots (agent/snapshot_service.py)
+        self.binary: BinarySync | None = None  # binary and large files (agent/binary_sync.py)
 
     async def start(self) -> None:
         await self.sync.load()
+        self.binary = await attach(self)
         await self.settings.start()
         if self.agent.lan is not None:
             self.lan = await self.agent.lan.add_space(self)
@@ -232,6 +235,8 @@ class SpaceRuntime:
         async with self.agent.store.transaction():
             await self.agent.store.set_space_paused(self.record.space_id, paused)
         self.record = dataclasses.replace(self.record, paused=paused)
+        if self.binary is not None:
+            self.binary.set_paused(paused)
         if self.link is None:
             return True
         if paused:
@@ -263,6 +268,8 @@ class SpaceRuntime:
                     self.tasks.remove(task)
         await prepare()
         self.record = dataclasses.replace(self.record, relay_url=url)
+        if self.binary is not None and self.binary.link is not None:
+            self.binary.link.url = url
         self.link = RelayLink(
             self.sync,
             url,
@@ -304,7 +311,12 @@ class SpaceRuntime:
             state = "paused"
         elif link is not None and not connected:
             state = "offline"
-        elif pending or (link is not None and not link.state.caught_up) or self.sync.lock.locked():
+        elif (
+            pending
+            or (link is not None and not link.state.caught_up)
+            or self.sync.lock.locked()
+            or any(self.binary.pending() if self.binary else ())
+        ):
             state = "syncing"
         else:
             state = "idle"
@@ -374,6 +386,7 @@ class SpaceRuntime:
             duplicates=self.sync.stats.duplicates,
             settings=self.settings.status_items(),
             snapshot=self.snapshots.status(),
+            **status_fields(self.binary),
         )
 
 

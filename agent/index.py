@@ -364,6 +364,41 @@ class IndexDoc:
         if fid not in self._fields:
             raise KeyError(f"unknown file id {fid}")
 
+    def fields(self, fid: str) -> dict[str, Any]:
+        """Every decoded field of one fid (binary manifests ``m:<dev>``, split marks ``x:<dev>``
+        included; see agent/binary_sync.py)."""
+        self._refresh()
+        return self._decoded_fields(fid)
+
+    def put_manifest(
+        self, fid: str, device: str, manifest: Mapping[str, Any], base: Mapping[str, int]
+    ) -> bytes:
+        """A local content write of a binary file: bump this device's edit counter and store the
+        manifest under ``m:<device>`` with its version vector: ``base`` (the version the disk
+        file was derived from) plus this device's new counter."""
+        _check_fid(fid)
+        _check_device(device)
+        self._require(fid)
+
+        def run() -> None:
+            self._bump(fid, device)
+            vv = {k: v for k, v in base.items() if isinstance(v, int)}
+            vv[device] = _int(self._get(fid, f"e:{device}")) or 1
+            self._set(fid, f"m:{device}", {**manifest, "vv": vv})
+
+        return self._mutate(run)
+
+    def put_fields(self, fid: str, values: Mapping[str, Any]) -> bytes:
+        """Write raw fields. Only for deterministic writes that any device may make with the
+        same values (binary conflict splits): concurrent identical writes converge."""
+        _check_fid(fid)
+
+        def run() -> None:
+            for name, value in values.items():
+                self._set(fid, name, value)
+
+        return self._mutate(run)
+
     def create(self, fid: str, path: str, kind: str, mode: int, device: str, now: float) -> bytes:
         """Create the entry, or recreate/undelete it if it exists (deleted or not).
 

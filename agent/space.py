@@ -71,6 +71,7 @@ from qmoi_sync.protocol.payload import (
 from qmoi_sync.protocol.replay import ReplayWindow
 
 if TYPE_CHECKING:
+    from qmoi_sync.agent.binary_sync import BinarySync
     from qmoi_sync.agent.policy import SyncGate
 
 log = logging.getLogger("qmoi_sync.space")
@@ -199,6 +200,8 @@ class SpaceSync:
         # Called synchronously at the end of every batch, still under the lock, with the ids of
         # the documents remote updates changed in it (agent/settings_sync.py listens).
         self.batch_listeners: list[Callable[[set[bytes]], None]] = []
+        # Binary and large files (agent/binary_sync.py); None: they are skipped with a warning.
+        self.binary: BinarySync | None = None
 
     # -- membership -----------------------------------------------------------------------------
     def set_keyring(self, keyring: Keyring) -> None:
@@ -317,6 +320,7 @@ class SpaceSync:
         a local edit absorbed before a remote change lands is never deferred."""
         changed: list[_LocalChange] = []
         gone: list[str] = []
+        bins: list[str] = []  # binary or > TEXT_MAX_BYTES: chunked by self.binary
         mode_changed: list[tuple[bytes, int]] = []
         expanded: set[str] = set()
         maybe_folders: set[str] = set()
@@ -368,10 +372,7 @@ class SpaceSync:
             try:
                 got = await asyncio.to_thread(read_file, self.root, path, TEXT_MAX_BYTES)
             except FileTooLargeError:
-                self.warnings[f"binary:{path}"] = (
-                    f"{path}: larger than {TEXT_MAX_BYTES} bytes; binary/large files are not "
-                    "synced yet (skipped, left untouched)"
-                )
+                bins.append(path)
                 continue
             except (OSError, UnsafePathError) as exc:
                 self.warnings[f"read:{path}"] = f"{path}: cannot read ({exc}); will retry"
@@ -390,6 +391,8 @@ class SpaceSync:
         block = self.send_block
         if block is not None:
             self._hold_back(block, changed, gone, set_aside)
+            for path in bins:
+                self.warnings[f"held:{path}"] = f"{block}: local change to {path} not synced"
             return
         for fid, mode in mode_changed:
             batch.add(INDEX_DOC_ID, self.index.set_mode(fid.hex(), mode, self.device))
@@ -403,12 +406,14 @@ class SpaceSync:
             rec = self.files.get(ch.path)
             text = _as_text(ch.data)
             if text is None:
-                self.warnings[f"binary:{ch.path}"] = (
-                    f"{ch.path}: binary file; binary files are not synced yet (skipped, left "
-                    "untouched)"
-                )
+                bins.append(ch.path)
                 continue
-            self.warnings.pop(f"binary:{ch.path}", None)
+            kind = entries[rec.fid.hex()].kind if rec and rec.fid.hex() in entries else None
+            if rec is not None and kind == "binary":
+                # binary -> text: a new text entry replaces the binary one
+                batch.add(INDEX_DOC_ID, self.index.delete(rec.fid.hex(), self.device, self.clock()))
+                await self._forget(ch.path)
+                rec = None
             if rec is not None:
                 await self._ingest_edit(rec.fid, ch, text, batch)
                 continue
@@ -422,6 +427,23 @@ class SpaceSync:
                 gone.remove(old)
                 continue
             await self._ingest_new(ch, text, entries, batch)
+        for path in bins:
+            if self.binary is None:
+                self.warnings[f"binary:{path}"] = f"{path}: binary/large file not synced (skipped)"
+                continue
+            st = stat_file(self.root, path)
+            if st is None:
+                continue
+            moved = next((g for g in gone if _same_file(self.files[g], st)), None)
+            if moved is not None and path not in self.files:
+                # mv keeps inode, size and mtime: a rename, the file id stays
+                fid = self.files[moved].fid
+                batch.add(INDEX_DOC_ID, self.index.rename(fid.hex(), path, self.device))
+                await self._record_stat(path, fid, self.files[moved].hash, st)
+                await self._forget(moved)
+                gone.remove(moved)
+                continue
+            self.binary.local_changed(path, st.size)
         for path in gone:
             rec = self.files[path]
             entry = entries.get(rec.fid.hex())
@@ -881,9 +903,12 @@ class SpaceSync:
         layout = compute_layout(entries, fold_case=self.case_insensitive)
         self.conflicts = len(layout.conflicts)
         desired: dict[bytes, str] = {}
+        binary: dict[bytes, str] = {}
         for path, fid_hex in layout.paths.items():
             entry = entries[fid_hex]
-            if entry.kind != "text":
+            if entry.kind == "binary" and self.binary is not None:
+                binary[bytes.fromhex(fid_hex)] = path
+            elif entry.kind != "text":
                 continue
             try:
                 validate_relpath(path)
@@ -891,6 +916,8 @@ class SpaceSync:
                 self.warnings[f"remote:{fid_hex}"] = f"refused a remote path: {exc}"
                 continue
             desired[bytes.fromhex(fid_hex)] = path
+        binary = {f: p for f, p in binary.items() if f in desired}
+        binary_at = {p: f for f, p in binary.items()}
         current = {rec.fid: path for path, rec in self.files.items()}
 
         # Files whose entry is no longer alive: delete, unless the user changed them since we
@@ -905,7 +932,20 @@ class SpaceSync:
                 rec.mtime_ns,
                 rec.inode,
             ):
-                got = read_file(self.root, path, TEXT_MAX_BYTES)
+                dead = entries.get(fid.hex())
+                try:
+                    got = read_file(self.root, path, TEXT_MAX_BYTES)
+                except FileTooLargeError:
+                    got = None
+                binary_now = got is None or _as_text(got[0]) is None
+                if (
+                    self.binary is not None
+                    and self.send_block is None
+                    and (binary_now or (dead is not None and dead.kind == "binary"))
+                ):
+                    # changed locally: an edit beats the delete (ingested as a new version)
+                    self.binary.local_changed(path, st.size)
+                    continue
                 if got is not None and content_hash(got[0]) != rec.hash:
                     text = _as_text(got[0])
                     block = self.send_block
@@ -924,6 +964,11 @@ class SpaceSync:
                             fid, _LocalChange(path, got[0], got[1]), text, batch
                         )
                         continue
+            taker = binary_at.get(path)
+            if taker is not None and st is not None:
+                # a binary version replaces this file in place when it is complete
+                await self._record_stat(path, taker, rec.hash, st)
+                continue
             delete_file(self.root, path)
             await self._forget(path)
 
@@ -972,7 +1017,7 @@ class SpaceSync:
                 await self._apply_meta(fid, path, entries[fid_hex])
         todo: list[tuple[bytes, str, FileEntry]] = []
         for fid, path in desired.items():
-            if fid in current and fid not in dirty:
+            if fid in binary or (fid in current and fid not in dirty):
                 continue
             if fid not in current:
                 existing = stat_file(self.root, path)
@@ -993,6 +1038,8 @@ class SpaceSync:
             todo.append((fid, path, entries[fid.hex()]))
         for i in range(0, len(todo), MATERIALIZE_GROUP):
             await self._materialize_texts(todo[i : i + MATERIALIZE_GROUP])
+        if self.binary is not None:
+            self.binary.reconcile(binary, entries, batch)
         self.unwritten.intersection_update(desired)
         return blocked
 
@@ -1386,6 +1433,10 @@ def _split(items: list[tuple[bytes, bytes]]) -> list[list[tuple[bytes, bytes]]]:
         out[-1].append((doc_id, update))
         size += len(update) + 32
     return out
+
+
+def _same_file(rec: FileRecord, st: DiskStat) -> bool:
+    return (rec.size, rec.mtime_ns, rec.inode) == (st.size, st.mtime_ns, st.inode)
 
 
 def _as_text(data: bytes) -> str | None:

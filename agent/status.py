@@ -113,6 +113,13 @@ class SpaceStatus(BaseModel):
     duplicates: int = 0  # envelopes that arrived twice (LAN and relay) and were applied once
     settings: list[SettingsDocStatus] = []
     snapshot: SnapshotStatus | None = None
+    # binary and large files (agent/binary_sync.py): waiting to upload / download, and chunks
+    # refused because they failed verification (tampered or corrupt)
+    pending_up_files: int = 0
+    pending_up_bytes: int = 0
+    pending_down_files: int = 0
+    pending_down_bytes: int = 0
+    chunks_refused: int = 0
 
 
 class PolicyStatus(BaseModel):

@@ -1,0 +1,854 @@
+"""Binary and large files of one space: ingest, upload, download, materialize, conflicts.
+
+`SpaceSync` stays the single owner of the index. This component does the heavy work *outside*
+its lock — reading, cutting, hashing, encrypting and uploading chunks; downloading, verifying and
+writing them to a temp file — and takes the lock only for the short steps that read or change
+shared state: publishing a manifest, installing a finished download, resolving conflicts.
+
+Order of an upload (design brief §4; docs/architecture.md "Binary files"):
+
+1. the file must be quiet: not modified for ``MIN_QUIET_S`` before a pass starts;
+2. one pass reads it chunk by chunk (never whole), computes the ids, and uploads every chunk the
+   relay has not acknowledged yet (``chunk_acked``), at most ``UPLOAD_WINDOW_BYTES`` in flight;
+3. *stable-read rule*: the file must show the same size/mtime/inode before and after the pass,
+   and must have been left alone for ``STABLE_WINDOW_S`` (longer if it kept changing), else the
+   pass is repeated (already-uploaded chunks are skipped);
+4. only then, under the owner's lock, the manifest is written into the index and sealed: a
+   receiver never learns of a manifest whose chunks the relay does not hold.
+
+A download fetches what is missing (chunks found in local files are read from them and
+re-verified), verifies every chunk (AEAD + recomputed keyed id) and the manifest's whole-file
+hash, writes a temp file next to the target, fsyncs it and renames it into place under the lock
+— unless the file on disk changed meanwhile (then that change is ingested as a version of its
+own and nothing is overwritten). A refused (tampered/corrupt) chunk is counted, logged and
+fetched again later; the file is not materialized until a good copy arrives.
+
+Versions: each device writes its manifest under ``<fid>/m:<dev>`` with a version vector (the
+version its disk bytes came from, plus its own new edit counter). Manifests that no other
+manifest has seen are the *heads*. Several heads with different content are concurrent edits:
+the latest write (by its timestamp, then device) keeps the file, each other version is split off
+into a conflict entry. The split is a deterministic function of the converged index (same fid,
+same values, written by whichever device notices first — identical concurrent writes converge),
+so every device ends with the same layout and exactly one conflict copy per concurrent pair.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from qmoi_sync.agent.blob_transfer import BlobError, BlobLink, BlobQuotaExceeded, BlobUnavailable
+from qmoi_sync.agent.chunk_store import ChunkStore
+from qmoi_sync.agent.chunker import (
+    ChunkReader,
+    TempFile,
+    discard_download,
+    open_download,
+    open_regular,
+    read_range,
+    verified_prefix,
+    write_all,
+)
+from qmoi_sync.agent.index import FileEntry, derive_file_id
+from qmoi_sync.agent.layout import compute_layout, strip_conflict_marker
+from qmoi_sync.agent.materialize import DiskStat, UnsafePathError, delete_file, stat_file
+from qmoi_sync.protocol.chunks import ChunkKeys, ChunkRef, Manifest
+from qmoi_sync.protocol.errors import DecryptError, ProtocolError
+from qmoi_sync.protocol.paths import conflict_name
+
+if TYPE_CHECKING:
+    from qmoi_sync.agent.space import SpaceSync, _Batch
+
+log = logging.getLogger("qmoi_sync.binary")
+
+INDEX_DOC_ID = bytes(16)
+#: A file must have been left alone this long (after its last change) before it is shipped.
+STABLE_WINDOW_S = 0.25
+#: ... and this long before a pass over it starts.
+MIN_QUIET_S = 0.05
+#: Encrypted chunk bytes uploaded and not yet acknowledged, per file.
+UPLOAD_WINDOW_BYTES = 16 * 1024 * 1024
+#: Chunks fetched ahead of the one being written.
+DOWNLOAD_WINDOW = 8
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 30.0
+_ACK_FLUSH = 8
+
+
+class TamperedChunk(Exception):
+    pass
+
+
+# -- versions (pure) ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Head:
+    dev: str
+    manifest: Manifest
+    ts: float
+    vv: Mapping[str, int]
+    raw: Mapping[str, Any]
+
+
+def manifest_heads(fields: Mapping[str, Any]) -> list[Head]:
+    """The manifests of one fid that no other manifest has seen (split-off ones excluded),
+    oldest first. Invalid manifests (a buggy or hostile peer) are ignored."""
+    found: dict[str, Head] = {}
+    for key, value in fields.items():
+        if not key.startswith("m:") or not isinstance(value, dict):
+            continue
+        dev = key[2:]
+        try:
+            manifest = Manifest.from_json(value)
+        except ProtocolError:
+            continue
+        raw_vv = value.get("vv")
+        if not isinstance(raw_vv, dict):
+            continue
+        vv = {
+            str(k): v for k, v in raw_vv.items() if isinstance(v, int) and not isinstance(v, bool)
+        }
+        own = vv.get(dev)
+        if own is None:
+            continue
+        split = fields.get(f"x:{dev}")
+        if isinstance(split, int) and split >= own:
+            continue
+        ts = value.get("ts")
+        ts_f = float(ts) if isinstance(ts, int | float) and not isinstance(ts, bool) else 0.0
+        found[dev] = Head(dev, manifest, ts_f, vv, value)
+    heads = [
+        h
+        for h in found.values()
+        if not any(o.dev != h.dev and o.vv.get(h.dev, 0) >= h.vv[h.dev] for o in found.values())
+    ]
+    return sorted(heads, key=lambda h: (h.ts, h.dev))
+
+
+def choose(heads: list[Head]) -> tuple[Head, dict[bytes, list[Head]]]:
+    """The winner (latest write, then highest device id) and the losing versions by content."""
+    winner = max(heads, key=lambda h: (h.ts, h.dev))
+    losers: dict[bytes, list[Head]] = {}
+    for h in heads:
+        if h.manifest.hash != winner.manifest.hash:
+            losers.setdefault(h.manifest.hash, []).append(h)
+    return winner, losers
+
+
+def conflict_fid(key: bytes, fid: bytes, content_hash: bytes) -> bytes:
+    h = hashlib.blake2b(key=key[:64], digest_size=16, person=b"qmoi-cfid-v1")
+    h.update(fid)
+    h.update(content_hash)
+    return h.digest()
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+
+@dataclass
+class UpJob:
+    path: str
+    size: int
+    changed_at: float
+    not_before: float = 0.0
+    attempts: int = 0
+
+
+@dataclass
+class DownJob:
+    fid: bytes
+    path: str
+    head: Head
+    mode: int
+    not_before: float = 0.0
+    attempts: int = 0
+    done_bytes: int = 0
+    bad: str | None = None  # permanent problem with this manifest (until it changes)
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.head.manifest.size - self.done_bytes)
+
+
+@dataclass
+class BinaryStats:
+    uploaded_files: int = 0
+    downloaded_files: int = 0
+    chunks_fetched: int = 0
+    chunks_local: int = 0
+    chunks_refused: int = 0
+
+
+@dataclass
+class BinarySync:
+    sync: SpaceSync
+    chunks: ChunkStore
+    link: BlobLink | None
+    up: dict[str, UpJob] = field(default_factory=dict)
+    down: dict[bytes, DownJob] = field(default_factory=dict)
+    stats: BinaryStats = field(default_factory=BinaryStats)
+    bases: dict[bytes, dict[str, int]] = field(default_factory=dict)
+    _keys: dict[int, ChunkKeys] = field(default_factory=dict)
+    _up_wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _down_wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _quota_paths: set[str] = field(default_factory=set)
+
+    async def start(self) -> None:
+        await self.chunks.ensure_schema()
+        self.bases = await self.chunks.bases()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [
+            asyncio.create_task(self._loop(stop, self._up_wake, self._next_up, self._do_up)),
+            asyncio.create_task(self._loop(stop, self._down_wake, self._next_down, self._do_down)),
+        ]
+        try:
+            await stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(BaseException):
+                    await t
+
+    # -- hooks called by SpaceSync (its lock held) -----------------------------------------
+    def local_changed(self, path: str, size: int = 0) -> None:
+        """A binary/large file changed on disk (or appeared): ingest it once it is stable."""
+        now = time.time()
+        job = self.up.get(path)
+        if job is None:
+            self.up[path] = UpJob(path, size, now)
+        else:
+            job.changed_at = now
+            job.size = size or job.size
+            job.not_before = min(job.not_before, now)
+        self._up_wake.set()
+
+    def binary_paths(
+        self, entries: Mapping[str, FileEntry], paths: Mapping[str, str]
+    ) -> dict[str, bytes]:
+        """path -> fid of the binary entries of a layout (``paths``: path -> fid hex)."""
+        out: dict[str, bytes] = {}
+        for path, fid_hex in paths.items():
+            e = entries.get(fid_hex)
+            if e is not None and e.kind == "binary":
+                out[path] = bytes.fromhex(fid_hex)
+        return out
+
+    def reconcile(
+        self, desired: Mapping[bytes, str], entries: Mapping[str, FileEntry], batch: _Batch
+    ) -> None:
+        """Bring binary files towards the converged index: split concurrent versions into
+        conflict entries (written into ``batch``), schedule downloads of versions not on disk,
+        and ingest untracked local files that stand where a remote file belongs."""
+        sync = self.sync
+        wanted: dict[bytes, tuple[str, Head]] = {}
+        split = False
+        for fid, path in desired.items():
+            heads = manifest_heads(sync.index.fields(fid.hex()))
+            if not heads:
+                continue  # created but its manifest not here yet (or invalid)
+            winner, losers = choose(heads)
+            if losers and sync.send_block is None:
+                self._split(fid, entries[fid.hex()], losers, batch)
+                split = True
+            wanted[fid] = (path, winner)
+        if split:
+            return  # SpaceSync commits the split and reconciles again
+        for fid, (path, head) in wanted.items():
+            rec = sync.files.get(path)
+            if rec is not None and rec.fid == fid and rec.hash == head.manifest.hash:
+                if self.down.pop(fid, None) is not None:
+                    self._note_pending()
+                continue
+            if rec is None:
+                st = stat_file(sync.root, path)
+                if st is not None:
+                    # An untracked local file where a remote one belongs: it is ingested (the
+                    # same content is adopted, other content becomes a version of its own).
+                    self.local_changed(path, st.size)
+                    continue
+            elif rec.fid != fid:
+                continue  # another file still sits there (a move in progress)
+            job = self.down.get(fid)
+            if job is None or job.head.manifest.hash != head.manifest.hash or job.path != path:
+                mode = 0o755 if entries[fid.hex()].mode & 0o111 else 0o644
+                self.down[fid] = DownJob(fid, path, head, mode)
+                self._down_wake.set()
+        for fid in [f for f in self.down if f not in wanted]:
+            del self.down[fid]
+        self._note_pending()
+
+    def _split(
+        self, fid: bytes, entry: FileEntry, losers: dict[bytes, list[Head]], batch: _Batch
+    ) -> None:
+        index = self.sync.index
+        base_path = strip_conflict_marker(entry.path or "")
+        key = self.sync.keyring.file_id_key
+        for content_hash, group in sorted(losers.items()):
+            first = min(group, key=lambda h: (h.ts, h.dev))
+            cfid = conflict_fid(key, fid, content_hash).hex()
+            try:
+                name = conflict_name(base_path, first.ts, first.dev)
+            except ProtocolError:
+                continue
+            raw = {k: v for k, v in first.raw.items() if k != "vv"}
+            batch.add(
+                INDEX_DOC_ID,
+                index.put_fields(
+                    cfid,
+                    {
+                        "path": name,
+                        "kind": "binary",
+                        "mode": entry.mode,
+                        "created": {"ts": first.ts, "dev": first.dev},
+                        f"e:{first.dev}": 1,
+                        f"m:{first.dev}": {**raw, "vv": {first.dev: 1}},
+                    },
+                ),
+            )
+            marks = {f"x:{h.dev}": h.vv[h.dev] for h in group}
+            batch.add(INDEX_DOC_ID, index.put_fields(fid.hex(), marks))
+            log.info("binary conflict: %s split off as %s", entry.path, name)
+
+    # -- status ------------------------------------------------------------------------------
+    def pending(self) -> tuple[int, int, int, int]:
+        """(files to upload, their bytes, files to download, bytes still to fetch)."""
+        up = list(self.up.values())
+        down = list(self.down.values())
+        return (
+            len(up),
+            sum(j.size for j in up),
+            len(down),
+            sum(j.remaining for j in down),
+        )
+
+    def _note_pending(self) -> None:
+        warnings = self.sync.warnings
+        bad = [j for j in self.down.values() if j.bad]
+        if bad:
+            warnings["binary:bad"] = f"{len(bad)} file(s) cannot be materialized: {bad[0].bad}"
+        else:
+            warnings.pop("binary:bad", None)
+
+    def set_paused(self, paused: bool) -> None:
+        if self.link is not None:
+            self.link.paused = paused
+        if not paused:
+            for job in [*self.up.values(), *self.down.values()]:
+                job.not_before = 0.0
+                job.attempts = 0
+            self._up_wake.set()
+            self._down_wake.set()
+
+    # -- worker loops ------------------------------------------------------------------------
+    async def _loop(self, stop: asyncio.Event, wake: asyncio.Event, pick: Any, do: Any) -> None:
+        while not stop.is_set():
+            wake.clear()
+            job, wait = pick()
+            if job is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), wait)
+                continue
+            try:
+                await do(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("binary transfer failed; retrying later")
+                self._retry(job, "internal error")
+
+    @staticmethod
+    def _pick(jobs: list[Any]) -> tuple[Any, float]:
+        now = time.time()
+        ready = [j for j in jobs if j.not_before <= now]
+        if ready:
+            return ready[0], 0.0
+        later = [j.not_before - now for j in jobs if j.not_before != float("inf")]
+        return None, min(later) if later else 3600.0
+
+    def _next_up(self) -> tuple[UpJob | None, float]:
+        return self._pick(list(self.up.values()))  # type: ignore[no-any-return]
+
+    def _next_down(self) -> tuple[DownJob | None, float]:
+        return self._pick([j for j in self.down.values() if not j.bad])  # type: ignore[no-any-return]
+
+    def _retry(self, job: UpJob | DownJob, why: str) -> None:
+        job.attempts += 1
+        job.not_before = time.time() + min(RETRY_MAX_S, RETRY_MIN_S * 2 ** min(job.attempts, 6))
+        log.info("binary %s: retry in %.1fs (%s)", job.path, job.not_before - time.time(), why)
+
+    def chunk_keys(self, epoch: int) -> ChunkKeys | None:
+        keys = self._keys.get(epoch)
+        if keys is None:
+            ek = self.sync.keyring.epoch_keys.get(epoch)
+            if ek is None:
+                return None
+            keys = self._keys[epoch] = ChunkKeys.for_epoch(epoch, ek)
+        return keys
+
+    async def _bulk_allowed(self, size: int, what: str) -> bool:
+        """The resource policy: large transfers wait while bulk work is deferred."""
+        gate = self.sync.gate
+        if gate is None:
+            return True
+        reason = gate.defer_bulk(size)
+        if reason is None:
+            self.sync.warnings.pop(f"binary:defer:{what}", None)
+            return True
+        self.sync.warnings[f"binary:defer:{what}"] = (
+            f"large file transfers ({what}) wait until bulk work is allowed: {reason}"
+        )
+        ok = getattr(gate, "bulk_ok", None)
+        if isinstance(ok, asyncio.Event):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ok.wait(), 5.0)
+        else:
+            await asyncio.sleep(5.0)
+        return False
+
+    # -- upload --------------------------------------------------------------------------------
+    async def _do_up(self, job: UpJob) -> None:
+        sync = self.sync
+        st = stat_file(sync.root, job.path)
+        if st is None or sync.send_block is not None:
+            self.up.pop(job.path, None)
+            return
+        job.size = st.size
+        now = time.time()
+        quiet = now - max(st.mtime_ns / 1e9, job.changed_at)
+        if quiet < MIN_QUIET_S:
+            await asyncio.sleep(MIN_QUIET_S - quiet)
+            return
+        if not await self._bulk_allowed(st.size, "upload"):
+            return
+        keys = self.chunk_keys(sync.keyring.current_epoch)
+        if keys is None:
+            self._retry(job, "no key for the current epoch")
+            return
+        started = time.time()
+        try:
+            result = await self._pass(job, st, keys)
+        except BlobQuotaExceeded as exc:
+            self._quota_paths.add(job.path)
+            sync.warnings["binary:quota"] = (
+                f"relay blob quota exceeded: {len(self._quota_paths)} file(s) wait to upload "
+                f"until the relay has room ({exc})"
+            )
+            self._retry(job, "relay blob quota exceeded")
+            return
+        except BlobError as exc:
+            sync.warnings["binary:upload"] = f"uploads wait for the relay: {exc}"
+            self._retry(job, str(exc))
+            return
+        if result is None:  # changed while we read it
+            job.changed_at = time.time()
+            return
+        manifest = result
+        # Stable-read rule: left alone for the window (after the pass, if the pass was short).
+        settle = max(st.mtime_ns / 1e9, job.changed_at) + STABLE_WINDOW_S - time.time()
+        if settle > 0:
+            await asyncio.sleep(settle)
+        if stat_file(sync.root, job.path) != st or job.changed_at > started:
+            job.changed_at = max(job.changed_at, time.time())
+            return
+        self._quota_paths.discard(job.path)
+        if not self._quota_paths:
+            sync.warnings.pop("binary:quota", None)
+        sync.warnings.pop("binary:upload", None)
+        if await self._commit_local(job, st, manifest):
+            self.stats.uploaded_files += 1
+
+    async def _pass(self, job: UpJob, st: DiskStat, keys: ChunkKeys) -> Manifest | None:
+        """Read, cut, identify and upload the file once. None if it changed meanwhile."""
+        opened = await asyncio.to_thread(open_regular, self.sync.root, job.path)
+        if opened is None:
+            return None
+        fd, st_open = opened
+        refs: list[ChunkRef] = []
+        inflight: deque[tuple[asyncio.Task[bool], int, bytes]] = deque()
+        inflight_bytes = 0
+        acked: list[bytes] = []
+        sent: set[bytes] = set()
+        link = self.link
+        try:
+            if st_open != st:
+                return None
+            reader = ChunkReader(fd, keys)
+            while True:
+                item = await asyncio.to_thread(_next_identified, reader, keys)
+                if item is None:
+                    break
+                data, cid = item
+                refs.append(ChunkRef(cid, len(data)))
+                if link is None or cid in sent or await self.chunks.acked([cid]):
+                    continue
+                sent.add(cid)
+                ct = await asyncio.to_thread(keys.encrypt, cid, data)
+                del data
+                while inflight and inflight_bytes + len(ct) > UPLOAD_WINDOW_BYTES:
+                    inflight_bytes -= await self._finish_put(inflight, acked)
+                inflight.append((asyncio.create_task(link.put(cid, ct)), len(ct), cid))
+                inflight_bytes += len(ct)
+                if len(acked) >= _ACK_FLUSH:
+                    await self.chunks.add_acked(acked)
+                    acked.clear()
+            while inflight:
+                await self._finish_put(inflight, acked)
+            if os.fstat(fd).st_size != st.size or os.fstat(fd).st_mtime_ns != st.mtime_ns:
+                return None
+        finally:
+            os.close(fd)
+            for task, _n, _cid in inflight:
+                task.cancel()
+            if acked:
+                await self.chunks.add_acked(acked)
+        return Manifest.build(keys, refs)
+
+    @staticmethod
+    async def _finish_put(
+        inflight: deque[tuple[asyncio.Task[bool], int, bytes]], acked: list[bytes]
+    ) -> int:
+        task, n, cid = inflight[0]
+        await task  # raises BlobError: the pass fails, the job is retried (acked ones skipped)
+        inflight.popleft()
+        acked.append(cid)
+        return n
+
+    async def _commit_local(self, job: UpJob, st: DiskStat, manifest: Manifest) -> bool:
+        """Publish a new version (the chunks are at the relay already). False: try again."""
+        from qmoi_sync.agent.space import _Batch
+
+        sync = self.sync
+        path = job.path
+        async with sync.lock:
+            if stat_file(sync.root, path) != st or sync.send_block is not None:
+                return False
+            if job.changed_at > time.time():
+                return False
+            sync._begin_batch()
+            batch = _Batch()
+            entries = sync.index.entries()
+            rec = sync.files.get(path)
+            entry = entries.get(rec.fid.hex()) if rec is not None else None
+            mode = _mode(sync.root / path)
+            now = sync.clock()
+            mj = {**manifest.to_json(), "ts": now}
+            dev = sync.device
+            fid: bytes
+            if rec is not None and entry is not None and entry.kind == "binary":
+                fid = rec.fid
+                heads = manifest_heads(sync.index.fields(fid.hex()))
+                current = choose(heads)[0] if heads else None
+                same = current is not None and current.manifest.hash == manifest.hash
+                if same and not entry.alive and rec.hash == manifest.hash:
+                    # deleted elsewhere and only touched here: the delete wins
+                    delete_file(sync.root, path)
+                    await sync._forget(path)
+                    self.up.pop(path, None)
+                    await sync._finish(batch, dirty=set(), delivered=[])
+                    return False
+                if not (same and entry.alive and entry.path == path):
+                    if not entry.alive or entry.path != path:
+                        batch.add(
+                            INDEX_DOC_ID,
+                            sync.index.create(fid.hex(), path, "binary", mode, dev, now),
+                        )
+                    if not same:
+                        base = self.bases.get(fid, {})
+                        batch.add(INDEX_DOC_ID, sync.index.put_manifest(fid.hex(), dev, mj, base))
+                if entry.mode != mode and entry.alive:
+                    batch.add(INDEX_DOC_ID, sync.index.set_mode(fid.hex(), mode, dev))
+            else:
+                if rec is not None and entry is not None and entry.alive:
+                    # text -> binary: a new entry; the text one is deleted (a concurrent text
+                    # edit elsewhere beats that delete, and the layout keeps both)
+                    batch.add(INDEX_DOC_ID, sync.index.delete(rec.fid.hex(), dev, now))
+                fid = derive_file_id(sync.keyring.file_id_key, path, manifest.hash, kind="binary")
+                existing = entries.get(fid.hex())
+                adopt = False
+                if existing is not None and existing.alive and existing.path == path:
+                    heads = manifest_heads(sync.index.fields(fid.hex()))
+                    adopt = any(h.manifest.hash == manifest.hash for h in heads)
+                if not adopt:
+                    if existing is not None and not (existing.alive and existing.path == path):
+                        fid = os.urandom(16)
+                    batch.add(
+                        INDEX_DOC_ID, sync.index.create(fid.hex(), path, "binary", mode, dev, now)
+                    )
+                    batch.add(INDEX_DOC_ID, sync.index.put_manifest(fid.hex(), dev, mj, {}))
+            vv = _vv_of(sync.index.fields(fid.hex()), manifest.hash)
+            await sync._record_stat(path, fid, manifest.hash, st)
+            sync.warnings.pop(f"held:{path}", None)
+            self.up.pop(path, None)
+            await sync._finish(batch, dirty=set(), delivered=[])
+        self.bases[fid] = vv
+        await self.chunks.set_base(fid, vv)
+        await self.chunks.set_file_chunks(
+            path, st.size, st.mtime_ns, [(c.id, c.size) for c in manifest.chunks]
+        )
+        return True
+
+    # -- download ------------------------------------------------------------------------------
+    async def _do_down(self, job: DownJob) -> None:
+        manifest = job.head.manifest
+        keys = self.chunk_keys(manifest.epoch)
+        if keys is None:
+            job.not_before = time.time() + 5.0
+            return
+        if not manifest.verify(keys):
+            job.bad = f"the manifest of {job.path} does not verify (whole-file hash)"
+            log.warning("%s", job.bad)
+            self._note_pending()
+            return
+        gate = self.sync.gate
+        note = gate.disk_blocked(self.sync.root) if gate is not None else None
+        if note is not None:
+            self.sync.warnings["disk"] = note
+            job.not_before = time.time() + 5.0
+            return
+        if not await self._bulk_allowed(manifest.size, "download"):
+            return
+        try:
+            tmp = await asyncio.to_thread(open_download, self.sync.root, job.path, job.fid.hex())
+        except (OSError, UnsafePathError) as exc:
+            self.sync.warnings[f"write:{job.path}"] = f"cannot write {job.path}: {exc}"
+            self._retry(job, str(exc))
+            return
+        installed = False
+        try:
+            refs = [(c.id, c.size) for c in manifest.chunks]
+            done = await asyncio.to_thread(verified_prefix, tmp, keys, refs)
+            job.done_bytes = sum(size for _cid, size in refs[:done])
+            await self._fetch_into(job, keys, tmp, done)
+            if os.fstat(tmp.fd).st_size != manifest.size:
+                raise OSError(f"{job.path}: assembled {os.fstat(tmp.fd).st_size} bytes")
+            await asyncio.to_thread(_prepare, tmp, job.mode)
+            installed = await self._install(job, tmp)
+        except TamperedChunk as exc:
+            self.sync.warnings["binary:tampered"] = (
+                f"{self.stats.chunks_refused} chunk(s) refused (failed verification: tampered "
+                f"or corrupt); {job.path} is not materialized until a good copy arrives"
+            )
+            self._retry(job, str(exc))
+        except BlobError as exc:
+            self._retry(job, str(exc))
+        finally:
+            if not installed:
+                tmp.close()
+        if installed:
+            self.sync.warnings.pop("binary:tampered", None)
+            self.sync.warnings.pop(f"write:{job.path}", None)
+
+    async def _fetch_into(self, job: DownJob, keys: ChunkKeys, tmp: TempFile, start: int) -> None:
+        chunks = job.head.manifest.chunks
+        ahead: deque[asyncio.Task[bytes]] = deque()
+        nxt = start
+        try:
+            for _i in range(start, len(chunks)):
+                while nxt < len(chunks) and len(ahead) < DOWNLOAD_WINDOW:
+                    ahead.append(asyncio.create_task(self._fetch(keys, chunks[nxt])))
+                    nxt += 1
+                data = await ahead.popleft()
+                await asyncio.to_thread(write_all, tmp.fd, data)
+                job.done_bytes += len(data)
+        finally:
+            for t in ahead:
+                t.cancel()
+            for t in ahead:
+                with contextlib.suppress(BaseException):
+                    await t
+
+    async def _fetch(self, keys: ChunkKeys, ref: ChunkRef) -> bytes:
+        root = self.sync.root
+        for src in await self.chunks.sources(ref.id):
+            data = await asyncio.to_thread(
+                _read_verified, root, src.path, src.offset, src.length, src.file_size,
+                src.mtime_ns, keys, ref.id,
+            )  # fmt: skip
+            if data is not None:
+                self.stats.chunks_local += 1
+                return data
+        if self.link is None:
+            raise BlobUnavailable("no_relay", "this space has no relay to fetch chunks from")
+        ct = await self.link.get(ref.id)
+        if ct is None:
+            # The relay lost it (or never got it): whoever holds it uploads it again.
+            await self.chunks.forget_acked([ref.id])
+            raise BlobUnavailable("missing", f"the relay does not have chunk {ref.id.hex()[:16]}")
+        try:
+            data = await asyncio.to_thread(keys.decrypt, ref.id, ct)
+        except DecryptError as exc:
+            self.stats.chunks_refused += 1
+            log.warning("refused chunk %s: %s", ref.id.hex()[:16], exc)
+            raise TamperedChunk(f"chunk {ref.id.hex()[:16]}: {exc}") from None
+        if len(data) != ref.size:
+            self.stats.chunks_refused += 1
+            raise TamperedChunk(f"chunk {ref.id.hex()[:16]} has the wrong size")
+        self.stats.chunks_fetched += 1
+        return data
+
+    async def _install(self, job: DownJob, tmp: TempFile) -> bool:
+        sync = self.sync
+        fid_hex = job.fid.hex()
+        async with sync.lock:
+            entries = sync.index.entries()
+            path = compute_layout(entries).path_of(fid_hex)
+            heads = manifest_heads(sync.index.fields(fid_hex))
+            head = choose(heads)[0] if heads else None
+            if path != job.path or head is None or head.manifest.hash != job.head.manifest.hash:
+                if path != job.path:
+                    await asyncio.to_thread(discard_download, tmp)
+                    return True  # consumed; reconcile schedules the current version
+                return False
+            rec = sync.files.get(path)
+            st = stat_file(sync.root, path)
+            if st is not None and (
+                rec is None
+                or rec.fid != job.fid
+                or (st.size, st.mtime_ns, st.inode) != (rec.size, rec.mtime_ns, rec.inode)
+            ):
+                # The user changed (or created) this file meanwhile: never overwrite it; it is
+                # ingested as a version of its own (a conflict if concurrent).
+                self.local_changed(path, st.size)
+                self.down.pop(job.fid, None)
+                return False
+            try:
+                final = await asyncio.to_thread(_rename_into_place, tmp, path)
+            except (OSError, UnsafePathError) as exc:
+                sync.warnings[f"write:{path}"] = f"cannot write {path}: {exc}"
+                self._retry(job, str(exc))
+                return False
+            await sync._record_stat(path, job.fid, job.head.manifest.hash, final)
+            async with sync.store.transaction():
+                await sync._write_file_records()
+            self.down.pop(job.fid, None)
+            self._note_pending()
+        vv = dict(job.head.vv)
+        self.bases[job.fid] = vv
+        self.stats.downloaded_files += 1
+        await self.chunks.set_base(job.fid, vv)
+        await self.chunks.set_file_chunks(
+            path, final.size, final.mtime_ns, [(c.id, c.size) for c in job.head.manifest.chunks]
+        )
+        tmp.close()
+        return True
+
+
+# -- helpers (worker threads) --------------------------------------------------------------------
+
+
+def _next_identified(reader: ChunkReader, keys: ChunkKeys) -> tuple[bytes, bytes] | None:
+    item = reader.next()
+    if item is None:
+        return None
+    _off, data = item
+    return data, keys.chunk_id(data)
+
+
+def _read_verified(
+    root: Any,
+    path: str,
+    offset: int,
+    length: int,
+    size: int,
+    mtime_ns: int,
+    keys: ChunkKeys,
+    cid: bytes,
+) -> bytes | None:
+    try:
+        data = read_range(root, path, offset, length, size, mtime_ns)
+    except OSError:
+        return None
+    if data is None or not keys.verify_plain(cid, data):
+        return None
+    return data
+
+
+def _prepare(tmp: TempFile, mode: int) -> None:
+    os.fchmod(tmp.fd, mode)
+    os.fsync(tmp.fd)
+
+
+def _rename_into_place(tmp: TempFile, path: str) -> DiskStat:
+    import stat as stat_mod
+
+    final = path.rsplit("/", 1)[-1]
+    with contextlib.suppress(FileNotFoundError):
+        st = os.stat(final, dir_fd=tmp.dfd, follow_symlinks=False)
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise UnsafePathError(f"{path!r} exists and is not a regular file")
+    os.rename(tmp.name, final, src_dir_fd=tmp.dfd, dst_dir_fd=tmp.dfd)
+    st = os.stat(final, dir_fd=tmp.dfd, follow_symlinks=False)
+    return DiskStat(st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode & 0o7777)
+
+
+def _mode(full: Any) -> int:
+    try:
+        return 0o755 if os.stat(full, follow_symlinks=False).st_mode & 0o111 else 0o644
+    except OSError:
+        return 0o644
+
+
+def _vv_of(fields: Mapping[str, Any], content_hash: bytes) -> dict[str, int]:
+    """The version vector of the head with this content (the base of the next local edit)."""
+    for h in manifest_heads(fields):
+        if h.manifest.hash == content_hash:
+            return dict(h.vv)
+    return {}
+
+
+__all__ = [
+    "BinarySync",
+    "Head",
+    "choose",
+    "conflict_fid",
+    "manifest_heads",
+]
+
+
+# -- wiring (agent/daemon.py) --------------------------------------------------------------------
+
+
+async def attach(runtime: Any) -> BinarySync:
+    """Create the binary-file component of a running space (a ``SpaceRuntime``): its blob link
+    to the relay (a second websocket), its chunk store, its worker tasks."""
+    sync = runtime.sync
+    link = None
+    if runtime.record.relay_url:
+        link = BlobLink(
+            sync.identity,
+            sync.space_bytes,
+            runtime.record.relay_url,
+            membership_log=lambda: runtime.keyring.log.to_bytes(),
+        )
+        link.paused = runtime.record.paused
+        runtime.tasks.append(asyncio.create_task(link.run(runtime.stop)))
+    binary = BinarySync(sync, ChunkStore(sync.store, sync.space_id), link)
+    await binary.start()
+    sync.binary = binary
+    runtime.tasks.append(asyncio.create_task(binary.run(runtime.stop)))
+    return binary
+
+
+def status_fields(binary: BinarySync | None) -> dict[str, int]:
+    """The binary-transfer fields of a space's status (``SpaceStatus``)."""
+    if binary is None:
+        return {}
+    up, up_bytes, down, down_bytes = binary.pending()
+    return {
+        "pending_up_files": up,
+        "pending_up_bytes": up_bytes,
+        "pending_down_files": down,
+        "pending_down_bytes": down_bytes,
+        "chunks_refused": binary.stats.chunks_refused,
+    }
