@@ -324,14 +324,18 @@ class SettingsService:
         return info
 
     def _on_batch(self, doc_ids: set[bytes]) -> None:
-        """SpaceSync listener (under its lock, synchronous): remote changes arrived."""
-        if INDEX_DOC_ID in doc_ids:
-            self._registry_changed = True
-            self._wake.set()
-        names = set(self.registry) | set(self.mappings) | {AGENT_DOC}
-        for name in names:
-            if self.doc_id(name) in doc_ids:
-                self.request(name)
+        """SpaceSync listener (under its lock, synchronous): remote changes arrived. It must
+        never raise: it runs at the end of SpaceSync's batch."""
+        try:
+            if INDEX_DOC_ID in doc_ids:
+                self._registry_changed = True
+                self._wake.set()
+            names = set(self.registry) | set(self.mappings) | {AGENT_DOC}
+            for name in names:
+                if self.doc_id(name) in doc_ids:
+                    self.request(name)
+        except Exception:
+            log.exception("settings: reacting to remote changes failed")
 
     async def _worker(self) -> None:
         while True:
@@ -339,7 +343,11 @@ class SettingsService:
             self._wake.clear()
             if self._registry_changed:
                 self._registry_changed = False
-                new = read_registry(self.sync.index.doc)
+                try:
+                    new = read_registry(self.sync.index.doc)
+                except Exception:
+                    log.exception("settings: cannot read the registry")
+                    new = self.registry
                 for name in set(new) | set(self.registry):
                     if new.get(name) != self.registry.get(name):
                         self.request(name)
@@ -536,6 +544,11 @@ class SettingsService:
             )
             return None
         tree = parsed.tree()
+        # A missing or empty file where there were settings is not "every key deleted" (a
+        # reset, a half-done save): it is recreated from the shared document.
+        vanished = not tree.leaves and not body.strip() and any(b.present for b in m.base.values())
+        if vanished:
+            log.info("settings %s: %s is missing or empty: writing it again", name, m.path)
         kept: dict[KeyPath, str] = {}
         disk: dict[KeyPath, Any] = {}
         for p, v in tree.leaves.items():
@@ -550,7 +563,7 @@ class SettingsService:
         changes: dict[KeyPath, Change] = {}
         seen: dict[KeyPath, dict[str, int]] = {}
         held: set[KeyPath] = set()
-        for p in sorted(set(disk) | set(m.base)):
+        for p in [] if vanished else sorted(set(disk) | set(m.base)):
             b = m.base.get(p)
             cur = resolved.keys.get(p)
             if p in disk:
