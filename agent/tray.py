@@ -17,7 +17,6 @@ the new view to the updater.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -144,16 +143,23 @@ class Tray:
         self._draw_icon = draw_icon
         self.test_actions_file = test_actions_file
         self._quit = threading.Event()
+        self._ended = threading.Event()
         self._wake = threading.Event()
         self._pending: View | None = None
         self._pending_lock = threading.Lock()
         #: action id -> the pystray MenuItem currently showing it (rebuilt with the menu)
         self.items: dict[str, Any] = {}
+        from qmoi_sync.agent import tray_popup
+
+        # pystray's plain X11 backend shows no menu: a left click runs the default item,
+        # which then pops up the same menu with Tk (agent/tray_popup.py).
+        needs_popup = not self.pystray.Icon.HAS_MENU and tray_popup.available()
         self.controller = TrayController(
             request=lambda payload: control(home, payload),
             open_folder=open_folder,
             quit=self._request_quit,
             on_view=self._view_changed,
+            popup_menu=self._popup if needs_popup else None,
         )
         view = self.controller.view
         self.icon = self.pystray.Icon(
@@ -163,12 +169,23 @@ class Tray:
             menu=self._menu(view.menu),
         )
         self._shown_state: TrayState = view.state
+        self._x_hook = self._install_x_hook()
 
     # -- callbacks (any thread; never touch the icon) -----------------------------------------
 
     def _request_quit(self) -> None:
         self._quit.set()
         self._wake.set()
+
+    def _popup(self, entries: tuple[MenuEntry, ...]) -> None:
+        from qmoi_sync.agent import tray_popup
+
+        def run(action: str) -> None:
+            item = self.items.get(action)
+            if item is not None:
+                item(self.icon)  # the same pystray item (and callback) as everywhere else
+
+        tray_popup.popup(entries, run)
 
     def _view_changed(self, view: View) -> None:
         with self._pending_lock:
@@ -215,31 +232,137 @@ class Tray:
         return out
 
     # -- the updater thread (pystray's setup thread) -------------------------------------------
+    #
+    # pystray's X backend runs a call made from another thread by sending its own window a
+    # ClientMessage and waiting for the result, over the python-xlib connection its event loop
+    # is blocked on. Under load that loses wake-ups: we saw the loop asleep in select() with
+    # the message already read off the socket, so an icon update never showed, or quit never
+    # ended the loop. With the X backend the updater therefore never touches the icon: it
+    # sends ``_QMOI_SYNC_APPLY`` to the icon window over a second connection of its own, and
+    # the X loop applies the pending view (or quits) itself, in its own thread, where every
+    # pystray call is direct. Other backends are called from the updater as pystray allows.
+
+    APPLY_ATOM = "_QMOI_SYNC_APPLY"
+
+    def _install_x_hook(self) -> bool:
+        icon = self.icon
+        handlers = getattr(icon, "_message_handlers", None)
+        display = getattr(icon, "_display", None)
+        if handlers is None or display is None or getattr(icon, "_window", None) is None:
+            return False
+        import Xlib.X
+
+        # pystray handles ButtonPress (left click: the default item) but its window does not
+        # select it, so X never delivers a click; select it.
+        icon._window.change_attributes(
+            event_mask=Xlib.X.ExposureMask | Xlib.X.StructureNotifyMask | Xlib.X.ButtonPressMask
+        )
+        atom = display.intern_atom(self.APPLY_ATOM)
+        previous = handlers.get(Xlib.X.ClientMessage, lambda event: None)
+
+        def on_client_message(event: Any) -> None:
+            if event.client_type == atom:
+                self._apply_in_loop()
+            else:
+                previous(event)
+
+        handlers[Xlib.X.ClientMessage] = on_client_message
+        return True
+
+    def _apply_in_loop(self) -> None:
+        """In the X loop's thread: show, apply the pending view, or stop. Never raises (an
+        exception would end pystray's loop)."""
+        try:
+            if self._quit.is_set():
+                self.icon.stop()
+                return
+            if not self.icon.visible:
+                # One dock request: pystray's visible setter would also redraw through
+                # _update_icon, which sends a second one (see _set_image).
+                self.icon._icon_valid = True
+                self.icon.visible = True
+            self._apply_pending()
+        except Exception:
+            log.exception("tray update failed")
+
+    def _send_to_loop(self) -> None:
+        """Wake the X loop with ``_QMOI_SYNC_APPLY``, over a connection of our own."""
+        window = self.icon._window
+        try:
+            import Xlib.display
+            import Xlib.protocol.event
+
+            d = Xlib.display.Display()
+            try:
+                target = d.create_resource_object("window", window.id)
+                event = Xlib.protocol.event.ClientMessage(
+                    window=target,
+                    client_type=d.intern_atom(self.APPLY_ATOM),
+                    data=(32, [0] * 5),
+                )
+                target.send_event(event, event_mask=0)
+                d.flush()
+            finally:
+                d.close()
+        except Exception as exc:  # the window may be gone already
+            log.debug("X loop not reached: %s", exc)
 
     def _updater(self, icon: Any) -> None:
-        icon.visible = True
+        in_loop = self._x_hook
+        if in_loop:
+            self._send_to_loop()  # shows the icon
+        else:
+            icon.visible = True
         next_poll = 0.0
         while not self._quit.is_set():
             if time.monotonic() >= next_poll:
                 self.controller.refresh()
                 next_poll = time.monotonic() + POLL_INTERVAL_S
-            self._apply_pending()
+            if in_loop:
+                with self._pending_lock:
+                    pending = self._pending is not None
+                if pending:
+                    self._send_to_loop()
+            else:
+                self._apply_pending()
             self._wake.wait(timeout=max(0.0, next_poll - time.monotonic()))
             self._wake.clear()
-        icon.stop()
+        if not in_loop:
+            icon.stop()
+            return
+        # The loop stops itself; this thread must end now (pystray's stop() joins it).
+        threading.Thread(target=self._stop_loop, name="tray-stop", daemon=True).start()
+
+    def _stop_loop(self) -> None:
+        for _ in range(30):
+            self._send_to_loop()
+            if self._ended.wait(1.0):
+                return
+        log.error("the tray's X loop did not stop")
+
+    def _set_image(self, image: Any) -> None:
+        icon = self.icon
+        if not self._x_hook:
+            icon.icon = image
+            return
+        # X backend, in its loop: redraw in place. pystray's icon setter re-sends the XEMBED
+        # dock request on every change; the tray host then re-embeds the icon each time, and
+        # quick re-embedding left trayer confused (the icon undocked, clicks lost).
+        icon._icon = image
+        icon._icon_data = None
+        icon._draw()
 
     def _apply_pending(self) -> None:
         with self._pending_lock:
             view, self._pending = self._pending, None
         if view is None:
             return
+        icon = self.icon
         if view.state is not self._shown_state:
-            self.icon.icon = self._draw_icon(view.state)
+            self._set_image(self._draw_icon(view.state))
             self._shown_state = view.state
-        self.icon.title = view.tooltip
-        self.icon.menu = self._menu(view.menu)
-        with contextlib.suppress(NotImplementedError):
-            self.icon.update_menu()
+        icon.title = view.tooltip
+        icon.menu = self._menu(view.menu)  # pystray's setter also updates the shown menu
 
     # -- test hook ------------------------------------------------------------------------------
 
@@ -272,11 +395,18 @@ class Tray:
     # -- run ------------------------------------------------------------------------------------
 
     def run(self) -> None:
+        hook: threading.Thread | None = None
         if self.test_actions_file is not None:
-            threading.Thread(
+            hook = threading.Thread(
                 target=self._test_hook, args=(self.test_actions_file,), daemon=True
-            ).start()
-        self.icon.run(setup=self._updater)
+            )
+            hook.start()
+        try:
+            self.icon.run(setup=self._updater)
+        finally:
+            self._ended.set()
+            if hook is not None:  # let it record the result of the action that quit
+                hook.join(timeout=CONTROL_TIMEOUT_S)
 
 
 def run_tray(home: Home, *, start_agent: bool = True, test_actions_file: Path | None = None) -> int:

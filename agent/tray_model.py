@@ -14,6 +14,7 @@ Action ids are plain strings, so the same ids name menu entries, drive the test 
 ``pause_all``          ``{"cmd": "pause", "space": null}``
 ``resume_all``         ``{"cmd": "resume", "space": null}``
 ``refresh``            poll the agent now
+``menu``               pop the menu up (backends that show no menu: the left-click default)
 ``quit``               quit the tray (the agent keeps running)
 ``quit_stop_agent``    ``{"cmd": "stop"}``, then quit the tray
 =====================  ==================================================================
@@ -148,10 +149,15 @@ def tooltip(report: StatusReport | None, problem: str | None = None) -> str:
     return text if len(text) <= 127 else text[:124] + "..."
 
 
-def build_menu(report: StatusReport | None, problem: str | None = None) -> tuple[MenuEntry, ...]:
+def build_menu(
+    report: StatusReport | None, problem: str | None = None, popup: bool = False
+) -> tuple[MenuEntry, ...]:
     """The menu: a status header, one submenu per space (its state and details, open folder,
     pause/resume), open folder of the first space as the default action, pause/resume all,
-    quit (tray only, or tray and agent)."""
+    quit (tray only, or tray and agent).
+
+    ``popup``: the toolkit shows no menu, only a left click that runs the default item; then
+    the default item is a "Menu..." entry (action ``menu``) that pops this menu up."""
     entries: list[MenuEntry] = [MenuEntry(tooltip(report, problem))]
     spaces = report.spaces if report is not None and report.agent_running else []
     if spaces:
@@ -191,11 +197,19 @@ def build_menu(report: StatusReport | None, problem: str | None = None) -> tuple
     entries.append(MenuEntry("Quit", "quit"))
     if report is not None and report.agent_running:
         entries.append(MenuEntry("Quit and stop the agent", "quit_stop_agent"))
+    if popup:
+        plain = [MenuEntry(e.text, e.action, e.submenu, False, e.separator) for e in entries]
+        return (MenuEntry("Menu...", "menu", default=True), *plain)
     return tuple(entries)
 
 
-def render(report: StatusReport | None, problem: str | None = None) -> View:
-    return View(overall_state(report), tooltip(report, problem), build_menu(report, problem))
+def popup_entries(menu: tuple[MenuEntry, ...]) -> tuple[MenuEntry, ...]:
+    """The menu a popup shows: without its own "Menu..." entry."""
+    return tuple(e for e in menu if e.action != "menu")
+
+
+def render(report: StatusReport | None, problem: str | None = None, popup: bool = False) -> View:
+    return View(overall_state(report), tooltip(report, problem), build_menu(report, problem, popup))
 
 
 def iter_actions(menu: Sequence[MenuEntry]) -> list[str]:
@@ -242,10 +256,15 @@ class TrayController:
     open_folder: Callable[[str], None]
     quit: Callable[[], None]
     on_view: Callable[[View], None] = lambda view: None
+    #: Set when the toolkit shows no menu: pops the given entries up (action ``menu``).
+    popup_menu: Callable[[tuple[MenuEntry, ...]], None] | None = None
     report: StatusReport | None = None
     problem: str | None = None
     view: View = field(default_factory=lambda: render(None))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.view = render(None, popup=self.popup_menu is not None)
 
     def refresh(self) -> View:
         try:
@@ -261,7 +280,7 @@ class TrayController:
             report, problem = None, _short_error(exc)
         with self._lock:
             self.report, self.problem = report, problem
-            view = render(report, problem)
+            view = render(report, problem, popup=self.popup_menu is not None)
             changed = view != self.view
             self.view = view
         if changed:
@@ -279,6 +298,9 @@ class TrayController:
         log.info("tray action %s", action)
         result: Any = None
         verb, _, arg = action.partition(":")
+        if action == "menu" and self.popup_menu is not None:
+            self.popup_menu(popup_entries(self.view.menu))
+            return None
         if verb == "open":
             space = _space(report, arg)
             self.open_folder(space.folder)

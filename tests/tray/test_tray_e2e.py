@@ -351,3 +351,35 @@ def test_tray_without_a_display_says_so(tmp_path: Path) -> None:
     assert out.returncode == 2, out
     assert out.stderr.startswith("qmoi-sync: no usable graphical session"), out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_left_click_pops_up_the_menu_and_a_chosen_item_reaches_the_agent(
+    tray_host: str, tmp_path: Path
+) -> None:
+    """Real input, no hook: pystray's X backend has no menu of its own, so a left click on the
+    icon pops up the tray's Tk menu (agent/tray_popup.py); keyboard navigation picks
+    "Pause all" (header and separators are skipped: space, Open folder, Pause all)."""
+    pytest.importorskip("tkinter", reason="tkinter (python3-tk) is not available")
+    with one_device(tmp_path, start_agent=True) as (dev, _space_id):
+        tray = start_tray(dev.home, tray_host, tmp_path, "--no-start")
+        try:
+            win = icon_window(tray, "qmoi-sync: synced, 1 space")
+            wait_until(lambda: embedded_in_tray(tray_host, win), what="the icon docked in trayer")
+            _xdotool(tray_host, "mousemove", "--window", str(win), "5", "5", "click", "1")
+            wait_until(
+                lambda: _xdotool(tray_host, "search", "--onlyvisible", "--class", "Menu"),
+                timeout=DEADLINE,
+                what="the popup menu",
+            )
+            screenshot(tray_host, win, "tray-popup-menu")
+            _xdotool(tray_host, "key", "Down", "Down", "Down", "Return")
+            wait_state(dev, "paused")
+            icon_window(tray, "qmoi-sync: paused, 1 space")
+            wait_until(
+                lambda: not _xdotool(tray_host, "search", "--onlyvisible", "--class", "Menu"),
+                what="the popup menu to close",
+            )
+            tray.act("quit")
+            assert tray.proc.wait(timeout=DEADLINE) == 0, tray.log_text()
+        finally:
+            _stop(tray.proc)

@@ -272,3 +272,30 @@ def test_controller_refused_action_raises_and_keeps_state() -> None:
     with pytest.raises(UserError):
         c.invoke("pause:id-missing")
     assert c.view == render(r)
+
+
+def test_popup_menu_for_backends_without_menus() -> None:
+    """pystray's X backend only runs the default item on a left click: the default item then
+    pops the (same) menu up, and is the only default."""
+    from qmoi_sync.agent.tray_model import popup_entries
+
+    r = report(space("a"))
+    menu = build_menu(r, popup=True)
+    assert menu[0] == MenuEntry("Menu...", "menu", default=True)
+    assert [e for e in menu if e.default] == [menu[0]]
+    shown = popup_entries(menu)
+    assert "menu" not in iter_actions(shown)
+    assert iter_actions(shown) == iter_actions(build_menu(r))
+
+    popped: list[tuple[MenuEntry, ...]] = []
+    io = Recorder(r)
+    c = TrayController(
+        request=io.request,
+        open_folder=io.opened.append,
+        quit=lambda: None,
+        popup_menu=popped.append,
+    )
+    c.refresh()
+    assert c.view.menu[0].action == "menu"
+    c.invoke("menu")
+    assert popped == [shown] and io.requests == [{"cmd": "status"}]
