@@ -1,14 +1,16 @@
 """``qmoi-sync tray``: the system tray icon (pystray glue around ``agent/tray_model.py``).
 
-Threads (pystray's rules: ``Icon.run`` owns the main thread; its X backend serializes calls
-into its own loop through one result queue, so only one other thread may touch the icon):
+Threads (``Icon.run`` owns the main thread):
 
-* main thread: ``icon.run()`` — the toolkit loop; menu clicks run their callbacks here.
-* the updater (pystray's setup thread): the only thread that touches the icon. It polls the
-  agent every ``POLL_INTERVAL_S`` and applies new views (image, tooltip, menu); it also stops
-  the icon when a callback asked to quit.
+* main thread: ``icon.run()``, the toolkit loop; clicks run menu callbacks here.
+* the updater (pystray's setup thread) polls the agent every ``POLL_INTERVAL_S``. With the X
+  backend it never touches the icon: it wakes the X loop, which applies the new view (image,
+  tooltip, menu) or quits in its own thread (see ``_install_x_hook`` for why). With other
+  backends it applies views itself, as pystray allows.
 * with ``--test-actions-file F``, a hook thread reads action ids from F and calls the very
-  pystray ``MenuItem`` objects of the current menu — the same callbacks a click runs.
+  pystray ``MenuItem`` objects of the current menu: the same callbacks a click runs.
+* the X backend shows no menu: a left click runs the default item, "Menu...", which pops the
+  same menu up with Tk (``agent/tray_popup.py``, its own thread).
 
 Callbacks never touch the icon: they call the control API (through the controller) and leave
 the new view to the updater.
