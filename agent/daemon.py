@@ -94,9 +94,9 @@ class SpaceRuntime:
     async def start(self) -> None:
         await self.sync.load()
         self.binary = await attach(self)
-        await self.settings.start()
         if self.agent.lan is not None:
             self.lan = await self.agent.lan.add_space(self)
+        await self.settings.start()  # after LAN: the shared lan.enabled option may stop it
         watch_ready = asyncio.Event()
         self.tasks.append(
             asyncio.create_task(

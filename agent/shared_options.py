@@ -101,7 +101,8 @@ async def _apply_lan(rt: SpaceRuntime, value: bool | None) -> str | None:
         await lan.remove_space(rt.record.space_id)
         rt.lan = None
         return "LAN sync off for this space"
-    rt.lan = await lan.add_space(rt)  # None where the device's own config keeps LAN off
+    if rt.lan is None:
+        rt.lan = await lan.add_space(rt)  # stays None where the device's own config says off
     return None
 
 
