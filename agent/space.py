@@ -246,6 +246,30 @@ class SpaceSync:
         self._bases = await self.store.materialize_bases(self.space_id)
         self.root.mkdir(parents=True, exist_ok=True)
         self.case_insensitive = await asyncio.to_thread(_probe_case_insensitive, self.root)
+        await asyncio.to_thread(self._restore_staged_moves)
+
+    def _restore_staged_moves(self) -> None:
+        """Put files stranded under ``.qmoi-tmp-mv-<fid>`` back at their recorded paths.
+
+        ``_reconcile_once`` moves files in two steps (old -> temporary name -> new) so swaps
+        never clobber each other. A crash between the steps leaves files under the temporary
+        name while their records still name the old path, and the rescan would read every one
+        of them as deleted (and send the deletes: data loss on every device). Restored, they
+        match their records again and the reconcile redoes the moves."""
+        prefix = ".qmoi-tmp-mv-"
+        try:
+            names = [n for n in os.listdir(self.root) if n.startswith(prefix)]
+        except OSError:
+            return
+        by_fid = {rec.fid.hex(): path for path, rec in self.files.items()}
+        for name in names:
+            old = by_fid.get(name[len(prefix) :])
+            if old is None or stat_file(self.root, old) is not None:
+                continue  # unknown, or its old path is taken: leave it, never delete data
+            try:
+                rename_file(self.root, name, old)
+            except (OSError, UnsafePathError) as exc:
+                self.warnings[f"move:{old}"] = f"cannot put {old} back after a crash: {exc}"
 
     async def _doc(self, fid: bytes) -> Doc:
         doc = self._docs.get(fid)

@@ -87,3 +87,22 @@ def test_receiver_killed_mid_burst(tmp_path: Path) -> None:
         expected["b-offline.txt"] = b"written on b while its agent was dead\n"
         b.start()
         _wait_all_have([a, b], expected, "every edit of the burst on both devices")
+
+
+def test_receiver_killed_while_moving_a_folder(tmp_path: Path) -> None:
+    """b applies a's folder move by staging each file under a temporary name, then placing it:
+    a SIGKILL in between must not turn the staged files into deletions."""
+    with cluster(tmp_path) as (_relay, (a, b)):
+        expected: dict[str, bytes] = {}
+        for i in range(N_FILES):
+            rel = f"tree/d{i % 7}/f{i:03d}.txt"
+            expected[rel] = f"file {i}\n".encode() * 3
+            a.write(rel, expected[rel].decode())
+        _wait_all_have([a, b], expected, "the folder on both devices")
+
+        (a.folder / "tree").rename(a.folder / "moved")
+        expected = {p.replace("tree/", "moved/", 1): v for p, v in expected.items()}
+        wait_until(lambda: (b.folder / "moved").exists(), what="b starts moving", interval=0.002)
+        b.kill()
+        b.start()
+        _wait_all_have([a, b], expected, "the moved folder, whole, on both devices")
