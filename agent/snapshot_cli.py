@@ -489,6 +489,9 @@ def _list(home: Home, args: argparse.Namespace) -> int:
                         "stored_bytes": m.total_bytes(),
                         "device": pub.short_id if pub is not None else m.signer.hex()[:8],
                         "cursor": m.cursor,
+                        "interval": m.interval,
+                        "signer": m.signer.hex(),
+                        "objects": sorted(n.hex() for n in m.object_names()),
                     }
                 )
             return rows
