@@ -127,6 +127,13 @@ class Store:
         self.db = db
         # One connection is shared by every space of the agent; transactions must not overlap.
         self.tx_lock = asyncio.Lock()
+        # Per space, every document id with stored state or updates, so that load_doc answers
+        # "nothing stored" for a brand-new document (each new file of a burst) without a query.
+        # Exact because this connection is the only writer (above); ids are noted *before*
+        # they are written, so a reader can only see a stale "maybe" (then it queries), never
+        # a wrong "nothing". `_doc_ids_loading` collects ids noted while the set is loading.
+        self._doc_ids: dict[str, set[bytes]] = {}
+        self._doc_ids_loading: dict[str, set[bytes]] = {}
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -212,8 +219,26 @@ class Store:
         return bytes(row[0]) if row else None
 
     # -- documents ----------------------------------------------------------------------------
+    async def _known_doc_ids(self, space_id: str) -> set[bytes]:
+        known = self._doc_ids.get(space_id)
+        if known is None:
+            noted = self._doc_ids_loading.setdefault(space_id, set())
+            ids = await self.doc_ids(space_id)
+            known = self._doc_ids.setdefault(space_id, set())
+            known.update(ids)
+            known.update(noted)
+            self._doc_ids_loading.pop(space_id, None)
+        return known
+
+    def _note_doc_ids(self, space_id: str, doc_ids: Iterable[bytes]) -> None:
+        for target in (self._doc_ids.get(space_id), self._doc_ids_loading.get(space_id)):
+            if target is not None:
+                target.update(doc_ids)
+
     async def load_doc(self, space_id: str, doc_id: bytes) -> tuple[bytes | None, list[bytes]]:
         """The compacted state (if any) and the updates appended since, in order."""
+        if doc_id not in await self._known_doc_ids(space_id):
+            return None, []
         # One query, one hop to the database thread (instead of two queries of four hops each:
         # execute, fetch, close): this runs for every document touched, thousands of times in
         # a burst of new files.
@@ -245,6 +270,7 @@ class Store:
     ) -> list[bytes]:
         """Append updates; returns doc ids that crossed the compaction threshold."""
         rows = list(items)
+        self._note_doc_ids(space_id, [d for d, _ in rows])
         await self.db.executemany(
             "INSERT INTO doc_updates(space_id, doc_id, data) VALUES (?,?,?)",
             [(space_id, d, u) for d, u in rows],
@@ -263,6 +289,7 @@ class Store:
         return due
 
     async def compact_doc(self, space_id: str, doc_id: bytes, state: bytes) -> None:
+        self._note_doc_ids(space_id, [doc_id])
         await self.db.execute(
             "INSERT INTO docs(space_id, doc_id, state) VALUES (?,?,?)"
             " ON CONFLICT(space_id, doc_id) DO UPDATE SET state=excluded.state",
