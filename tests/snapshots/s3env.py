@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,7 @@ class Proxy:
 
     upstream: int
     port: int = 0
+    rate: float | None = None  # bytes/s per direction per connection (None: no limit)
     up_bytes: int = 0
     down_bytes: int = 0
     _server: socket.socket | None = None
@@ -151,6 +153,8 @@ class Proxy:
     def _pipe(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
         try:
             while data := src.recv(65536):
+                if self.rate:
+                    time.sleep(len(data) / self.rate)  # throttle this connection
                 with self._lock:
                     if up:
                         self.up_bytes += len(data)

@@ -5,6 +5,7 @@ The code under test only ever sees an endpoint URL. Every wait has a deadline (n
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -24,6 +25,8 @@ from harness import (
     wait_until,
 )
 from s3env import MotoServer, Proxy
+
+from qmoi_sync.agent.control import request
 
 pytestmark = pytest.mark.slow
 
@@ -264,39 +267,35 @@ def _write_big(dev: Device, n: int, size: int, seed: int) -> None:
 def test_kill_mid_snapshot_leaves_no_dangling_manifest(tmp_path: Path, moto: MotoServer) -> None:
     bucket = "snaps-3"
     moto.make_bucket(bucket)
-    with cluster(tmp_path, ("a",)) as (_relay, (a,)):
-        _write_big(a, 40, 3 * 1024 * 1024, seed=3)
-        wait_until(lambda: a.space_status()["files"] == 40, timeout=120, what="a ingested")
-        configure(a, moto.url, bucket)
-        a.cli("snapshot", "now", "notes", timeout=5, check=False) if False else None
-        from harness import cli as run_cli
-
-        # Start the snapshot through the agent, kill the agent once objects are going up.
-        run_cli(a.home, "status", "--json")
-        import asyncio
-
-        from qmoi_sync.agent.control import request
-
-        asyncio.run(request(a.home / "control.sock", {"cmd": "snapshot_now", "space": "notes"}))
-        wait_until(
-            lambda: any("/o/" in k for k in moto.objects(bucket)),
-            timeout=60,
-            interval=0.01,
-            what="first objects uploaded",
-        )
-        a.kill()
-        objs = moto.objects(bucket)
-        assert not any("/m/" in k for k in objs), "a manifest was written before its objects"
-        assert any("/o/" in k for k in objs)
-        a.start()
-        done = snapshot(a)
-        assert done["id"].startswith("1-")
-        # Every object every manifest references exists: restore verifies all of them.
-        for snap in listing(a):
+    slow = Proxy(moto.port, rate=2 * 1024 * 1024).start()  # a slow link to the bucket
+    try:
+        with cluster(tmp_path, ("a",)) as (_relay, (a,)):
+            _write_big(a, 12, 1024 * 1024, seed=3)
+            wait_until(lambda: a.space_status()["files"] == 12, timeout=120, what="a ingested")
+            configure(a, slow.url, bucket)
+            # Start the snapshot through the agent; kill the agent once objects are going up.
+            asyncio.run(request(a.home / "control.sock", {"cmd": "snapshot_now", "space": "notes"}))
+            wait_until(
+                lambda: any("/o/" in k for k in moto.objects(bucket)),
+                timeout=60,
+                interval=0.01,
+                what="first objects uploaded",
+            )
+            a.kill()
+            objs = moto.objects(bucket)
+            assert not any("/m/" in k for k in objs), "a manifest was written before its objects"
+            assert any("/o/" in k for k in objs)
+            a.start()
+            done = snapshot(a)
+            assert done["files"] == 12
+            # Every object every manifest references exists; restore verifies them all.
             keys = moto.objects(bucket)
-            assert all(f"space1/o/{n}" in keys for n in snap["objects"])
-        a.cli("restore", "notes", "--to", str(tmp_path / "out"))
-        assert tree(tmp_path / "out") == tree(a.folder)
+            for snap in listing(a):
+                assert all(f"space1/o/{n}" in keys for n in snap["objects"])
+            a.cli("restore", "notes", "--to", str(tmp_path / "out"))
+            assert tree(tmp_path / "out") == tree(a.folder)
+    finally:
+        slow.stop()
 
 
 def test_unreachable_bucket_then_scheduled_snapshot(tmp_path: Path, moto: MotoServer) -> None:
