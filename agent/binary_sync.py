@@ -79,7 +79,9 @@ UPLOAD_WINDOW_BYTES = 16 * 1024 * 1024
 #: Chunks fetched ahead of the one being written.
 DOWNLOAD_WINDOW = 8
 RETRY_MIN_S = 0.5
-RETRY_MAX_S = 30.0
+RETRY_MAX_S = 8.0
+#: Retry delay when the relay is unreachable (the blob link has its own reconnect backoff).
+RETRY_OFFLINE_S = 1.0
 _ACK_FLUSH = 8
 
 
@@ -382,9 +384,10 @@ class BinarySync:
     def _next_down(self) -> tuple[DownJob | None, float]:
         return self._pick([j for j in self.down.values() if not j.bad])  # type: ignore[no-any-return]
 
-    def _retry(self, job: UpJob | DownJob, why: str) -> None:
+    def _retry(self, job: UpJob | DownJob, why: str, offline: bool = False) -> None:
         job.attempts += 1
-        job.not_before = time.time() + min(RETRY_MAX_S, RETRY_MIN_S * 2 ** min(job.attempts, 6))
+        delay = min(RETRY_MAX_S, RETRY_MIN_S * 2 ** min(job.attempts, 6))
+        job.not_before = time.time() + (RETRY_OFFLINE_S if offline else delay)
         log.info("binary %s: retry in %.1fs (%s)", job.path, job.not_before - time.time(), why)
 
     def chunk_keys(self, epoch: int) -> ChunkKeys | None:
@@ -448,7 +451,7 @@ class BinarySync:
             return
         except BlobError as exc:
             sync.warnings["binary:upload"] = f"uploads wait for the relay: {exc}"
-            self._retry(job, str(exc))
+            self._retry(job, str(exc), offline=isinstance(exc, BlobUnavailable))
             return
         if result is None:  # changed while we read it
             job.changed_at = time.time()
@@ -641,7 +644,7 @@ class BinarySync:
             )
             self._retry(job, str(exc))
         except BlobError as exc:
-            self._retry(job, str(exc))
+            self._retry(job, str(exc), offline=isinstance(exc, BlobUnavailable))
         finally:
             if not installed:
                 tmp.close()

@@ -128,9 +128,11 @@ class BinCluster:
     stopped: list[Device] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
-        text = urllib.request.urlopen(  # noqa: S310 - loopback
-            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
-        ).read().decode()
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
         out: dict[str, float] = {}
         for line in text.splitlines():
             m = re.match(r"^(qmoi_relay_chunk_\S+)\s+(\S+)$", line)

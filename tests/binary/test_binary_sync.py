@@ -70,12 +70,14 @@ def test_64mib_file_and_one_byte_change_sends_at_most_two_chunks(tmp_path: Path)
             f.write(bytes([data[32 * MiB]]))
         wait_file(b, "disk.img", sha(bytes(data)), timeout=60)
         after = c.metrics()
-        stored = after['qmoi_relay_chunk_puts_total{result="stored"}'] - before[
-            'qmoi_relay_chunk_puts_total{result="stored"}'
-        ]
-        served = after['qmoi_relay_chunk_gets_total{result="served"}'] - before[
-            'qmoi_relay_chunk_gets_total{result="served"}'
-        ]
+        stored = (
+            after['qmoi_relay_chunk_puts_total{result="stored"}']
+            - before['qmoi_relay_chunk_puts_total{result="stored"}']
+        )
+        served = (
+            after['qmoi_relay_chunk_gets_total{result="served"}']
+            - before['qmoi_relay_chunk_gets_total{result="served"}']
+        )
         up_bytes = (
             after["qmoi_relay_chunk_bytes_received_total"]
             - before["qmoi_relay_chunk_bytes_received_total"]
