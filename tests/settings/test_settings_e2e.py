@@ -4,7 +4,9 @@ the space folders, real watchers. Every wait has a deadline; nothing sleeps blin
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,11 +152,19 @@ CASES = [
 ]
 
 
-def _edit(path: Path, old: str, new: str) -> str:
+def _edit(path: Path, old: str, new: str, by_rename: bool = False) -> str:
+    """Replace one substring; ``by_rename``: save as many editors do (temp file + rename)."""
     text = path.read_text()
     assert old in text, f"{old!r} not in {path}:\n{text}"
-    path.write_text(text.replace(old, new, 1))
-    return text.replace(old, new, 1)
+    new_text = text.replace(old, new, 1)
+    if by_rename:
+        tmp = path.with_name(path.name + ".swp-save")
+        tmp.write_text(new_text)
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        os.replace(tmp, path)
+    else:
+        path.write_text(new_text)
+    return new_text
 
 
 def _same_leaves(x: dict[Any, Any] | None, y: dict[Any, Any] | None) -> bool:
@@ -174,6 +184,7 @@ def test_two_devices_merge_a_settings_file(tmp_path: Path, case: Case) -> None:
         fa, fb = tmp_path / case.a_path, tmp_path / case.b_path
         fa.parent.mkdir(parents=True)
         fa.write_text(case.a_text)
+        fa.chmod(0o600)  # kept through every write-back
         if case.b_initial is not None:
             fb.parent.mkdir(parents=True)
             fb.write_text(case.b_initial)
@@ -200,8 +211,8 @@ def test_two_devices_merge_a_settings_file(tmp_path: Path, case: Case) -> None:
         b.stop()
         key1, a_old, a_new, v1 = case.a_edit
         ka, a_old3, a_new3, va, b_old3, b_new3, vb = case.both
-        _edit(fa, a_old, a_new)
-        a_text = _edit(fa, a_old3, a_new3)
+        _edit(fa, a_old, a_new, by_rename=True)
+        a_text = _edit(fa, a_old3, a_new3, by_rename=True)
         wait_shared(a, case.name, ".".join(key1), v1)
         wait_shared(a, case.name, ".".join(ka), va)
         wait_idle(a)
@@ -225,6 +236,8 @@ def test_two_devices_merge_a_settings_file(tmp_path: Path, case: Case) -> None:
             assert got is not None
             assert got[key1] == v1 and got[key2] == v2 and got[ka] == vb
         assert b_before != fb.read_text()
+        assert stat.S_IMODE(fa.stat().st_mode) == 0o600
+        assert not [p.name for p in fa.parent.iterdir() if p.name != fa.name]  # no temp files
 
         # the same key: one winner on both devices, the loser listed by `conflicts`
         for dev in (a, b):
