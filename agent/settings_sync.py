@@ -55,8 +55,11 @@ from qmoi_sync.agent.settings_doc import (
     settings_doc_id,
 )
 from qmoi_sync.agent.settings_formats import (
+    FormatHandler,
     KeyPath,
+    ParsedSettings,
     SettingsParseError,
+    SettingsTree,
     canon,
     check_doc_name,
     detect_format,
@@ -594,30 +597,17 @@ class SettingsService:
             add(doc_id, sdoc.write(self.sync.device, changes, seen, self.sync.clock()))
             resolved = sdoc.resolve()
         result["resolved"] = resolved
-
-        desired: dict[KeyPath, Any] = {}
-        unwritable: list[str] = []
-        for p, v in resolved.values().items():
-            if p in held or self._kept(info, p, v) is not None or p in kept:
-                continue
-            if info.format == "toml" and _has_null(v):
-                unwritable.append(display_path(p))
-                continue
-            desired[p] = v
-        hints = resolved.hints()
-        ops = plan(
-            tree,
-            desired,
-            keep=lambda p: p in kept or p in held,
-            hint=hints.get,
-        )
-        new_body = parsed.apply(ops) if ops else body
-        if ops:
-            try:
-                handler.parse(new_body)
-            except SettingsParseError as exc:  # our own output must parse: never write junk
-                self._fail(name, f"internal error, write-back refused: {exc}")
-                return None
+        try:
+            # From here on the document may hold our update: whatever fails, return normally so
+            # run_local commits it (an update applied in memory but never committed would be
+            # missing from the log and from every other device).
+            desired, unwritable, new_body = self._write_back(
+                info, tree, parsed, resolved, kept, held, body, handler
+            )
+        except Exception as exc:
+            log.exception("settings %s: write-back failed", name)
+            self._fail(name, f"write-back failed, file left as it was: {exc}")
+            return None
         new_text = bom + new_body
         new_base: dict[KeyPath, BaseKey] = {}
         for p, state in resolved.keys.items():
@@ -635,9 +625,13 @@ class SettingsService:
 
         async def after() -> None:
             if must_write:
-                ok = await asyncio.to_thread(
-                    write_settings_atomic, m.path, new_text.encode("utf-8"), disk_stat
-                )
+                try:
+                    ok = await asyncio.to_thread(
+                        write_settings_atomic, m.path, new_text.encode("utf-8"), disk_stat
+                    )
+                except OSError as exc:
+                    self._fail(name, f"cannot write the file: {exc}")
+                    return
                 if not ok:
                     self.request(name)  # the user saved meanwhile: merge that first
                     return
@@ -684,6 +678,42 @@ class SettingsService:
             )
 
         return after
+
+    def _write_back(
+        self,
+        info: DocInfo,
+        tree: SettingsTree,
+        parsed: ParsedSettings,
+        resolved: Resolved,
+        kept: dict[KeyPath, str],
+        held: set[KeyPath],
+        body: str,
+        handler: FormatHandler,
+    ) -> tuple[dict[KeyPath, Any], list[str], str]:
+        """(desired values, keys TOML cannot hold, the patched file body)."""
+        desired: dict[KeyPath, Any] = {}
+        unwritable: list[str] = []
+        for p, v in resolved.values().items():
+            if p in held or self._kept(info, p, v) is not None or p in kept:
+                continue
+            if info.format == "toml" and _has_null(v):
+                unwritable.append(display_path(p))
+                continue
+            desired[p] = v
+        hints = resolved.hints()
+        ops = plan(
+            tree,
+            desired,
+            keep=lambda p: p in kept or p in held,
+            hint=hints.get,
+        )
+        new_body = parsed.apply(ops) if ops else body
+        if ops:
+            try:
+                handler.parse(new_body)
+            except SettingsParseError as exc:  # our own output must parse: never write junk
+                raise RuntimeError(f"internal error, write-back refused: {exc}") from None
+        return desired, unwritable, new_body
 
     # -- the agent's own options (the qmoi-sync document) -----------------------------------------
     async def _apply_options(self, resolved: Resolved) -> None:
