@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from qmoi_sync.agent import (
+    file_conflicts,  # noqa: F401 - registers the `file` conflicts provider and `conflict_resolve`
     membership_ops,
     settings_control,  # noqa: F401 - registers its control requests
     snapshot_control,  # noqa: F401 - registers its control requests

@@ -103,8 +103,15 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("value", nargs="?", help="a JSON value; anything else is taken as a string")
     s.add_argument("--delete", action="store_true", help="remove the key")
 
-    s = sub.add_parser("conflicts", help="values that lost to concurrent changes on other devices")
+    s = sub.add_parser(
+        "conflicts",
+        help="values and files that lost to concurrent changes on other devices; "
+        "`conflicts resolve PATH --keep mine|theirs|both` settles a file conflict copy",
+    )
     s.add_argument("space", nargs="?", help="space name or id (default: every space)")
+    s.add_argument("path", nargs="?", help="with `resolve`: the conflict copy (path or file)")
+    s.add_argument("--keep", choices=["mine", "theirs", "both"], help="with `resolve`")
+    s.add_argument("--space", dest="in_space", help="with `resolve`: the space")
     s.add_argument("--json", action="store_true")
 
 
@@ -344,7 +351,32 @@ def _render_setting(item: dict[str, Any]) -> list[str]:
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {"setting": _render_setting}
 
 
+def _render_file(item: dict[str, Any]) -> list[str]:
+    from qmoi_sync.agent.file_conflicts import render_file
+
+    return render_file(item)
+
+
+RENDERERS["file"] = _render_file
+
+
+def _resolve(home: Home, args: argparse.Namespace) -> int:
+    if not args.path or not args.keep:
+        raise UserError("usage: qmoi-sync conflicts resolve PATH --keep mine|theirs|both")
+    payload = {"cmd": "conflict_resolve", "path": args.path, "keep": args.keep}
+    result = _control(home, {**payload, "space": args.in_space})
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    elif args.keep == "theirs":
+        print(f"deleted the conflict copy {result['path']}")
+    else:
+        print(f"resolved {result['path']}: kept as {result['file']}")
+    return 0
+
+
 def _conflicts(home: Home, args: argparse.Namespace) -> int:
+    if args.space == "resolve":
+        return _resolve(home, args)
     result = _control(home, {"cmd": "conflicts", "space": args.space})
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))

@@ -3,6 +3,7 @@ the resource policy."""
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -95,6 +96,22 @@ def test_concurrent_edits_keep_both_versions_one_conflict_copy(tmp_path: Path) -
         wait_settled(a)
         wait_settled(b)
         assert tree_digests(a) == tree_digests(b) == tree
+        # `qmoi-sync conflicts` lists it on both devices; resolving keeps both under normal names
+        for dev in (a, b):
+            listed = json.loads(dev.cli("conflicts", "--json").stdout)["spaces"][0]["conflicts"]
+            files = [i for i in listed if i["kind"] == "file"]
+            assert [(i["path"], i["original"]) for i in files] == [(names[1], "report.pdf")]
+        out = b.cli("conflicts", "resolve", str(b.folder / names[1]), "--keep", "both").stdout
+        assert "kept as report-" in out
+
+        def resolved() -> dict[str, str] | None:
+            ta, tb = tree_digests(a), tree_digests(b)
+            ok = ta == tb and len(ta) == 2 and not any("sync-conflict" in p for p in ta)
+            return ta if ok else None
+
+        after = wait_until(resolved, what="resolution on both devices")
+        assert set(after.values()) == {sha(va), sha(vb)}
+        assert "no conflicts" in a.cli("conflicts").stdout
 
 
 def test_quota_exceeded_clear_status_then_resumes(tmp_path: Path) -> None:
