@@ -521,6 +521,8 @@ class SettingsService:
         try:
             data, disk_stat = await asyncio.to_thread(_read, m.path)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                m.stat = _stat_key(os.stat(m.path))  # retried when it changes, not every poll
             self._fail(name, f"cannot read: {exc}")
             return None
         m.stat = disk_stat

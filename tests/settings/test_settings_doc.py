@@ -6,6 +6,8 @@ import itertools
 import json
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pycrdt import Doc, Map
 
 from qmoi_sync.agent.settings_doc import (
@@ -191,3 +193,45 @@ def test_registry_ignores_unknown_formats() -> None:
         m["future/format"] = json.dumps("yaml")
         m["junk"] = "x"
     assert read_registry(d) == {}
+
+
+# -- property: replicas converge whatever the interleaving -------------------------------------
+_op = st.one_of(
+    st.tuples(
+        st.just("write"),
+        st.integers(0, 2),  # replica
+        st.sampled_from([("a",), ("b",), ("n", "c")]),
+        st.one_of(st.none(), st.integers(-3, 3), st.booleans(), st.text(max_size=2)),
+        st.booleans(),  # a deletion
+        st.floats(0, 100),  # clock
+    ),
+    st.tuples(st.just("sync"), st.integers(0, 2), st.integers(0, 2)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(_op, max_size=25))
+def test_replicas_converge(ops: list[tuple[Any, ...]]) -> None:
+    reps = [replica(client_id=i + 1) for i in range(3)]
+    devs = ["AAA", "BBB", "CCC"]
+    for op in ops:
+        if op[0] == "write":
+            _k, i, path, value, deleted, now = op
+            r = reps[i]
+            version = r.resolve().version(path)
+            change = Change(True) if deleted else Change(False, value, 0.0)
+            r.write(devs[i], {path: change}, {path: version}, now)
+        else:
+            _k, i, j = op
+            reps[j].doc.apply_update(reps[i].doc.get_update(reps[j].doc.get_state()))
+    sync_all(*reps)
+    results = []
+    for r in reps:
+        res = r.resolve()
+        results.append(
+            (
+                json.dumps(sorted((list(p), v) for p, v in res.values().items())),
+                [(p, s.winner.device, [e.device for e in s.losers()]) for p, s in res.conflicts()],
+            )
+        )
+    assert results[0] == results[1] == results[2]
