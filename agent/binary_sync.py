@@ -470,6 +470,13 @@ class BinarySync:
         sync.warnings.pop("binary:upload", None)
         if await self._commit_local(job, st, manifest):
             self.stats.uploaded_files += 1
+            log.info(
+                "binary up %s: %d bytes, %d chunks, published %.3f s after the pass began",
+                job.path,
+                manifest.size,
+                len(manifest.chunks),
+                time.time() - started,
+            )
 
     async def _pass(self, job: UpJob, st: DiskStat, keys: ChunkKeys) -> Manifest | None:
         """Read, cut, identify and upload the file once. None if it changed meanwhile."""
@@ -628,6 +635,8 @@ class BinarySync:
             self._retry(job, str(exc))
             return
         installed = False
+        began = time.time()
+        fetched, local = self.stats.chunks_fetched, self.stats.chunks_local
         try:
             refs = [(c.id, c.size) for c in manifest.chunks]
             done = await asyncio.to_thread(verified_prefix, tmp, keys, refs)
@@ -649,6 +658,14 @@ class BinarySync:
             if not installed:
                 tmp.close()
         if installed:
+            log.info(
+                "binary down %s: %d bytes, %d chunks fetched, %d read locally, %.3f s",
+                job.path,
+                manifest.size,
+                self.stats.chunks_fetched - fetched,
+                self.stats.chunks_local - local,
+                time.time() - began,
+            )
             self.sync.warnings.pop("binary:tampered", None)
             self.sync.warnings.pop(f"write:{job.path}", None)
 
@@ -822,9 +839,28 @@ __all__ = [
 # -- wiring (agent/daemon.py) --------------------------------------------------------------------
 
 
+def tune_malloc() -> None:
+    """glibc only: keep chunk-sized buffers out of the heap arenas.
+
+    Chunks are ~1 MiB buffers allocated and freed by the event loop and worker threads. glibc's
+    *dynamic* mmap threshold rises to the size of the largest freed mmapped block, after which
+    such buffers come from the (per-thread) arenas and freed ones stay resident: the agent's RSS
+    grew to ~160 MB while sending a 512 MiB file. A fixed 256 KiB threshold (always mmap, freed
+    memory goes back to the OS) and two arenas keep it flat. No-op elsewhere."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD (setting it disables the dynamic one)
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 async def attach(runtime: Any) -> BinarySync:
     """Create the binary-file component of a running space (a ``SpaceRuntime``): its blob link
     to the relay (a second websocket), its chunk store, its worker tasks."""
+    tune_malloc()
     sync = runtime.sync
     link = None
     if runtime.record.relay_url:

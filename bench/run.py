@@ -1,7 +1,7 @@
 """qmoi-sync benchmarks: `python bench/run.py [scenario ...] [--quick]`.
 
-Scenarios: latency, burst, edit_bytes, idle_rss (default: all, in that order). Each one starts a
-real relay and real agent processes on loopback with the `qmoi-sync` CLI, in a temporary
+Scenarios: latency, burst, edit_bytes, idle_rss, binary (default: all, in that order). Each one
+starts a real relay and real agent processes on loopback with the `qmoi-sync` CLI, in a temporary
 directory it removes afterwards, writes bench/results/<scenario>-<timestamp>.json and prints a
 one-line summary. Not part of the test suite. See bench/README.md.
 """
@@ -20,6 +20,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib
+import scenario_binary
 import scenario_burst
 import scenario_edit_bytes
 import scenario_idle_rss
@@ -30,6 +31,7 @@ SCENARIOS: dict[str, Any] = {
     "burst": scenario_burst,
     "edit_bytes": scenario_edit_bytes,
     "idle_rss": scenario_idle_rss,
+    "binary": scenario_binary,
 }
 
 
