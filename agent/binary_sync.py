@@ -722,7 +722,8 @@ class BinarySync:
         fid_hex = job.fid.hex()
         async with sync.lock:
             entries = sync.index.entries()
-            path = compute_layout(entries).path_of(fid_hex)
+            fold = bool(getattr(sync, "case_insensitive", False))
+            path = compute_layout(entries, fold_case=fold).path_of(fid_hex)
             heads = manifest_heads(sync.index.fields(fid_hex))
             head = choose(heads)[0] if heads else None
             if path != job.path or head is None or head.manifest.hash != job.head.manifest.hash:

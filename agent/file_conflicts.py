@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 def file_conflicts(rt: SpaceRuntime) -> list[dict[str, Any]]:
     entries = rt.sync.index.entries()
-    layout = compute_layout(entries)
+    layout = compute_layout(entries, fold_case=bool(getattr(rt.sync, "case_insensitive", False)))
     items = []
     for fid, path in sorted(layout.by_fid.items(), key=lambda kv: kv[1]):
         e = entries[fid]
