@@ -9,10 +9,11 @@ configuration (``snapshot.lease = {device, until}``, agent/snapshot_config.py):
   converged state. A device counts as online while its last published capabilities are recent
   (they are republished every 10 minutes); this device always counts.
 - **Claim.** With no valid lease, the device of rank *r* among the online candidates claims it
-  once the old lease has been expired for ``r * claim_step`` seconds: the best one first, the
-  next one only if the best did not (it went away). Two simultaneous claims converge to one
-  winner (a map key written concurrently resolves to the same value everywhere); a claimant
-  waits ``settle`` seconds and re-reads the lease before acting on it.
+  once the old lease has been expired (or, with no lease yet, since it first saw none) for
+  ``r * claim_step`` seconds: the best one first, the next one only if the best did not.
+  Two simultaneous claims converge to one winner (a map key written concurrently resolves
+  to the same value everywhere); a claimant waits ``settle`` seconds and re-reads the
+  lease before acting on it.
 - **Renew / hand over.** The holder renews at half the lease; it stops renewing when a better
   device is online, which then claims at expiry.
 - **When.** A snapshot is due when the interval ``floor(now / every)`` has no snapshot yet
@@ -94,8 +95,15 @@ def interval_of(ts: float, every_s: int) -> int:
     return math.floor(ts / max(1, every_s))
 
 
-def decide(me: bytes, config: SharedConfig, ranked: list[bytes], now: float) -> Decision:
-    """What this device should do now about snapshot duty."""
+def decide(
+    me: bytes,
+    config: SharedConfig,
+    ranked: list[bytes],
+    now: float,
+    vacant_since: float | None = None,
+) -> Decision:
+    """What this device should do now about snapshot duty. ``vacant_since``: when this device
+    first saw no valid lease (the rank delay counts from then when no lease ever existed)."""
     every = config.policy.every_s
     lease = config.lease
     length = lease_seconds(every)
@@ -114,7 +122,7 @@ def decide(me: bytes, config: SharedConfig, ranked: list[bytes], now: float) -> 
     if me not in ranked:
         return Decision(None, False, False, "not a candidate for snapshot duty")
     r = ranked.index(me)
-    expired_at = lease.until if lease is not None else 0.0
+    expired_at = lease.until if lease is not None else (vacant_since or now)
     if now >= expired_at + r * claim_step(every):
         return Decision(Lease(me, now + length), False, due, "claiming snapshot duty")
     return Decision(None, False, False, "waiting for a more capable device to take duty")

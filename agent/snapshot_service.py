@@ -67,6 +67,7 @@ class SnapshotService:
         self._task: asyncio.Task[None] | None = None
         self._bucket: Bucket | None = None
         self._claimed_at: float | None = None
+        self._vacant_since: float | None = None  # since when this device sees no valid lease
         self._retry_at = 0.0
         self._retry_delay = RETRY_MIN_S
         self._wake = asyncio.Event()
@@ -121,10 +122,12 @@ class SnapshotService:
                 await self.tick()
             except Exception:
                 log.exception("snapshot tick failed for space %s", self.rt.record.name)
-            every = self.config().policy.every_s
+            cfg = self.config()
+            # Unconfigured: look again soon (the configuration may arrive from another device).
+            tick = min(TICK_MAX_S, max(1.0, cfg.policy.every_s / 4)) if cfg.target else 2.0
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(TICK_MAX_S, max(1.0, every / 4))):
+                async with asyncio.timeout(tick):
                     await self._wake.wait()
 
     async def _candidates(self) -> list[Candidate]:
@@ -158,7 +161,12 @@ class SnapshotService:
             self.duty, self.holder = "this device cannot take snapshot duty (read-only)", False
             return
         ranked = rank(self.me, await self._candidates(), now)
-        d = decide(self.me, cfg, ranked, now)
+        vacant = cfg.lease is None or cfg.lease.until <= now
+        if not vacant:
+            self._vacant_since = None
+        elif self._vacant_since is None:
+            self._vacant_since = now
+        d = decide(self.me, cfg, ranked, now, vacant_since=self._vacant_since)
         self.duty, self.holder = d.reason, d.holder
         if d.write_lease is not None:
             lease = d.write_lease
