@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from binhelpers import (
+    BinCluster,
     MiB,
     bin_cluster,
     file_sha,
@@ -46,7 +47,9 @@ def test_relay_killed_mid_upload_resumes_without_resending_much(tmp_path: Path) 
         assert len(data) <= sent < 1.5 * len(data), sent / MiB
 
 
-def test_tampered_chunk_is_refused_until_a_good_copy_arrives(tmp_path: Path) -> None:
+def test_tampered_chunk_refused_and_concurrent_edits(tmp_path: Path) -> None:
+    """A tampered chunk is refused until a good copy arrives; then (same cluster) concurrent
+    edits of one binary file end as exactly one conflict copy on both devices."""
     with bin_cluster(tmp_path) as c:
         a, b = c.devices
         b.stop()
@@ -66,52 +69,55 @@ def test_tampered_chunk_is_refused_until_a_good_copy_arrives(tmp_path: Path) -> 
         assert "refused chunk" in b.log()
         victim.write_bytes(good)  # the operator restores the blob
         wait_file(b, "t.bin", sha(data), timeout=60)
+        (a.folder / "t.bin").unlink()
+        wait_until(lambda: not (b.folder / "t.bin").exists(), what="t.bin deleted on b")
+        # the same cluster: concurrent edits while b is offline
+        _concurrent_edits_keep_both_versions_one_conflict_copy(c)
 
 
-def test_concurrent_edits_keep_both_versions_one_conflict_copy(tmp_path: Path) -> None:
-    with bin_cluster(tmp_path) as c:
-        a, b = c.devices
-        v0 = rand_bytes(3 * MiB, 30)
-        write_atomic(a.folder / "report.pdf", v0)
-        wait_file(b, "report.pdf", sha(v0))
-        wait_settled(a)
-        wait_settled(b)
-        b.stop()
-        va, vb = rand_bytes(3 * MiB, 31), rand_bytes(2 * MiB, 32)
-        write_atomic(a.folder / "report.pdf", va)
-        write_atomic(b.folder / "report.pdf", vb)  # offline: concurrent with a's edit
-        wait_settled(a)
-        b.start()
+def _concurrent_edits_keep_both_versions_one_conflict_copy(c: BinCluster) -> None:
+    a, b = c.devices
+    v0 = rand_bytes(3 * MiB, 30)
+    write_atomic(a.folder / "report.pdf", v0)
+    wait_file(b, "report.pdf", sha(v0))
+    wait_settled(a)
+    wait_settled(b)
+    b.stop()
+    va, vb = rand_bytes(3 * MiB, 31), rand_bytes(2 * MiB, 32)
+    write_atomic(a.folder / "report.pdf", va)
+    write_atomic(b.folder / "report.pdf", vb)  # offline: concurrent with a's edit
+    wait_settled(a)
+    b.start()
 
-        def converged() -> dict[str, str] | None:
-            ta, tb = tree_digests(a), tree_digests(b)
-            return ta if ta == tb and len(ta) == 2 else None
+    def converged() -> dict[str, str] | None:
+        ta, tb = tree_digests(a), tree_digests(b)
+        return ta if ta == tb and len(ta) == 2 else None
 
-        tree = wait_until(converged, timeout=60, what="one conflict copy on both devices")
-        names = sorted(tree)
-        assert names[0] == "report.pdf"
-        assert names[1].startswith("report.sync-conflict-") and names[1].endswith(".pdf")
-        assert set(tree.values()) == {sha(va), sha(vb)}
-        # stays that way (no conflict copy of the conflict copy, no second split)
-        wait_settled(a)
-        wait_settled(b)
-        assert tree_digests(a) == tree_digests(b) == tree
-        # `qmoi-sync conflicts` lists it on both devices; resolving keeps both under normal names
-        for dev in (a, b):
-            listed = json.loads(dev.cli("conflicts", "--json").stdout)["spaces"][0]["conflicts"]
-            files = [i for i in listed if i["kind"] == "file"]
-            assert [(i["path"], i["original"]) for i in files] == [(names[1], "report.pdf")]
-        out = b.cli("conflicts", "resolve", str(b.folder / names[1]), "--keep", "both").stdout
-        assert "kept as report-" in out
+    tree = wait_until(converged, timeout=60, what="one conflict copy on both devices")
+    names = sorted(tree)
+    assert names[0] == "report.pdf"
+    assert names[1].startswith("report.sync-conflict-") and names[1].endswith(".pdf")
+    assert set(tree.values()) == {sha(va), sha(vb)}
+    # stays that way (no conflict copy of the conflict copy, no second split)
+    wait_settled(a)
+    wait_settled(b)
+    assert tree_digests(a) == tree_digests(b) == tree
+    # `qmoi-sync conflicts` lists it on both devices; resolving keeps both under normal names
+    for dev in (a, b):
+        listed = json.loads(dev.cli("conflicts", "--json").stdout)["spaces"][0]["conflicts"]
+        files = [i for i in listed if i["kind"] == "file"]
+        assert [(i["path"], i["original"]) for i in files] == [(names[1], "report.pdf")]
+    out = b.cli("conflicts", "resolve", str(b.folder / names[1]), "--keep", "both").stdout
+    assert "kept as report-" in out
 
-        def resolved() -> dict[str, str] | None:
-            ta, tb = tree_digests(a), tree_digests(b)
-            ok = ta == tb and len(ta) == 2 and not any("sync-conflict" in p for p in ta)
-            return ta if ok else None
+    def resolved() -> dict[str, str] | None:
+        ta, tb = tree_digests(a), tree_digests(b)
+        ok = ta == tb and len(ta) == 2 and not any("sync-conflict" in p for p in ta)
+        return ta if ok else None
 
-        after = wait_until(resolved, what="resolution on both devices")
-        assert set(after.values()) == {sha(va), sha(vb)}
-        assert "no conflicts" in a.cli("conflicts").stdout
+    after = wait_until(resolved, what="resolution on both devices")
+    assert set(after.values()) == {sha(va), sha(vb)}
+    assert "no conflicts" in a.cli("conflicts").stdout
 
 
 def test_quota_exceeded_clear_status_then_resumes(tmp_path: Path) -> None:

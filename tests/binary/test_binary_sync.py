@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from binhelpers import (
+    BinCluster,
     MiB,
     bin_cluster,
     file_sha,
@@ -21,7 +22,9 @@ from binhelpers import (
 from harness import grep_bytes, wait_until
 
 
-def test_random_binary_files_arrive_identical(tmp_path: Path) -> None:
+def test_binary_files_end_to_end(tmp_path: Path) -> None:
+    """Random files 0 B..10 MiB both ways, a large text file; then text<->binary switches, a
+    slowly written file, rename and delete, on the same cluster."""
     sizes = {
         "empty.bin": 0,
         "one.bin": 1,
@@ -53,6 +56,10 @@ def test_random_binary_files_arrive_identical(tmp_path: Path) -> None:
         assert st["pending_down_bytes"] == 0 and st["chunks_refused"] == 0
         # the relay's blob store holds ciphertext only
         assert not grep_bytes(c.relay.data, [b"line of text 12345", text[-64:]])
+        # more behaviours on the same running cluster (starting one costs seconds)
+        _switch_both_ways(c)
+        _slow_write_never_half_materialized(c)
+        _rename_and_delete(c)
 
 
 @pytest.mark.slow
@@ -87,71 +94,68 @@ def test_64mib_file_and_one_byte_change_sends_at_most_two_chunks(tmp_path: Path)
         assert up_bytes <= 2 * 2 * MiB + 64
 
 
-def test_text_binary_switch_both_ways(tmp_path: Path) -> None:
-    with bin_cluster(tmp_path) as c:
-        a, b = c.devices
-        a.write("notes.txt", "plain text\n")
-        wait_until(lambda: b.read("notes.txt") == "plain text\n", what="text arrives")
-        # becomes binary (a NUL byte): a new representation, the content preserved
-        binary = b"plain text\n\x00\x01\x02" + rand_bytes(3000, 1)
-        write_atomic(a.folder / "notes.txt", binary)
-        wait_file(b, "notes.txt", sha(binary))
-        # grows past the text limit while valid UTF-8: chunked
-        big = ("x" * 99 + "\n").encode() * (5 * MiB // 100)
-        write_atomic(b.folder / "notes.txt", big)
-        wait_file(a, "notes.txt", sha(big))
-        # and back to a small text file: merged as text again (edits on both sides survive)
-        write_atomic(a.folder / "notes.txt", b"back to text\n")
-        wait_file(b, "notes.txt", sha(b"back to text\n"))
-        b.write("notes.txt", "back to text\nedited on b\n")
-        wait_until(lambda: a.read("notes.txt") == "back to text\nedited on b\n", what="text")
-        assert tree_digests(a) == tree_digests(b)
-        assert [p for p in tree_digests(a) if "sync-conflict" in p] == []
+def _switch_both_ways(c: BinCluster) -> None:
+    a, b = c.devices
+    a.write("notes.txt", "plain text\n")
+    wait_until(lambda: b.read("notes.txt") == "plain text\n", what="text arrives")
+    # becomes binary (a NUL byte): a new representation, the content preserved
+    binary = b"plain text\n\x00\x01\x02" + rand_bytes(3000, 1)
+    write_atomic(a.folder / "notes.txt", binary)
+    wait_file(b, "notes.txt", sha(binary))
+    # grows past the text limit while valid UTF-8: chunked
+    big = ("x" * 99 + "\n").encode() * (5 * MiB // 100)
+    write_atomic(b.folder / "notes.txt", big)
+    wait_file(a, "notes.txt", sha(big))
+    # and back to a small text file: merged as text again (edits on both sides survive)
+    write_atomic(a.folder / "notes.txt", b"back to text\n")
+    wait_file(b, "notes.txt", sha(b"back to text\n"))
+    b.write("notes.txt", "back to text\nedited on b\n")
+    wait_until(lambda: a.read("notes.txt") == "back to text\nedited on b\n", what="text")
+    assert tree_digests(a) == tree_digests(b)
+    assert [p for p in tree_digests(a) if "sync-conflict" in p] == []
 
 
-def test_slowly_written_file_is_never_materialized_half_written(tmp_path: Path) -> None:
-    with bin_cluster(tmp_path) as c:
-        a, b = c.devices
-        parts = [b"\x00" + rand_bytes(64 * 1024, i) for i in range(10)]
-        final = b"".join(parts)
-        seen: set[str | None] = set()
-        done = threading.Event()
+def _slow_write_never_half_materialized(c: BinCluster) -> None:
+    a, b = c.devices
+    parts = [b"\x00" + rand_bytes(64 * 1024, i) for i in range(10)]
+    final = b"".join(parts)
+    seen: set[str | None] = set()
+    done = threading.Event()
 
-        def watch() -> None:
-            while not done.is_set():
-                seen.add(file_sha(b.folder / "slow.bin"))
-                done.wait(0.005)
+    def watch() -> None:
+        while not done.is_set():
+            seen.add(file_sha(b.folder / "slow.bin"))
+            done.wait(0.005)
 
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        pace = threading.Event()
-        try:
-            with (a.folder / "slow.bin").open("wb") as f:
-                for part in parts:  # appended in 10 steps over ~1 s (the behaviour under test)
-                    f.write(part)
-                    f.flush()
-                    pace.wait(0.1)
-            wait_file(b, "slow.bin", sha(final))
-        finally:
-            done.set()
-            watcher.join()
-        assert seen <= {None, sha(final)}, "a partial version was materialized"
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    pace = threading.Event()
+    try:
+        with (a.folder / "slow.bin").open("wb") as f:
+            for part in parts:  # appended in 10 steps over ~1 s (the behaviour under test)
+                f.write(part)
+                f.flush()
+                pace.wait(0.1)
+        wait_file(b, "slow.bin", sha(final))
+    finally:
+        done.set()
+        watcher.join()
+    assert seen <= {None, sha(final)}, "a partial version was materialized"
 
 
-def test_rename_and_delete_of_binary_file(tmp_path: Path) -> None:
-    with bin_cluster(tmp_path) as c:
-        a, b = c.devices
-        data = rand_bytes(6 * MiB, 3)
-        write_atomic(a.folder / "v.bin", data)
-        wait_file(b, "v.bin", sha(data))
-        wait_settled(a)
-        served = c.metrics()['qmoi_relay_chunk_gets_total{result="served"}']
-        (a.folder / "sub").mkdir()
-        (a.folder / "v.bin").rename(a.folder / "sub/moved.bin")
-        wait_file(b, "sub/moved.bin", sha(data))
-        wait_until(lambda: not (b.folder / "v.bin").exists(), what="old name gone")
-        # a rename moves the file on the other side: nothing is fetched again
-        assert c.metrics()['qmoi_relay_chunk_gets_total{result="served"}'] == served
-        (b.folder / "sub/moved.bin").unlink()
-        wait_until(lambda: not (a.folder / "sub/moved.bin").exists(), what="delete arrives")
-        assert space(a)["pending_down_files"] == 0
+def _rename_and_delete(c: BinCluster) -> None:
+    a, b = c.devices
+    data = rand_bytes(6 * MiB, 3)
+    write_atomic(a.folder / "v.bin", data)
+    wait_file(b, "v.bin", sha(data))
+    wait_settled(a)
+    served = c.metrics()['qmoi_relay_chunk_gets_total{result="served"}']
+    (a.folder / "sub").mkdir()
+    (a.folder / "v.bin").rename(a.folder / "sub/moved.bin")
+    wait_file(b, "sub/moved.bin", sha(data))
+    wait_until(lambda: not (b.folder / "v.bin").exists(), what="old name gone")
+    # a rename moves the file on the other side: nothing is fetched again
+    assert c.metrics()['qmoi_relay_chunk_gets_total{result="served"}'] == served
+    (b.folder / "sub/moved.bin").unlink()
+    wait_until(lambda: not (a.folder / "sub/moved.bin").exists(), what="delete arrives")
+    assert space(a)["pending_down_files"] == 0
