@@ -1,7 +1,7 @@
 """qmoi-sync benchmarks: `python bench/run.py [scenario ...] [--quick]`.
 
-Scenarios: latency, burst, edit_bytes, idle_rss, binary (default: all, in that order). Each one
-starts a real relay and real agent processes on loopback with the `qmoi-sync` CLI, in a temporary
+Scenarios: latency, burst, edit_bytes, idle_rss, binary, snapshot (default: all, in that order).
+Each one starts a real relay and real agent processes on loopback with the `qmoi-sync` CLI, in a temporary
 directory it removes afterwards, writes bench/results/<scenario>-<timestamp>.json and prints a
 one-line summary. Not part of the test suite. See bench/README.md.
 """
@@ -25,6 +25,7 @@ import scenario_burst
 import scenario_edit_bytes
 import scenario_idle_rss
 import scenario_latency
+import scenario_snapshot
 
 SCENARIOS: dict[str, Any] = {
     "latency": scenario_latency,
@@ -32,6 +33,7 @@ SCENARIOS: dict[str, Any] = {
     "edit_bytes": scenario_edit_bytes,
     "idle_rss": scenario_idle_rss,
     "binary": scenario_binary,
+    "snapshot": scenario_snapshot,
 }
 
 
