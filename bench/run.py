@@ -1,9 +1,9 @@
 """qmoi-sync benchmarks: `python bench/run.py [scenario ...] [--quick]`.
 
 Scenarios: latency, burst, edit_bytes, idle_rss, binary, snapshot (default: all, in that order).
-Each one starts a real relay and real agent processes on loopback with the `qmoi-sync` CLI, in a temporary
-directory it removes afterwards, writes bench/results/<scenario>-<timestamp>.json and prints a
-one-line summary. Not part of the test suite. See bench/README.md.
+Each one starts a real relay and real agent processes on loopback with the `qmoi-sync` CLI, in a
+temporary directory it removes afterwards, writes bench/results/<scenario>-<timestamp>.json and
+prints a one-line summary. Not part of the test suite. See bench/README.md.
 """
 
 from __future__ import annotations
