@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sys
 
-from qmoi_sync.agent.status import AgentStatus, MemberStatus, StatusReport
+from qmoi_sync.agent.status import AgentStatus, MemberStatus, SnapshotStatus, StatusReport
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -58,6 +58,16 @@ def _device_extra(dev: MemberStatus) -> str:
     return ", ".join(parts)
 
 
+def snapshot_line(snap: SnapshotStatus) -> str:
+    """One line about a space's S3 snapshots: target, last one, duty, and the last error."""
+    last = f"last {snap.last_id} at {snap.last_at}" if snap.last_id else "no snapshot yet"
+    running = ", running now" if snap.running else ""
+    line = f"snapshots {snap.target}: {last}{running}; {snap.duty}"
+    if snap.last_error:
+        line += f"; ERROR: {snap.last_error}"
+    return line
+
+
 def render_status(report: StatusReport) -> None:
     if sys.stdout.isatty():
         _render_rich(report)
@@ -95,6 +105,8 @@ def _render_plain(report: StatusReport) -> None:
                 f"  {dev.short_id}  {printable(dev.name or '?')}  {dev.role}  "
                 f"{printable(dev.platform or '')}{me}{extra}"
             )
+        if s.snapshot is not None and s.snapshot.target:
+            print(f"  {printable(snapshot_line(s.snapshot))}")
         for w in s.warnings:
             print(f"  warning: {printable(w)}")
 
@@ -142,5 +154,8 @@ def _render_rich(report: StatusReport) -> None:
             platform = _rich(dev.platform or "")
             table.add_row(dev.short_id, name, dev.role, platform, _device_extra(dev))
         console.print(table)
+        if s.snapshot is not None and s.snapshot.target:
+            colour = "red" if s.snapshot.last_error else "dim"
+            console.print(f"  [{colour}]{_rich(snapshot_line(s.snapshot))}[/]")
         for w in s.warnings:
             console.print(f"  [yellow]warning:[/] {_rich(w)}")
