@@ -121,7 +121,7 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
                 "--path-style",
             )
             t0 = time.perf_counter()
-            first = json.loads(a.cli("snapshot", "now", "notes", "--json", timeout=3600))
+            first = json.loads(a.cli("snapshot", "now", a.space, "--json", timeout=3600))
             snap_s = time.perf_counter() - t0
             victim = sorted(files)[len(files) // 2]
             with open(a.folder / victim, "a") as fh:
@@ -129,11 +129,11 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
             wait_until(
                 lambda: a.space_status()["pending_out"] == 0, timeout=120, what="edit ingested"
             )
-            second = json.loads(a.cli("snapshot", "now", "notes", "--json", timeout=3600))
+            second = json.loads(a.cli("snapshot", "now", a.space, "--json", timeout=3600))
             expected = _tree(a.folder)
             out = tmp / "restored"
             t0 = time.perf_counter()
-            a.cli("restore", "notes", "--to", str(out), "--json", timeout=3600)
+            a.cli("restore", a.space, "--to", str(out), "--json", timeout=3600)
             restore_s = time.perf_counter() - t0
             identical = _tree(out) == expected
             data = sum(len(v) for v in expected.values())
