@@ -114,7 +114,7 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
             a.cli(
                 "snapshot",
                 "configure",
-                "notes",
+                a.space,
                 "s3://bench/space",
                 "--endpoint-url",
                 endpoint,
