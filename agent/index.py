@@ -25,8 +25,9 @@ delete — is not decided by LWW at all but by per-device edit counters:
 
 Fields per fid: ``path`` (str), ``kind`` ("text"|"binary"|"dir"|"symlink"), ``mode`` (int),
 ``created`` ({"ts": float, "dev": str}), ``del`` (null | {"ts", "dev", "seen": {dev: int}}),
-``e:<dev>`` (int), ``mtime`` (int ns: the content's modification time where it was last
-written locally; set with the content, not an edit of its own).
+``e:<dev>`` (int), ``target`` (str, symlinks only), ``mtime`` (int ns: the content's
+modification time where it was last written locally; set with the content, not an edit of its
+own).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class FileEntry:
     deleted: DeleteRecord | None = None
     alive: bool = False
     mtime_ns: int | None = None
+    target: str | None = None  # a symlink's target, as read from the link
 
 
 def _is_alive(path: str | None, edits: Mapping[str, int], deleted: DeleteRecord | None) -> bool:
@@ -175,6 +177,7 @@ def _build_entry(fid: str, fields: Mapping[str, Any]) -> FileEntry:
         kind, path = "binary" if kind is None else str(kind), None
     mode = _int(fields.get("mode"))
     mtime_ns = _int(fields.get("mtime"))
+    target = fields.get("target")
     created = fields.get("created")
     created_ts, created_dev = 0.0, ""
     if isinstance(created, dict):
@@ -202,6 +205,7 @@ def _build_entry(fid: str, fields: Mapping[str, Any]) -> FileEntry:
         edits=MappingProxyType(edits),  # read-only: entries are cached and shared
         deleted=deleted,
         mtime_ns=mtime_ns if mtime_ns is not None and mtime_ns >= 0 else None,
+        target=target if isinstance(target, str) and target else None,
         alive=_is_alive(path, edits, deleted),
     )
 
@@ -455,6 +459,20 @@ class IndexDoc:
 
         def run() -> None:
             self._set(fid, "mode", int(mode))
+            self._bump(fid, device)
+
+        return self._mutate(run)
+
+    def set_target(self, fid: str, target: str, device: str) -> bytes:
+        """A symlink's target (the string the link holds); counts as an edit."""
+        _check_fid(fid)
+        _check_device(device)
+        self._require(fid)
+        if not target or "\x00" in target:
+            raise ValueError("bad symlink target")
+
+        def run() -> None:
+            self._set(fid, "target", target)
             self._bump(fid, device)
 
         return self._mutate(run)

@@ -13,6 +13,7 @@ Rules:
 * A file (non-directory) whose path is a proper ancestor of another alive entry's path (one
   device created file ``a``, another ``a/b``) cannot coexist with it on disk: the file is
   placed under a conflict name and the directory keeps the path.
+* A symlink claiming the same path as a file or folder always loses (conflict name).
 * Directory entries claiming the same path do not conflict: they are the same directory. The
   winner is the one listed in ``Layout.paths``; ``by_fid`` maps all of them to the path.
 * A conflict name never collides with a path claimed by another alive entry, an ancestor
@@ -159,10 +160,10 @@ def compute_layout(
     for p in claims:
         spellings.setdefault(fold_name(p, fold_case), []).append(p)
     respelled: list[FileEntry] = []
-    for group in spellings.values():
-        if len(group) > 1:
-            keep = min(group, key=lambda p: (_rank(claims[p][0]), p))
-            for p in group:
+    for spelled in spellings.values():
+        if len(spelled) > 1:
+            keep = min(spelled, key=lambda p: (_rank(claims[p][0]), p))
+            for p in spelled:
                 if p != keep:
                     respelled.extend(claims.pop(p))
     # Every directory some alive entry needs to exist.
@@ -176,6 +177,11 @@ def compute_layout(
     by_fid: dict[str, str] = {}
     losers: list[FileEntry] = list(respelled)
     for path, group in claims.items():  # sorted by path then rank, so group[0] is earliest
+        if any(e.kind != "symlink" for e in group):
+            # A symlink never takes a path from a file or folder (it may be a link a device
+            # keeps only for itself, e.g. pointing outside the space): links lose.
+            losers.extend(e for e in group if e.kind == "symlink")
+            group = [e for e in group if e.kind != "symlink"]
         dirs = [e for e in group if e.kind == "dir"]
         files = [e for e in group if e.kind != "dir"]
         if path in needed_dirs:

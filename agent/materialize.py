@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import secrets
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -241,6 +242,68 @@ def set_mtime(root: Path, relpath: str, mtime_ns: int) -> DiskStat | None:
             return DiskStat(st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode & 0o7777)
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def read_link(root: Path, relpath: str) -> tuple[str, DiskStat] | None:
+    """The target of a symlink (and its lstat); None if missing or not a symlink."""
+    try:
+        with _open_parent(root, relpath, create=False) as (dfd, name):
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not stat.S_ISLNK(st.st_mode):
+                return None
+            target = os.readlink(name, dir_fd=dfd)
+            return target, DiskStat(st.st_size, st.st_mtime_ns, st.st_ino, 0)
+    except (FileNotFoundError, NotADirectoryError, UnsafePathError):
+        return None
+
+
+def link_target_inside(relpath: str, target: str) -> bool:
+    """Whether a symlink at ``relpath`` with ``target`` points inside the space: relative, and
+    resolved against the link's folder it never climbs above the root. ``..`` is accepted only
+    as leading components: after a name it would climb out of whatever that name is (it may be
+    another link), so ``x/..`` is refused rather than resolved lexically."""
+    if not target or target.startswith("/") or "\x00" in target:
+        return False
+    depth = relpath.count("/")  # folders the link is nested in
+    named = False
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if named or depth < 0:
+                return False
+        elif part not in ("", "."):
+            named = True
+    return True
+
+
+def make_link(root: Path, relpath: str, target: str) -> DiskStat:
+    """Create (or retarget) a symlink at ``relpath``; refuses to replace anything but a symlink."""
+    with _open_parent(root, relpath, create=True) as (dfd, name):
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not stat.S_ISLNK(st.st_mode):
+                raise UnsafePathError(f"{relpath!r} exists and is not a symlink")
+        except FileNotFoundError:
+            pass
+        tmp = f"{TEMP_PREFIX}{secrets.token_hex(6)}"
+        os.symlink(target, tmp, dir_fd=dfd)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        return DiskStat(st.st_size, st.st_mtime_ns, st.st_ino, 0)
+
+
+def delete_link(root: Path, relpath: str, target: str) -> bool:
+    """Remove the symlink at ``relpath`` if it still holds ``target``."""
+    try:
+        with _open_parent(root, relpath, create=False) as (dfd, name):
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not stat.S_ISLNK(st.st_mode) or os.readlink(name, dir_fd=dfd) != target:
+                return False
+            os.unlink(name, dir_fd=dfd)
+    except (FileNotFoundError, NotADirectoryError, UnsafePathError):
+        return False
+    _prune_empty_parents(root, relpath)
+    return True
 
 
 def _prune_empty_parents(root: Path, relpath: str) -> None:

@@ -33,7 +33,7 @@ from qmoi_sync.agent.causal import UpdateDecodeError, missing_dependencies
 from qmoi_sync.agent.ignore import IgnoreRules
 from qmoi_sync.agent.index import FileEntry, IndexDoc, derive_file_id
 from qmoi_sync.agent.keyring import Keyring
-from qmoi_sync.agent.layout import compute_layout
+from qmoi_sync.agent.layout import Layout, compute_layout
 from qmoi_sync.agent.materialize import (
     TEMP_PREFIX,
     DiskStat,
@@ -41,8 +41,12 @@ from qmoi_sync.agent.materialize import (
     UnsafePathError,
     content_hash,
     delete_file,
+    delete_link,
     is_temp_name,
+    link_target_inside,
+    make_link,
     read_file,
+    read_link,
     rename_file,
     set_executable,
     set_mtime,
@@ -320,6 +324,8 @@ class SpaceSync:
         for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
             rel_dir = os.path.relpath(dirpath, self.root)
             rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
+            # Symlinks to folders are listed as folders (never followed): report them as entries.
+            out.extend(rel_dir + d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
             dirnames[:] = [
                 d
                 for d in dirnames
@@ -346,6 +352,7 @@ class SpaceSync:
         gone: list[str] = []
         bins: list[str] = []  # binary or > TEXT_MAX_BYTES: chunked by self.binary
         mode_changed: list[tuple[bytes, int]] = []
+        links: list[tuple[str, tuple[str, DiskStat] | None]] = []  # symlinks now / before
         expanded: set[str] = set()
         maybe_folders: set[str] = set()
         if self._reload_ignores() and not walked:
@@ -374,6 +381,10 @@ class SpaceSync:
                 self.warnings[f"path:{path}"] = f"not synced: {exc}"
                 continue
             rec = self.files.get(path)
+            link = read_link(self.root, path)
+            if link is not None or (rec is not None and self._is_link(rec.fid)):
+                links.append((path, link))
+                continue
             st = stat_file(self.root, path)
             if st is None:
                 if rec is not None:
@@ -415,6 +426,8 @@ class SpaceSync:
         block = self.send_block
         if block is not None:
             self._hold_back(block, changed, gone, set_aside)
+            for path, _link in links:
+                self.warnings[f"held:{path}"] = f"{block}: local change to {path} not synced"
             for path in bins:
                 self.warnings[f"held:{path}"] = f"{block}: local change to {path} not synced"
             return
@@ -474,6 +487,128 @@ class SpaceSync:
             if entry is not None and entry.alive:
                 batch.add(INDEX_DOC_ID, self.index.delete(rec.fid.hex(), self.device, self.clock()))
             await self._forget(path)
+        for path, link in links:
+            await self._ingest_link(path, link, entries, batch)
+
+    def _is_link(self, fid: bytes) -> bool:
+        entry = self.index.entry(fid.hex())
+        return entry is not None and entry.kind == "symlink"
+
+    async def _ingest_link(
+        self,
+        path: str,
+        link: tuple[str, DiskStat] | None,
+        entries: dict[str, FileEntry],
+        batch: _Batch,
+    ) -> None:
+        """A symlink appeared, changed target or went away at ``path`` (links are recorded
+        with their target string, never followed)."""
+        rec = self.files.get(path)
+        if rec is not None:
+            if (
+                link is not None
+                and self._is_link(rec.fid)
+                and rec.hash == content_hash(link[0].encode())
+            ):
+                return  # unchanged (or the link we created ourselves)
+            if link is not None and self._is_link(rec.fid):
+                batch.add(INDEX_DOC_ID, self.index.set_target(rec.fid.hex(), link[0], self.device))
+                await self._record_link(path, rec.fid, link)
+                return
+            # A link replaced by a file or folder, a file replaced by a link, or a link removed.
+            entry = self.index.entry(rec.fid.hex())
+            if entry is not None and entry.alive:
+                batch.add(INDEX_DOC_ID, self.index.delete(rec.fid.hex(), self.device, self.clock()))
+            await self._forget(path)
+            if link is None:
+                if _lexists(self.root / path):
+                    await self._ingest_local({path}, batch)  # what replaced it is new
+                return
+        assert link is not None
+        target = link[0]
+        fid = derive_file_id(self.keyring.file_id_key, path, target.encode(), kind="symlink")
+        existing = entries.get(fid.hex())
+        if existing is not None and not (existing.alive and existing.path == path):
+            fid, existing = os.urandom(16), None
+        if existing is None:
+            now = self.clock()
+            batch.add(
+                INDEX_DOC_ID, self.index.create(fid.hex(), path, "symlink", 0o777, self.device, now)
+            )
+            batch.add(INDEX_DOC_ID, self.index.set_target(fid.hex(), target, self.device))
+        await self._record_link(path, fid, link)
+
+    async def _record_link(self, path: str, fid: bytes, link: tuple[str, DiskStat]) -> None:
+        await self._record_stat(path, fid, content_hash(link[0].encode()), link[1])
+
+    async def _reconcile_links(
+        self, entries: dict[str, FileEntry], layout: Layout, create: bool
+    ) -> None:
+        """Symlinks: (re)create those whose target stays inside the space, remove the ones we
+        made that are no longer wanted. A link whose target leaves the space (absolute, or
+        ``..`` above the root) is recorded and synced but never created: a status warning.
+        Removal runs before files are placed (``create`` False), creation after them."""
+        placed: dict[bytes, tuple[str, str]] = {}
+        for path, fid_hex in layout.paths.items():
+            e = entries[fid_hex]
+            if e.kind != "symlink" or e.target is None:
+                continue
+            try:
+                validate_relpath(path)
+            except PathError as exc:
+                self.warnings[f"remote:{fid_hex}"] = f"refused a remote path: {exc}"
+                continue
+            placed[bytes.fromhex(fid_hex)] = (path, e.target)
+        for path, rec in list(self.files.items()):
+            if not self._is_link(rec.fid):
+                continue
+            where = placed.get(rec.fid)
+            if (
+                where is not None
+                and where[0] == path
+                and content_hash(where[1].encode()) == rec.hash
+            ):
+                continue
+            if where is not None and rec.fid.hex() in layout.conflicts:
+                # Our own link lost its path to a file or folder: the user's link stays where
+                # it is (nothing is written through it); it syncs under the conflict name.
+                self.warnings[f"linkkept:{path}"] = (
+                    f"{path}: symlink kept here; it syncs as {where[0]} (the path is taken)"
+                )
+                continue
+            self.warnings.pop(f"linkkept:{path}", None)
+            got = read_link(self.root, path)
+            if got is not None and content_hash(got[0].encode()) == rec.hash:
+                delete_link(self.root, path, got[0])
+            await self._forget(path)
+        if not create:
+            return
+        stale = {k for k in self.warnings if k.startswith("link:")}
+        kept = {rec.fid for rec in self.files.values() if self._is_link(rec.fid)}
+        for fid, (path, target) in placed.items():
+            have = self.files.get(path)
+            if (have is not None and have.fid == fid) or fid in kept:
+                continue
+            if not link_target_inside(path, target):
+                self.warnings[f"link:{path}"] = (
+                    f"{path}: symlink to {target!r} points outside the space: recorded, not "
+                    "created here"
+                )
+                stale.discard(f"link:{path}")
+                continue
+            if have is not None or _lexists(self.root / path):
+                self.warnings[f"link:{path}"] = f"{path}: symlink not created, the path is taken"
+                stale.discard(f"link:{path}")
+                continue
+            try:
+                st = await asyncio.to_thread(make_link, self.root, path, target)
+            except (OSError, UnsafePathError) as exc:
+                self.warnings[f"link:{path}"] = f"{path}: cannot create the symlink: {exc}"
+                stale.discard(f"link:{path}")
+                continue
+            await self._record_link(path, fid, (target, st))
+        for key in stale:
+            self.warnings.pop(key, None)
 
     def _reload_ignores(self) -> bool:
         changed = self.ignores.reload()
@@ -925,6 +1060,7 @@ class SpaceSync:
     async def _reconcile_once(self, dirty: set[bytes], batch: _Batch) -> list[str]:
         entries = self.index.entries()
         layout = compute_layout(entries, fold_case=self.case_insensitive)
+        await self._reconcile_links(entries, layout, create=False)
         self.conflicts = len(layout.conflicts)
         desired: dict[bytes, str] = {}
         binary: dict[bytes, str] = {}
@@ -942,7 +1078,7 @@ class SpaceSync:
             desired[bytes.fromhex(fid_hex)] = path
         binary = {f: p for f, p in binary.items() if f in desired}
         binary_at = {p: f for f, p in binary.items()}
-        current = {rec.fid: path for path, rec in self.files.items()}
+        current = {rec.fid: path for path, rec in self.files.items() if not self._is_link(rec.fid)}
 
         # Files whose entry is no longer alive: delete, unless the user changed them since we
         # last saw them (then the change is an edit, and an edit beats a delete).
@@ -1031,14 +1167,14 @@ class SpaceSync:
             log.debug("moved %d file(s)", len(staged))
 
         # Content: new files and documents that changed.
-        current = {rec.fid: path for path, rec in self.files.items()}
+        current = {rec.fid: path for path, rec in self.files.items() if not self._is_link(rec.fid)}
         # Modes (exec bit) of tracked files whose entry changed: a remote chmod touches no
         # document. The check after our own chmod sees the disk already matching (no echo).
         for fid_hex in self.index.take_changed():
             fid = bytes.fromhex(fid_hex)
-            path = current.get(fid)
-            if path is not None and desired.get(fid) == path:
-                await self._apply_meta(fid, path, entries[fid_hex])
+            at = current.get(fid)
+            if at is not None and desired.get(fid) == at:
+                await self._apply_meta(fid, at, entries[fid_hex])
         todo: list[tuple[bytes, str, FileEntry]] = []
         for fid, path in desired.items():
             if fid in binary or (fid in current and fid not in dirty):
@@ -1065,6 +1201,7 @@ class SpaceSync:
         if self.binary is not None:
             self.binary.reconcile(binary, entries, batch)
         self.unwritten.intersection_update(desired)
+        await self._reconcile_links(entries, layout, create=True)
         return blocked
 
     async def _apply_meta(self, fid: bytes, path: str, entry: FileEntry) -> None:
@@ -1429,6 +1566,11 @@ def _tracked_under(files: Iterable[str], folders: set[str]) -> list[str]:
                 break
             i = p.rfind("/", 0, i)
     return out
+
+
+def _lexists(path: Path) -> bool:
+    """Whether anything (a dangling symlink included) is at ``path``; one lstat."""
+    return os.path.lexists(path)
 
 
 def _probe_case_insensitive(root: Path) -> bool:

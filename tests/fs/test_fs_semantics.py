@@ -137,7 +137,7 @@ def test_folder_rename_keeps_ids_and_tree_delete(pair: Pair) -> None:
     # A whole-tree delete deletes every file under it, and nothing else.
     shutil.rmtree(a.folder / "tr/renamed")
     wait_until(lambda: _tree(b, "tr") == {"tr/other/stay.txt": b"stay\n"}, what="tree deleted on b")
-    assert not (b.folder / "tr/renamed").exists()
+    wait_until(lambda: not (b.folder / "tr/renamed").exists(), what="emptied folders pruned")
 
 
 def test_file_replaced_by_folder_and_back(pair: Pair) -> None:
@@ -152,6 +152,48 @@ def test_file_replaced_by_folder_and_back(pair: Pair) -> None:
     shutil.rmtree(b.folder / "ff/thing")
     b.write("ff/thing", "a file again\n")
     wait_until(lambda: _tree(a, "ff") == {"ff/thing": b"a file again\n"}, what="file on a")
+
+
+def _warnings(dev: Device) -> list[str]:
+    return list(dev.space_status().get("warnings") or [])
+
+
+def test_symlinks_inside_recreated_outside_only_recorded(pair: Pair) -> None:
+    a, b = pair
+    a.write("ln/data/real.txt", "real\n")
+    os.symlink("data/real.txt", a.folder / "ln/inside")
+    os.symlink("../../etc/passwd", a.folder / "ln/outside")
+    os.symlink("/etc", a.folder / "ln/absolute")
+    wait_until(lambda: os.path.islink(b.folder / "ln/inside"), what="inside link on b")
+    assert os.readlink(b.folder / "ln/inside") == "data/real.txt"
+    assert b.read("ln/inside") == "real\n"  # it resolves, inside the space
+    wait_until(
+        lambda: sum("points outside the space" in w for w in _warnings(b)) == 2,
+        what="warnings for both outside links on b",
+    )
+    assert not os.path.lexists(b.folder / "ln/outside")
+    assert not os.path.lexists(b.folder / "ln/absolute")
+    # The creator keeps its own links (recorded, not removed).
+    assert os.readlink(a.folder / "ln/outside") == "../../etc/passwd"
+
+    # Retarget and delete travel; a link replaced by a file travels too.
+    os.unlink(a.folder / "ln/inside")
+    os.symlink("data", a.folder / "ln/inside")
+    wait_until(lambda: os.readlink(b.folder / "ln/inside") == "data", what="retarget on b")
+    os.unlink(b.folder / "ln/inside")
+    b.write("ln/inside", "now a file\n")
+    wait_until(
+        lambda: (
+            not os.path.islink(a.folder / "ln/inside") and a.read("ln/inside") == "now a file\n"
+        ),
+        what="link replaced by a file on a",
+    )
+    os.unlink(a.folder / "ln/outside")
+    os.unlink(a.folder / "ln/absolute")
+    wait_until(
+        lambda: not any("points outside the space" in w for w in _warnings(b)),
+        what="outside links deleted: warnings gone on b",
+    )
 
 
 def test_qmoiignore_live_and_never_deletes_elsewhere(pair: Pair) -> None:
