@@ -218,6 +218,12 @@ class Bucket:
                 return fn()
             except BucketError:
                 raise
+            except ModuleNotFoundError as exc:
+                raise BucketError(
+                    "other",
+                    f"snapshots need boto3 ({exc.name} is missing): "
+                    "pip install 'qmoi-sync[snapshots]'",
+                ) from None
             except Exception as exc:
                 raise _map_error(exc, what) from None
 
