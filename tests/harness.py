@@ -262,6 +262,16 @@ def cluster(
             relay.stop()
 
 
+def ensure_running(relay: Relay | None, devices: list[Device]) -> None:
+    """Start the relay and any device whose agent is not running (a module-scoped cluster
+    shared by several tests stays usable after a test that stopped or killed something)."""
+    if relay is not None and (relay.proc is None or relay.proc.poll() is not None):
+        relay.start()
+    for dev in devices:
+        if dev.proc is None or dev.proc.poll() is not None:
+            dev.start()
+
+
 def trees_equal(devices: list[Device]) -> bool:
     first = devices[0].tree()
     return all(d.tree() == first for d in devices[1:])
@@ -311,6 +321,7 @@ __all__ = [
     "cli",
     "cluster",
     "create_space",
+    "ensure_running",
     "free_port",
     "grep_bytes",
     "invite",

@@ -5,9 +5,27 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
+from collections.abc import Iterator
 
-from harness import Device, cluster, wait_until
+import pytest
+from harness import Device, Relay, cluster, ensure_running, wait_until
+
+Pair = tuple[Device, Device]
+
+
+@pytest.fixture(scope="module")
+def _shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Relay | None, Pair]]:
+    with cluster(tmp_path_factory.mktemp("crud")) as (relay, (a, b)):
+        yield relay, (a, b)
+
+
+@pytest.fixture
+def pair(_shared: tuple[Relay | None, Pair]) -> Pair:
+    """One relay and two joined devices shared by the module's tests (each test uses its own
+    names and checks whole trees, so a stray file from anywhere still fails it)."""
+    relay, (a, b) = _shared
+    ensure_running(relay, [a, b])
+    return a, b
 
 
 def _expect(devices: list[Device], expected: dict[str, str], what: str) -> None:
@@ -69,17 +87,19 @@ def _decoded(tree: dict[str, bytes]) -> dict[str, str]:
     return {p: b.decode() for p, b in tree.items()}
 
 
-def test_flat_crud_both_directions(tmp_path: Path) -> None:
-    with cluster(tmp_path) as (_relay, (a, b)):
-        _flat_ops(a, [a, b], "from-a")
-        _flat_ops(b, [a, b], "from-b")
-        # Both sides active at once: each creates a file, then edits the other's.
-        a.write("shared.txt", "one\n")
-        _expect([a, b], {"shared.txt": "one\n"}, "shared create")
-        b.write("shared.txt", "one\ntwo\n")
-        _expect([a, b], {"shared.txt": "one\ntwo\n"}, "edit on b of a's file")
-        a.write("shared.txt", "zero\none\ntwo\n")
-        _expect([a, b], {"shared.txt": "zero\none\ntwo\n"}, "edit on a after b")
+def test_flat_crud_both_directions(pair: Pair) -> None:
+    a, b = pair
+    _flat_ops(a, [a, b], "from-a")
+    _flat_ops(b, [a, b], "from-b")
+    # Both sides active in turn on one file: each edits what the other wrote.
+    state = _decoded(a.tree())
+    for dev, text in ((a, "one\n"), (b, "one\ntwo\n"), (a, "zero\none\ntwo\n")):
+        dev.write("shared.txt", text)
+        state["shared.txt"] = text
+        _expect([a, b], state, f"shared.txt written on {dev.name}")
+    (b.folder / "shared.txt").unlink()
+    del state["shared.txt"]
+    _expect([a, b], state, "shared.txt deleted on b")
 
 
 def _nested_ops(src: Device, devs: list[Device], tag: str) -> None:
@@ -130,12 +150,12 @@ def _nested_ops(src: Device, devs: list[Device], tag: str) -> None:
             )
 
 
-def test_nested_folders_both_directions(tmp_path: Path) -> None:
-    with cluster(tmp_path) as (_relay, (a, b)):
-        _nested_ops(a, [a, b], "ta")
-        _nested_ops(b, [a, b], "tb")
-        # The folder moved on a is renamed again on b: the move follows back.
-        os.rename(b.folder / "ta/archive", b.folder / "ta-archive")
-        state = _decoded(b.tree())
-        assert "ta-archive/docs-old/readme.md" in state
-        _expect([a, b], state, "folder moved on b back to a")
+def test_nested_folders_both_directions(pair: Pair) -> None:
+    a, b = pair
+    _nested_ops(a, [a, b], "ta")
+    _nested_ops(b, [a, b], "tb")
+    # The folder moved on a is renamed again on b: the move follows back.
+    os.rename(b.folder / "ta/archive", b.folder / "ta-archive")
+    state = _decoded(b.tree())
+    assert "ta-archive/docs-old/readme.md" in state
+    _expect([a, b], state, "folder moved on b back to a")

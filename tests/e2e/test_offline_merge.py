@@ -4,9 +4,12 @@ stopped, or the relay is down while both agents keep running."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 
-from harness import Device, cluster, wait_until
+import pytest
+from harness import Device, Relay, cluster, ensure_running, wait_until
+
+Pair = tuple[Relay, Device, Device]
 
 BASE = [f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(1, 13)]
 
@@ -71,64 +74,86 @@ CASES = {
 }
 
 
-def test_peer_stopped_concurrent_edits_merge(tmp_path: Path) -> None:
-    with cluster(tmp_path) as (_relay, (a, b)):
-        for path in CASES:
-            a.write(path, _text(BASE))
-        for path in CASES:
-            _wait_merged([a, b], path, _text(BASE), "seed files on both devices")
-        b.stop()
-
-        for path, (a_lines, b_lines, _merged) in CASES.items():
-            a.write(path, _text(a_lines))
-            b.write(path, _text(b_lines))
-        # Usually a's edits are at the relay before b comes back; the merge must not care.
-        wait_until(lambda: a.space_status()["pending_out"] == 0, what="a's outbox drained")
-
-        b.start()
-        for path, (_a, _b, merged) in CASES.items():
-            _wait_merged([a, b], path, _text(merged), f"{path}: both offline edits merged")
-        assert a.tree() == b.tree()
-        assert _conflict_copies([a, b]) == []
-        assert a.space_status()["conflicts"] == 0
-        assert b.space_status()["conflicts"] == 0
-
-
-def test_relay_down_concurrent_edits_merge(tmp_path: Path) -> None:
-    with cluster(tmp_path) as (relay, (a, b)):
+@pytest.fixture(scope="module")
+def _shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    with cluster(tmp_path_factory.mktemp("offline")) as (relay, (a, b)):
         assert relay is not None
-        for path in CASES:
-            a.write(path, _text(BASE))
-        for path in CASES:
-            _wait_merged([a, b], path, _text(BASE), "seed files on both devices")
-        port = relay.port
-        relay.stop()
-        for d in (a, b):
-            wait_until(
-                lambda d=d: not d.space_status()["relay"]["connected"],
-                what=f"{d.name} notices the relay is down",
-            )
+        yield relay, a, b
 
-        for path, (a_lines, b_lines, _merged) in CASES.items():
-            a.write(path, _text(a_lines))
-            b.write(path, _text(b_lines))
-        # Each agent has taken its own edits in and holds them in its outbox.
-        for d in (a, b):
-            wait_until(
-                lambda d=d: d.space_status()["pending_out"] > 0,
-                what=f"{d.name} queues its edits while the relay is down",
-            )
-        for path, (a_lines, b_lines, _merged) in CASES.items():
-            assert a.read(path) == _text(a_lines)
-            assert b.read(path) == _text(b_lines)
 
-        relay.start()  # same data directory, same port
-        assert relay.port == port
-        for path, (_a, _b, merged) in CASES.items():
-            _wait_merged([a, b], path, _text(merged), f"{path}: agents reconnect and merge")
-        for d in (a, b):
-            wait_until(
-                lambda d=d: d.space_status()["pending_out"] == 0, what=f"{d.name} outbox drained"
-            )
-        assert a.tree() == b.tree()
-        assert _conflict_copies([a, b]) == []
+@pytest.fixture
+def pair(_shared: Pair) -> Pair:
+    """A relay and two joined devices shared by the module's tests (each under its own folder),
+    all running at the start of every test."""
+    relay, a, b = _shared
+    ensure_running(relay, [a, b])
+    return _shared
+
+
+def _cases(prefix: str) -> dict[str, tuple[list[str], list[str], list[str]]]:
+    return {f"{prefix}/{path}": case for path, case in CASES.items()}
+
+
+def _seed(a: Device, b: Device, cases: Iterable[str]) -> None:
+    for path in cases:
+        a.write(path, _text(BASE))
+    for path in cases:
+        _wait_merged([a, b], path, _text(BASE), "seed files on both devices")
+
+
+def test_peer_stopped_concurrent_edits_merge(pair: Pair) -> None:
+    _relay, a, b = pair
+    cases = _cases("peer-stopped")
+    _seed(a, b, cases)
+    b.stop()
+
+    for path, (a_lines, b_lines, _merged) in cases.items():
+        a.write(path, _text(a_lines))
+        b.write(path, _text(b_lines))
+    # Usually a's edits are at the relay before b comes back; the merge must not care.
+    wait_until(lambda: a.space_status()["pending_out"] == 0, what="a's outbox drained")
+
+    b.start()
+    for path, (_a, _b, merged) in cases.items():
+        _wait_merged([a, b], path, _text(merged), f"{path}: both offline edits merged")
+    assert a.tree() == b.tree()
+    assert _conflict_copies([a, b]) == []
+    assert a.space_status()["conflicts"] == 0
+    assert b.space_status()["conflicts"] == 0
+
+
+def test_relay_down_concurrent_edits_merge(pair: Pair) -> None:
+    relay, a, b = pair
+    cases = _cases("relay-down")
+    _seed(a, b, cases)
+    port = relay.port
+    relay.stop()
+    for d in (a, b):
+        wait_until(
+            lambda d=d: not d.space_status()["relay"]["connected"],
+            what=f"{d.name} notices the relay is down",
+        )
+
+    for path, (a_lines, b_lines, _merged) in cases.items():
+        a.write(path, _text(a_lines))
+        b.write(path, _text(b_lines))
+    # Each agent has taken its own edits in and holds them in its outbox.
+    for d in (a, b):
+        wait_until(
+            lambda d=d: d.space_status()["pending_out"] > 0,
+            what=f"{d.name} queues its edits while the relay is down",
+        )
+    for path, (a_lines, b_lines, _merged) in cases.items():
+        assert a.read(path) == _text(a_lines)
+        assert b.read(path) == _text(b_lines)
+
+    relay.start()  # same data directory, same port
+    assert relay.port == port
+    for path, (_a, _b, merged) in cases.items():
+        _wait_merged([a, b], path, _text(merged), f"{path}: agents reconnect and merge")
+    for d in (a, b):
+        wait_until(
+            lambda d=d: d.space_status()["pending_out"] == 0, what=f"{d.name} outbox drained"
+        )
+    assert a.tree() == b.tree()
+    assert _conflict_copies([a, b]) == []
