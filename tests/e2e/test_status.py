@@ -5,13 +5,30 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from harness import Device, cli, cluster, wait_until
+import pytest
+from harness import Device, Relay, cli, cluster, ensure_running, wait_until
 
 STATES = {"idle", "syncing", "offline", "error"}
+Pair = tuple[Relay, Device, Device]
+
+
+@pytest.fixture(scope="module")
+def _shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    with cluster(tmp_path_factory.mktemp("status")) as (relay, (a, b)):
+        assert relay is not None
+        yield relay, a, b
+
+
+@pytest.fixture
+def pair(_shared: Pair) -> Pair:
+    relay, a, b = _shared
+    ensure_running(relay, [a, b])
+    return _shared
 
 
 def _status_json(dev: Device) -> tuple[int, dict[str, Any]]:
@@ -52,73 +69,72 @@ def _check_schema(report: dict[str, Any], dev: Device, running: bool) -> dict[st
     return space
 
 
-def test_status_json_schema_and_pending_out(tmp_path: Path) -> None:
-    with cluster(tmp_path) as (relay, (a, b)):
-        assert relay is not None
-        a.write("hello.txt", "hello\n")
-        wait_until(lambda: b.read("hello.txt") == "hello\n", what="a first sync")
+def test_status_json_schema_and_pending_out(pair: Pair) -> None:
+    relay, a, b = pair
+    a.write("hello.txt", "hello\n")
+    wait_until(lambda: b.read("hello.txt") == "hello\n", what="a first sync")
 
-        def settled(dev: Device) -> dict[str, Any] | None:
-            code, report = _status_json(dev)
-            assert code == 0
-            space = _check_schema(report, dev, running=True)
-            ok = space["state"] == "idle" and space["pending_out"] == 0
-            return space if ok and space["relay"]["connected"] else None
-
-        for dev in (a, b):
-            space = wait_until(lambda dev=dev: settled(dev), what=f"{dev.name} idle")
-            assert space["relay"]["url"] == relay.url
-            assert space["conflicts"] == 0
-            assert space["last_sync"] is not None
-            datetime.fromisoformat(space["last_sync"])
-        assert a.space_status()["id"] == b.space_status()["id"]
-
-        # Relay down: the space goes offline and local changes pile up in the outbox.
-        relay.stop()
-        wait_until(
-            lambda: (st := a.space_status())["state"] == "offline" and not st["relay"]["connected"],
-            what="a offline",
-        )
-        a.write("one.txt", "1\n")
-        first = wait_until(
-            lambda: a.space_status()["pending_out"], what="pending_out > 0 while relay down"
-        )
-        a.write("two.txt", "2\n")
-        a.write("hello.txt", "hello\nedited offline\n")
-        second = wait_until(
-            lambda: (n := a.space_status()["pending_out"]) > first and n,
-            what="pending_out grows with more offline changes",
-        )
-        code, report = _status_json(a)
+    def settled(dev: Device) -> dict[str, Any] | None:
+        code, report = _status_json(dev)
         assert code == 0
-        space = _check_schema(report, a, running=True)
-        assert space["state"] == "offline" and space["pending_out"] >= second
+        space = _check_schema(report, dev, running=True)
+        ok = space["state"] == "idle" and space["pending_out"] == 0
+        return space if ok and space["relay"]["connected"] else None
 
-        # Relay back (same port, same data): the outbox drains to 0 and b has everything.
-        relay.start()
-        wait_until(lambda: settled(a), what="a back to idle with an empty outbox")
-        wait_until(
-            lambda: b.read("two.txt") == "2\n" and b.read("hello.txt") == "hello\nedited offline\n",
-            what="offline changes reach b",
-        )
+    for dev in (a, b):
+        space = wait_until(lambda dev=dev: settled(dev), what=f"{dev.name} idle")
+        assert space["relay"]["url"] == relay.url
+        assert space["conflicts"] == 0
+        assert space["last_sync"] is not None
+        datetime.fromisoformat(space["last_sync"])
+    assert a.space_status()["id"] == b.space_status()["id"]
+
+    # Relay down: the space goes offline and local changes pile up in the outbox.
+    relay.stop()
+    wait_until(
+        lambda: (st := a.space_status())["state"] == "offline" and not st["relay"]["connected"],
+        what="a offline",
+    )
+    a.write("one.txt", "1\n")
+    first = wait_until(
+        lambda: a.space_status()["pending_out"], what="pending_out > 0 while relay down"
+    )
+    a.write("two.txt", "2\n")
+    a.write("hello.txt", "hello\nedited offline\n")
+    second = wait_until(
+        lambda: (n := a.space_status()["pending_out"]) > first and n,
+        what="pending_out grows with more offline changes",
+    )
+    code, report = _status_json(a)
+    assert code == 0
+    space = _check_schema(report, a, running=True)
+    assert space["state"] == "offline" and space["pending_out"] >= second
+
+    # Relay back (same port, same data): the outbox drains to 0 and b has everything.
+    relay.start()
+    wait_until(lambda: settled(a), what="a back to idle with an empty outbox")
+    wait_until(
+        lambda: b.read("two.txt") == "2\n" and b.read("hello.txt") == "hello\nedited offline\n",
+        what="offline changes reach b",
+    )
 
 
-def test_status_when_agent_not_running(tmp_path: Path) -> None:
-    with cluster(tmp_path, names=("a",)) as (_relay, (a,)):
-        code, report = _status_json(a)
-        assert code == 0 and report["agent_running"] is True
-        a.stop()
+def test_status_when_agent_not_running(pair: Pair) -> None:
+    _relay, a, _b = pair
+    code, report = _status_json(a)
+    assert code == 0 and report["agent_running"] is True
+    a.stop()
 
-        human = cli(a.home, "status", check=False)
-        assert human.returncode == 3, (human.returncode, human.stdout, human.stderr)
-        text = (human.stdout + human.stderr).lower()
-        assert "not running" in text, text
-        assert "traceback" not in text
+    human = cli(a.home, "status", check=False)
+    assert human.returncode == 3, (human.returncode, human.stdout, human.stderr)
+    text = (human.stdout + human.stderr).lower()
+    assert "not running" in text, text
+    assert "traceback" not in text
 
-        code, report = _status_json(a)
-        assert code == 3
-        assert report["agent_running"] is False
-        assert report["device"]["name"] == "a"
-        space = report["spaces"][0]
-        assert space["name"] == "notes"
-        assert space["relay"]["connected"] is False
+    code, report = _status_json(a)
+    assert code == 3
+    assert report["agent_running"] is False
+    assert report["device"]["name"] == "a"
+    space = report["spaces"][0]
+    assert space["name"] == "notes"
+    assert space["relay"]["connected"] is False
