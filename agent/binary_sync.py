@@ -872,6 +872,7 @@ async def attach(runtime: Any) -> BinarySync:
             membership_log=lambda: runtime.keyring.log.to_bytes(),
         )
         link.paused = runtime.record.paused
+        link.rates = sync.rates
         runtime.tasks.append(asyncio.create_task(link.run(runtime.stop)))
     binary = BinarySync(sync, ChunkStore(sync.store, sync.space_id), link)
     await binary.start()

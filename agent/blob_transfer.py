@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
+from qmoi_sync.agent.rate import SpaceRates
 from qmoi_sync.agent.relay_link import BACKOFF_MAX, BACKOFF_MIN, RelayRefused
 from qmoi_sync.protocol import frames as F
 from qmoi_sync.protocol.errors import ProtocolError
@@ -86,6 +87,8 @@ class BlobLink:
         self._last_use = 0.0
         self.paused = False
         self._rng = random.Random()
+        # The space's transfer-rate counters (agent/rate.py), when status should count chunks.
+        self.rates: SpaceRates | None = None
 
     # -- requests ----------------------------------------------------------------------------
     async def _session_ws(self, timeout: float) -> ClientConnection:
@@ -115,6 +118,8 @@ class BlobLink:
             await self._send(ws, F.PutChunk(chunk_id, ciphertext))
             self.state.sent_chunks += 1
             self.state.sent_bytes += len(ciphertext)
+            if self.rates is not None:
+                self.rates.up.add(len(ciphertext))
         return await asyncio.shield(fut)
 
     async def get(self, chunk_id: bytes, timeout: float = 60.0) -> bytes | None:
@@ -264,6 +269,8 @@ class BlobLink:
                     if isinstance(frame, F.ChunkData):
                         self.state.received_chunks += 1
                         self.state.received_bytes += len(frame.data)
+                        if self.rates is not None:
+                            self.rates.down.add(len(frame.data))
                         gfut.set_result(frame.data)
                     else:
                         gfut.set_result(None)

@@ -212,6 +212,7 @@ class SpaceLan:
                 for frame in frames:
                     session.enqueue(frame)
                 self.stats.sent += len(frames)
+                self.sync.rates.up.add(sum(len(f) for f in frames))
         if self.rt.record.relay_url is None:
             self._outbox_dirty.set()
 
@@ -592,6 +593,7 @@ class PeerSession:
                 if isinstance(frame, L.StreamEnvelope):
                     seq = self._check_own(frame.envelope, direct=False)
                     space.stats.received += 1
+                    space.sync.rates.down.add(len(frame.envelope))
                     if self.pending is not None:
                         if len(self.side) < SIDE_MAX:
                             self.side.append((seq, frame.envelope))

@@ -96,6 +96,9 @@ class RelayLink:
         # Log compaction after snapshots: a Truncate to send, and the relay's last answer.
         self._truncate_pending: int | None = None
         self.truncated_before: int | None = None
+        # Envelopes the relay delivered that are not applied yet (queued for the applier).
+        self.pending_in = 0
+        self.pending_in_bytes = 0
 
     @property
     def latency_ms(self) -> float | None:
@@ -214,6 +217,9 @@ class RelayLink:
                 for t in tasks:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await t
+                # Undelivered envelopes go with the session; the relay sends them again.
+                self.pending_in = 0
+                self.pending_in_bytes = 0
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
@@ -262,6 +268,9 @@ class RelayLink:
                 raise ProtocolError("malformed", "relay sent a text frame")
             frame = F.decode_frame(data)
             if isinstance(frame, F.Deliver):
+                self.sync.rates.down.add(len(data))
+                self.pending_in += 1
+                self.pending_in_bytes += len(frame.envelope)
                 deliveries.put_nowait((frame.relay_seq, frame.envelope))
             elif isinstance(frame, F.Ack):
                 acks.put_nowait(frame.sender_seq)
@@ -313,7 +322,13 @@ class RelayLink:
                 batch.append(deliveries.get_nowait())
             real = [(s, e) for s, e in batch if s >= 0]
             if real:
-                await self.sync.handle_remote(real)
+                try:
+                    await self.sync.handle_remote(real)
+                finally:
+                    self.pending_in = max(0, self.pending_in - len(real))
+                    self.pending_in_bytes = max(
+                        0, self.pending_in_bytes - sum(len(e) for _, e in real)
+                    )
             if len(real) != len(batch):
                 self.state.caught_up = True
                 self.caught_up.set()
@@ -348,7 +363,9 @@ class RelayLink:
                 await ws.send(F.encode_frame(F.Truncate(before_seq=before)))
             if rows:
                 for seq, envelope in rows:
-                    await ws.send(F.encode_frame(F.Publish(envelope=envelope)))
+                    frame = F.encode_frame(F.Publish(envelope=envelope))
+                    await ws.send(frame)
+                    self.sync.rates.up.add(len(frame))
                     sent_upto = seq
                 continue
             await self.sync.outbox_changed.wait()

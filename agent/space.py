@@ -53,6 +53,7 @@ from qmoi_sync.agent.materialize import (
     stat_file,
     write_file_atomic,
 )
+from qmoi_sync.agent.rate import SpaceRates
 from qmoi_sync.agent.store import FileRecord, SpaceRecord, Store
 from qmoi_sync.agent.textdoc import ingest_disk_text, load_text_doc, new_text_doc, text_of
 from qmoi_sync.protocol.envelope import open_envelope, parse_header, seal
@@ -169,6 +170,8 @@ class SpaceSync:
         self.lock = asyncio.Lock()
         self.outbox_changed = asyncio.Event()
         self.stats = SpaceStats()
+        # Bytes sent / received for this space over the last seconds (relay, LAN, chunks).
+        self.rates = SpaceRates()
         self.warnings: dict[str, str] = {}
         self.conflicts = 0
         self.seq = 0

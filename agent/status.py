@@ -102,7 +102,7 @@ class SpaceStatus(BaseModel):
     role: str | None
     state: SpaceState
     relay: RelayStatus
-    pending_out: int
+    pending_out: int  # sealed envelopes not yet acknowledged by the relay
     last_sync: str | None
     conflicts: int
     quarantined: int
@@ -120,6 +120,15 @@ class SpaceStatus(BaseModel):
     pending_down_files: int = 0
     pending_down_bytes: int = 0
     chunks_refused: int = 0
+    pending_out_bytes: int = 0  # total size of the `pending_out` envelopes
+    # Envelopes the relay delivered that are not applied yet (and their bytes); 0 when offline:
+    # undelivered ones stay at the relay and come again on reconnect.
+    pending_in: int = 0
+    pending_in_bytes: int = 0
+    # Transfer rate over the last 10 s (agent/rate.py), bytes/s: envelopes over the relay and
+    # the LAN plus binary chunks, up = sent by this device, down = received.
+    rate_up_bps: float = 0.0
+    rate_down_bps: float = 0.0
 
 
 class PolicyStatus(BaseModel):

@@ -5,7 +5,13 @@ from __future__ import annotations
 import re
 import sys
 
-from qmoi_sync.agent.status import AgentStatus, MemberStatus, SnapshotStatus, StatusReport
+from qmoi_sync.agent.status import (
+    AgentStatus,
+    MemberStatus,
+    SnapshotStatus,
+    SpaceStatus,
+    StatusReport,
+)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -58,6 +64,26 @@ def _device_extra(dev: MemberStatus) -> str:
     return ", ".join(parts)
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"  # pragma: no cover - the loop always returns
+
+
+def transfer_line(s: SpaceStatus) -> str:
+    """Pending up/down (items and bytes, envelopes plus binary files) and the current rate."""
+    up = s.pending_out + s.pending_up_files
+    up_bytes = s.pending_out_bytes + s.pending_up_bytes
+    down = s.pending_in + s.pending_down_files
+    down_bytes = s.pending_in_bytes + s.pending_down_bytes
+    return (
+        f"pending up {up} ({_size(up_bytes)}) down {down} ({_size(down_bytes)})  "
+        f"rate up {_size(s.rate_up_bps)}/s down {_size(s.rate_down_bps)}/s"
+    )
+
+
 def snapshot_line(snap: SnapshotStatus) -> str:
     """One line about a space's S3 snapshots: target, last one, duty, and the last error."""
     last = f"last {snap.last_id} at {snap.last_at}" if snap.last_id else "no snapshot yet"
@@ -90,7 +116,7 @@ def _render_plain(report: StatusReport) -> None:
         print(
             f"space   {printable(s.name)}  {s.state}  {printable(s.folder)}  "
             f"relay {printable(relay)} ({conn})  "
-            f"pending {s.pending_out}  conflicts {s.conflicts}  last sync {s.last_sync or '-'}"
+            f"{transfer_line(s)}  conflicts {s.conflicts}  last sync {s.last_sync or '-'}"
             + (
                 f"  lan {s.lan.peers} peer(s) on port {s.lan.port}"
                 if s.lan and s.lan.enabled
@@ -138,7 +164,7 @@ def _render_rich(report: StatusReport) -> None:
         conn = "[green]connected[/]" if s.relay.connected else "[yellow]not connected[/]"
         console.print(
             f"\n[bold]{_rich(s.name)}[/] [{colour}]{s.state}[/]  {_rich(s.folder)}\n"
-            f"  relay {_rich(relay)} {conn} · pending {s.pending_out} · conflicts {s.conflicts}"
+            f"  relay {_rich(relay)} {conn} · {transfer_line(s)} · conflicts {s.conflicts}"
             f" · files {s.files} · last sync {s.last_sync or '—'}"
             + (
                 f" · LAN {s.lan.peers} peer(s), port {s.lan.port}"

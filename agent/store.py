@@ -336,6 +336,13 @@ class Store:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    async def outbox_bytes(self, space_id: str) -> int:
+        async with self.db.execute(
+            "SELECT COALESCE(SUM(LENGTH(envelope)), 0) FROM outbox WHERE space_id=?", (space_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
     async def delete_outbox(self, space_id: str, seqs: Sequence[int]) -> None:
         await self.db.executemany(
             "DELETE FROM outbox WHERE space_id=? AND seq=?", [(space_id, s) for s in seqs]

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from agent.rate import RateCounter, SpaceRates
+from qmoi_sync.agent.rate import RateCounter, SpaceRates
 
 
 class FakeClock:
