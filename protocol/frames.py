@@ -59,6 +59,7 @@ __all__ = [
     "MAX_CODE",
     "MAX_FRAME",
     "MAX_JOIN_REQUEST",
+    "MAX_PRESENCE",
     "MAX_REASON",
     "NONCE_LEN",
     "PROTO_VERSION",
@@ -80,6 +81,7 @@ __all__ = [
     "JoinResult",
     "LogTruncated",
     "Membership",
+    "Presence",
     "Publish",
     "PushMembership",
     "PutChunk",
@@ -99,6 +101,8 @@ MAX_REASON = 1024
 #: Largest error code (UTF-8 bytes).
 MAX_CODE = 64
 NONCE_LEN = 32
+#: Most devices a Presence frame lists.
+MAX_PRESENCE = 4096
 AUTH_CONTEXT = b"qmoi-sync relay auth v1\0"
 
 
@@ -265,6 +269,14 @@ class LogTruncated:
     before_seq: int
 
 
+@dataclass(frozen=True)
+class Presence:
+    """The devices (signing keys) with a connection to the relay for this space now: sent
+    right after Welcome and to every connection of the space whenever that set changes."""
+
+    online: tuple[bytes, ...]
+
+
 #: Frame types of the blob channel (the relay rate-limits them apart from envelopes).
 BLOB_FRAME_TYPES = frozenset({0x08, 0x09})
 
@@ -293,6 +305,7 @@ Frame = (
     | ChunkMissing
     | Truncated
     | LogTruncated
+    | Presence
 )
 
 _TYPE: dict[type, int] = {
@@ -320,6 +333,7 @@ _TYPE: dict[type, int] = {
     ChunkMissing: 0x8C,
     Truncated: 0x8D,
     LogTruncated: 0x8E,
+    Presence: 0x8F,
 }
 
 
@@ -388,6 +402,11 @@ def encode_frame(msg: Frame) -> bytes:
         parts.append(c.u64(msg.before_seq))
     elif isinstance(msg, JoinForward):
         parts += [c.u64(msg.request_id), c.blob32(msg.request, MAX_JOIN_REQUEST, "request")]
+    elif isinstance(msg, Presence):
+        if not isinstance(msg.online, tuple) or len(msg.online) > MAX_PRESENCE:
+            raise MalformedError(f"online must be a tuple of at most {MAX_PRESENCE} keys")
+        parts.append(c.u16(len(msg.online)))
+        parts += [c.fixed(pk, SIGN_PK_LEN, "online sign_pk") for pk in msg.online]
     elif isinstance(msg, JoinResult):
         parts += [
             _bool(msg.ok, "ok"),
@@ -460,6 +479,11 @@ def decode_frame(data: bytes, max_size: int = MAX_FRAME) -> Frame:
         msg = Truncated(r.u64("before_seq"))
     elif t == 0x8E:
         msg = LogTruncated(r.u64("before_seq"))
+    elif t == 0x8F:
+        count = r.u16("online count")
+        if count > MAX_PRESENCE:
+            raise MalformedError(f"presence lists {count} devices, limit {MAX_PRESENCE}")
+        msg = Presence(tuple(r.take(SIGN_PK_LEN, "online sign_pk") for _ in range(count)))
     elif t == 0x86:
         msg = Membership(r.blob32(MAX_LOG_BYTES, "log"))
     elif t == 0x87:
