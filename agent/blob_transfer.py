@@ -36,6 +36,8 @@ log = logging.getLogger("qmoi_sync.blob_transfer")
 
 IDLE_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
+#: An upload not acknowledged within this is failed (retried by the caller).
+ACK_TIMEOUT_S = 120.0
 
 
 class BlobError(Exception):
@@ -120,7 +122,11 @@ class BlobLink:
             self.state.sent_bytes += len(ciphertext)
             if self.rates is not None:
                 self.rates.up.add(len(ciphertext))
-        return await asyncio.shield(fut)
+        try:
+            async with asyncio.timeout(ACK_TIMEOUT_S):
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            raise BlobUnavailable("timeout", "the relay did not acknowledge a chunk") from None
 
     async def get(self, chunk_id: bytes, timeout: float = 60.0) -> bytes | None:
         """Download one chunk's ciphertext; None if the relay does not have it."""
