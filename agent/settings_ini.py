@@ -25,6 +25,7 @@ Every value is a string (or null, or a list of them): INI has no types.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -376,14 +377,53 @@ class ParsedIni:
                 return
             self._add_sections(sections, after)
 
+    def _line_edits(self, op: Op) -> list[tuple[int, int, list[str]]] | None:
+        """Line-range edits of a key's value change or a key's removal (its own lines only),
+        so a run of them is applied in one pass; None for anything structural."""
+        if isinstance(op, Insert):
+            return None
+        if not (len(op.path) == 2 or (len(op.path) == 1 and self._locs(op.path))):
+            return None  # a section
+        if isinstance(op, Replace) and isinstance(op.new, Leaf):
+            locs = self._locs(op.path)
+            if not locs:
+                return None
+            first = locs[0]
+            repl = self._key_lines(first.key, op.new.value, first.indent, first.sep)
+            if first.end == len(self.lines) and not self.lines[first.end - 1].endswith("\n"):
+                repl[-1] = repl[-1].rstrip("\r\n")
+            return [(first.first, first.end, repl)] + [(k.first, k.end, []) for k in locs[1:]]
+        if isinstance(op, Delete):
+            return [(self._lead(k.first), k.end, []) for k in self._locs(op.path)] or None
+        return None
+
     def apply(self, ops: list[Op]) -> str:
-        for op in ops:
+        """Apply the operations in order; runs of key changes and removals are spliced in one
+        pass (one re-parse for the run), anything else runs alone."""
+        i = 0
+        while i < len(ops):
+            edits = self._line_edits(ops[i])
+            if edits is not None:
+                batch = list(edits)
+                j = i + 1
+                while j < len(ops) and (more := self._line_edits(ops[j])) is not None:
+                    batch.extend(more)
+                    j += 1
+                spans = sorted((a, b) for a, b, _r in batch)
+                if all(x[1] <= y[0] for x, y in itertools.pairwise(spans)):
+                    for a, b, repl in sorted(batch, key=lambda e: e[0], reverse=True):
+                        self.lines[a:b] = repl
+                    self._reparse()
+                    i = j
+                    continue
+            op = ops[i]
             if isinstance(op, Delete):
                 self._delete(op.path)
             elif isinstance(op, Replace):
                 self._replace(op.path, op.new)
             elif isinstance(op, Insert):
                 self._insert(op)
+            i += 1
         return "".join(self.lines)
 
 

@@ -20,6 +20,7 @@ object. A UTF-8 BOM and CRLF line endings are kept.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -29,7 +30,6 @@ from qmoi_sync.agent.settings_formats import (
     Delete,
     FormatName,
     Group,
-    Insert,
     KeyPath,
     Leaf,
     Op,
@@ -466,9 +466,24 @@ class ParsedJsonc:
             pos = obj.start + 1
             self._edit([(pos, pos, "".join(nl + r + "," for r in rendered))])
             return
-        ai = [i for i, m in enumerate(mems) if m.key == after][-1]
-        anchor = mems[ai]
-        is_last = ai == len(mems) - 1
+        anchor = [m for m in mems if m.key == after][-1]
+        self._edit(self._insert_after_edits(obj, anchor, members))
+
+    def _insert_after_edits(
+        self, obj: _Value, anchor: _Member, members: tuple[tuple[str, Leaf | Group], ...]
+    ) -> list[tuple[int, int, str]]:
+        """Edits inserting keys after ``anchor`` in a multi-line, non-empty object."""
+        t = self.text
+        mems = obj.members
+        if _starts_line(t, mems[0].key_start):
+            indent = _line_indent(t, mems[0].key_start)
+        else:
+            indent = _line_indent(t, obj.start) + self._unit()
+        rendered = [
+            indent + json.dumps(k, ensure_ascii=False) + ": " + self._render(n, indent, True)
+            for k, n in members
+        ]
+        is_last = anchor is mems[-1]
         trailing_style = is_last and anchor.comma is not None
         tail, line_end = self._tail(anchor)
         if line_end is None:
@@ -477,21 +492,85 @@ class ParsedJsonc:
         for k, r in enumerate(rendered):
             last_new = k == len(rendered) - 1
             comma = "," if (not last_new or not is_last or trailing_style) else ""
-            pieces.append(nl + r + comma)
+            pieces.append(self.nl + r + comma)
         edits = [(tail, tail, "".join(pieces))]
         if anchor.comma is None:
             edits.append((anchor.value.end, anchor.value.end, ","))
-        self._edit(edits)
+        return edits
+
+    def _independent_edits(self, op: Op) -> list[tuple[int, int, str]] | None:
+        """The edits of an operation that touches only its own region of the text (a value
+        replaced, a key on its own line that is not the last of its object, keys inserted after
+        an existing key of a multi-line object), computed on the current parse so several can
+        be spliced in one pass; None when it must run alone (then it re-parses)."""
+        t = self.text
+        try:
+            if isinstance(op, Replace):
+                obj, idx = self._find(op.path)
+                m = obj.members[idx[-1]]
+                v = m.value
+                block = "\n" in t[v.start : v.end] or (
+                    v.kind == "object" and isinstance(op.new, Group)
+                )
+                indent = _line_indent(t, m.key_start)
+                return [(v.start, v.end, self._render(op.new, indent, block))]
+            if isinstance(op, Delete):
+                obj, idx = self._find(op.path)
+                if len(idx) != 1 or idx[0] == len(obj.members) - 1:
+                    return None
+                m = obj.members[idx[0]]
+                _end, line_end = self._tail(m)
+                if line_end is None or not _starts_line(t, m.key_start):
+                    return None
+                return [(self._lead(m), line_end, "")]
+            if op.after is None or self.root is None:
+                return None
+            obj = self._object(op.parent)
+            mems = [m for m in obj.members if m.key == op.after]
+            if not mems or "\n" not in t[obj.start : obj.end]:
+                return None
+            return self._insert_after_edits(obj, mems[-1], op.members)
+        except KeyError:
+            return None
 
     def apply(self, ops: list[Op]) -> str:
-        for op in ops:
-            if isinstance(op, Delete):
-                self._delete(op.path)
-            elif isinstance(op, Replace):
-                self._replace(op.path, op.new)
-            elif isinstance(op, Insert):
-                self._insert(op.parent, op.after, op.members)
+        """Apply the operations in order. Runs of operations of one kind whose edits are
+        independent are spliced in a single pass (one re-parse instead of one per key: a
+        400-key change takes milliseconds, not seconds); the others run one by one."""
+        i = 0
+        while i < len(ops):
+            j = i
+            while j < len(ops) and type(ops[j]) is type(ops[i]):
+                j += 1
+            group, i = ops[i:j], j
+            edits: list[tuple[int, int, str]] = []
+            alone: list[Op] = []
+            for op in group:
+                e = self._independent_edits(op)
+                if e is None:
+                    alone.append(op)
+                else:
+                    edits.extend(e)
+            if edits and _disjoint(edits):
+                self._edit(edits)
+            else:
+                alone = list(group)
+            for op in alone:
+                self._apply_one(op)
         return self.text
+
+    def _apply_one(self, op: Op) -> None:
+        if isinstance(op, Delete):
+            self._delete(op.path)
+        elif isinstance(op, Replace):
+            self._replace(op.path, op.new)
+        else:
+            self._insert(op.parent, op.after, op.members)
+
+
+def _disjoint(edits: list[tuple[int, int, str]]) -> bool:
+    spans = sorted((s, e) for s, e, _r in edits)
+    return all(a[1] <= b[0] and a[0] != b[0] for a, b in itertools.pairwise(spans))
 
 
 @dataclass

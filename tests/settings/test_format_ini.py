@@ -201,3 +201,19 @@ def test_patch_reaches_desired(doc: dict, indent: str, sep: str, data: Any) -> N
     assert same(leaves(out), normalize_desired(desired))
     if same(desired, before):
         assert out == text
+
+
+def test_bulk_changes_are_spliced_in_one_pass() -> None:
+    import time
+
+    text = "".join(
+        f"[s{i}]\n" + "".join(f"\t# about k{j}\n\tk{j} = v{j}\n" for j in range(10))
+        for i in range(40)
+    )
+    tree = ParsedIni(text).tree()
+    desired = {p: v + "x" for i, (p, v) in enumerate(tree.leaves.items()) if i % 5}
+    started = time.perf_counter()
+    out = patched(text, desired)
+    assert time.perf_counter() - started < 3.0
+    assert same(leaves(out), desired)
+    assert out.count("# about") == len(desired)  # removed keys took their comment along
