@@ -360,6 +360,9 @@ class SpaceRuntime:
                     this_device=pk == me,
                     last_seen=last_seen,
                     capabilities=CapabilitiesStatus.model_validate(caps) if caps else None,
+                    online=pk == me
+                    or pk in lan_peers
+                    or (connected and link is not None and pk in link.online),
                     **path_fields(self, pk, lan_peers),
                 )
             )

@@ -99,6 +99,8 @@ class RelayLink:
         # Envelopes the relay delivered that are not applied yet (queued for the applier).
         self.pending_in = 0
         self.pending_in_bytes = 0
+        # Devices the relay says are connected to it for this space (Presence frames).
+        self.online: frozenset[bytes] = frozenset()
 
     @property
     def latency_ms(self) -> float | None:
@@ -220,6 +222,7 @@ class RelayLink:
                 # Undelivered envelopes go with the session; the relay sends them again.
                 self.pending_in = 0
                 self.pending_in_bytes = 0
+                self.online = frozenset()
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
@@ -282,6 +285,8 @@ class RelayLink:
                 self.truncated_before = frame.before_seq
             elif isinstance(frame, F.CaughtUp):
                 deliveries.put_nowait((-1, b""))
+            elif isinstance(frame, F.Presence):
+                self.online = frozenset(frame.online)
             elif isinstance(frame, F.Membership):
                 self._relay_log(frame.log)
                 await self.on_membership(frame.log)

@@ -50,6 +50,9 @@ class MemberStatus(BaseModel):
     path: PeerPath | None = None
     address: str | None = None
     rtt_ms: float | None = None
+    # Connected now: this device while its agent runs; another one while the relay lists it
+    # as connected to this space (Presence) or while it is a connected LAN peer.
+    online: bool = False
 
 
 class LanStatus(BaseModel):

@@ -127,8 +127,9 @@ def _render_plain(report: StatusReport) -> None:
             me = "  (this device)" if dev.this_device else ""
             extra = _device_extra(dev)
             extra = f"  {extra}" if extra else ""
+            online = "online" if dev.online else "offline"
             print(
-                f"  {dev.short_id}  {printable(dev.name or '?')}  {dev.role}  "
+                f"  {dev.short_id}  {printable(dev.name or '?')}  {dev.role}  {online}  "
                 f"{printable(dev.platform or '')}{me}{extra}"
             )
         if s.snapshot is not None and s.snapshot.target:
@@ -173,12 +174,13 @@ def _render_rich(report: StatusReport) -> None:
             )
         )
         table = Table(box=None, show_header=True, header_style="dim", pad_edge=False)
-        for col in ("device", "name", "role", "platform", "path / resources / last seen"):
+        for col in ("device", "name", "role", "", "platform", "path / resources / last seen"):
             table.add_column(col)
         for dev in s.devices:
             name = _rich(dev.name or "?") + (" (this device)" if dev.this_device else "")
             platform = _rich(dev.platform or "")
-            table.add_row(dev.short_id, name, dev.role, platform, _device_extra(dev))
+            online = "[green]online[/]" if dev.online else "[dim]offline[/]"
+            table.add_row(dev.short_id, name, dev.role, online, platform, _device_extra(dev))
         console.print(table)
         if s.snapshot is not None and s.snapshot.target:
             colour = "red" if s.snapshot.last_error else "dim"

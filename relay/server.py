@@ -219,6 +219,21 @@ class _Space:
     conns: set[_Conn] = field(default_factory=set)
     joins: dict[int, _PendingJoin] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The devices last announced as connected (Presence frames).
+    presence: tuple[bytes, ...] = ()
+
+    def online(self) -> tuple[bytes, ...]:
+        return tuple(sorted({c.sign_pk for c in self.conns if c.sign_pk is not None}))
+
+    def announce_presence(self) -> None:
+        """Send Presence to every connection of the space if the set of devices changed."""
+        online = self.online()
+        if online == self.presence:
+            return
+        self.presence = online
+        frame = F.Presence(online[: F.MAX_PRESENCE])
+        for conn in list(self.conns):
+            conn.post(frame)
 
 
 class _Subscription:
@@ -541,6 +556,7 @@ class _Conn:
         space = self.space
         if space is not None:
             space.conns.discard(self)
+            space.announce_presence()
         if self.sub is not None and self.sub.task is not None:
             self.sub.task.cancel()
         tasks = list(self.tasks)
@@ -587,6 +603,10 @@ class _Conn:
         self.sign_pk = hello.sign_pk
         space.conns.add(self)
         await self.send(F.Welcome(head_seq=head, log=space.log_bytes))
+        if space.online() != space.presence:
+            space.announce_presence()  # reaches this connection too
+        else:  # another connection of this device was there already
+            self.post(F.Presence(space.presence[: F.MAX_PRESENCE]))
         _ev(
             logging.INFO,
             "auth_ok",
@@ -1158,6 +1178,8 @@ class RelayServer:
                         ),
                         then_close=_Fatal("revoked", "removed from the space"),
                     )
+            if revoked:
+                space.announce_presence()
             _ev(
                 logging.INFO,
                 "membership_updated",

@@ -93,6 +93,9 @@ class Client:
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
+        # Presence frames arrive whenever the space's connected devices change: `recv` keeps
+        # them here instead of returning them (tests of presence read `presences`).
+        self.presences: list[F.Presence] = []
 
     @classmethod
     async def connect(cls, url: str, **kwargs: object) -> Client:
@@ -106,9 +109,25 @@ class Client:
         await self.ws.send(data)
 
     async def recv(self, timeout: float = TIMEOUT) -> F.Frame:
-        data = await asyncio.wait_for(self.ws.recv(), timeout)
-        assert isinstance(data, bytes), "relay sent a text frame"
-        return F.decode_frame(data)
+        async with asyncio.timeout(timeout):
+            while True:
+                data = await self.ws.recv()
+                assert isinstance(data, bytes), "relay sent a text frame"
+                frame = F.decode_frame(data)
+                if not isinstance(frame, F.Presence):
+                    return frame
+                self.presences.append(frame)
+
+    async def wait_presence(self, online: set[bytes], timeout: float = TIMEOUT) -> F.Presence:
+        """Read until the latest Presence lists exactly `online` (other frames are dropped)."""
+        async with asyncio.timeout(timeout):
+            while not (self.presences and set(self.presences[-1].online) == online):
+                data = await self.ws.recv()
+                assert isinstance(data, bytes), "relay sent a text frame"
+                frame = F.decode_frame(data)
+                if isinstance(frame, F.Presence):
+                    self.presences.append(frame)
+        return self.presences[-1]
 
     async def expect(self, cls: type[T], timeout: float = TIMEOUT) -> T:
         frame = await self.recv(timeout)
