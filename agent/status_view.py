@@ -94,6 +94,19 @@ def snapshot_line(snap: SnapshotStatus) -> str:
     return line
 
 
+def settings_line(s: SpaceStatus) -> str | None:
+    """One line about a space's settings documents (agent/settings_sync.py): name and state."""
+    if not s.settings:
+        return None
+    parts = []
+    for d in s.settings:
+        extra = f" ({d.keys} keys)" if d.state == "ok" else ""
+        if d.conflicts:
+            extra += f", {d.conflicts} conflict(s)"
+        parts.append(f"{d.name} {d.state}{extra}")
+    return "settings " + "; ".join(parts)
+
+
 def render_status(report: StatusReport) -> None:
     if sys.stdout.isatty():
         _render_rich(report)
@@ -134,6 +147,8 @@ def _render_plain(report: StatusReport) -> None:
             )
         if s.snapshot is not None and s.snapshot.target:
             print(f"  {printable(snapshot_line(s.snapshot))}")
+        if (line := settings_line(s)) is not None:
+            print(f"  {printable(line)}")
         for w in s.warnings:
             print(f"  warning: {printable(w)}")
 
@@ -185,5 +200,7 @@ def _render_rich(report: StatusReport) -> None:
         if s.snapshot is not None and s.snapshot.target:
             colour = "red" if s.snapshot.last_error else "dim"
             console.print(f"  [{colour}]{_rich(snapshot_line(s.snapshot))}[/]")
+        if (line := settings_line(s)) is not None:
+            console.print(f"  [dim]{_rich(line)}[/]")
         for w in s.warnings:
             console.print(f"  [yellow]warning:[/] {_rich(w)}")
