@@ -209,6 +209,8 @@ class SpaceLan:
         if self.sessions:
             frames = [L.encode_peer_frame(L.StreamEnvelope(envelope=e)) for _seq, e in sealed]
             for session in list(self.sessions.values()):
+                if not self.is_member(session.peer_pk):
+                    continue  # removed just now: its session is being closed
                 for frame in frames:
                     session.enqueue(frame)
                 self.stats.sent += len(frames)
@@ -590,6 +592,11 @@ class PeerSession:
         try:
             while True:
                 frame = await self.conn.recv()
+                if not space.is_member(self.peer_pk):
+                    # Removed while connected: nothing more of it is applied (not even
+                    # envelopes of the old epoch, which the relay path may still accept).
+                    self.stop("no longer a member of the space", 1008)
+                    return
                 if isinstance(frame, L.StreamEnvelope):
                     seq = self._check_own(frame.envelope, direct=False)
                     space.stats.received += 1

@@ -307,3 +307,28 @@ def test_lan_only_space_invite_and_join(world: World) -> None:
     # the relay space kept syncing after both restarts
     w.a.write("after-restart.txt", "still syncing\n")
     wait_until(lambda: w.c.read("after-restart.txt") == "still syncing\n", what="notes still syncs")
+
+
+def test_revoked_device_is_cut_off_the_lan(world: World) -> None:
+    """A device removed from a LAN-only space loses its session at once and cannot get a new
+    one: what it writes afterwards never reaches the others."""
+    w = world
+    solo_a, solo_b = w.tmp / "solo-a", w.tmp / "solo-b"
+    refused = w.a.space_status("solo")["lan"]["refused"]
+    w.a.cli("revoke", "solo", "b")
+    wait_until(lambda: w.a.space_status("solo")["lan"]["peers"] == 0, what="b's session closed")
+    assert path_of(w.a, "solo", "b") is None  # not a member any more
+    (solo_b / "after-revoke.txt").write_text("b, removed\n")
+    # b learns of its removal from the log a sent, or redials and is refused: either way it has
+    # no way in any more
+    wait_until(
+        lambda: (
+            w.b.space_status("solo")["state"] == "error"
+            or w.a.space_status("solo")["lan"]["refused"] > refused
+        ),
+        what="b knows it was removed, or a refused it",
+    )
+    (solo_a / "after-revoke-a.txt").write_text("a, after the revocation\n")
+    wait_until(lambda: w.a.space_status("solo")["files"] >= 3, what="a took in its own file")
+    assert not (solo_a / "after-revoke.txt").exists()
+    assert w.a.space_status("solo")["lan"]["peers"] == 0
