@@ -245,6 +245,10 @@ class BlobLink:
         sig = self.identity.sign(F.auth_message(challenge.nonce, self.space_id, me))
         await ws.send(F.encode_frame(F.Auth(signature=sig, membership_log=self.membership_log())))
         welcome = await self._recv(ws)
+        for _ in range(16):  # frames the relay may send around its Welcome (Presence, ...)
+            if isinstance(welcome, F.Welcome):
+                break
+            welcome = await self._recv(ws)
         if not isinstance(welcome, F.Welcome):
             raise ProtocolError("malformed", f"expected welcome, got {type(welcome).__name__}")
 
