@@ -380,10 +380,14 @@ def encode_frame(msg: Frame) -> bytes:
             c.blob32(msg.log, MAX_LOG_BYTES, "log"),
         ]
     elif isinstance(msg, PutChunk | ChunkData):
-        parts += [
-            c.fixed(msg.chunk_id, CHUNK_ID_LEN, "chunk_id"),
-            c.blob32(msg.data, MAX_CHUNK_CIPHERTEXT, "chunk data"),
-        ]
+        # length and data as separate parts: the (~1 MiB) data is copied once, by the join
+        if not isinstance(msg.data, bytes | bytearray):
+            raise MalformedError("chunk data must be bytes")
+        if len(msg.data) > MAX_CHUNK_CIPHERTEXT:
+            raise TooLargeError(
+                f"chunk data is {len(msg.data)} bytes, limit {MAX_CHUNK_CIPHERTEXT}"
+            )
+        parts += [c.fixed(msg.chunk_id, CHUNK_ID_LEN, "chunk_id"), c.u32(len(msg.data)), msg.data]
     elif isinstance(msg, GetChunk | ChunkMissing):
         parts.append(c.fixed(msg.chunk_id, CHUNK_ID_LEN, "chunk_id"))
     elif isinstance(msg, ChunkAck):
