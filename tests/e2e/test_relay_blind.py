@@ -173,7 +173,9 @@ def test_relay_sees_no_names_or_contents(tmp_path: Path) -> None:
         wait_until(lambda: b.read(f1) == c1 and a.read(f2) == c2, what="files both ways")
         a.write(f1, c1 + c3)  # an edit
         a.write(f3, "short\n")
-        wait_until(lambda: b.read(f1) == c1 + c3, what="edit reaches b")
+        wait_until(
+            lambda: b.read(f1) == c1 + c3 and b.read(f3) == "short\n", what="edit, new file at b"
+        )
         os.rename(b.folder / f3, b.folder / renamed)  # a rename on b
         wait_until(lambda: a.read(renamed) == "short\n", what="rename reaches a")
         (a.folder / f2).unlink()  # a delete
