@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-save", action="store_true", help="print only, write no JSON")
     args = p.parse_args(argv)
     names = args.scenarios or list(SCENARIOS)
+    # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so every scenario's `finally` stops the
+    # relay and agents it started instead of leaving them orphaned.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     if args.lan:
         os.environ[benchlib.LAN_ENV] = "1"
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,13 @@ def _mem(pid: int) -> dict[str, float]:
     except (psutil.AccessDenied, AttributeError):
         pass
     return out
+
+
+def _safe_status(d: Device) -> Any:
+    try:
+        return d.space_status() if d.proc is not None else "not running"
+    except Exception as exc:
+        return repr(exc)
 
 
 def _cpu_s(pid: int) -> float:
@@ -135,6 +143,11 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
             elapsed = time.perf_counter() - t0
             cpu1 = {k: _cpu_s(p) for k, p in pids.items()}
             mem_after = {k: _mem(p) for k, p in pids.items()}
+        except BaseException:
+            for d in (a, b):
+                print(f"--- agent {d.name} status: {_safe_status(d)}", file=sys.stderr)
+                print(f"--- agent {d.name} log tail ---\n{d.log()[-3000:]}", file=sys.stderr)
+            raise
         finally:
             b.stop()
             a.stop()
