@@ -33,9 +33,11 @@ from lan.netns import LanNet, NsDevice, NsRelay, python_in
 pytestmark = pytest.mark.slow
 
 FAKE_PEER = Path(__file__).with_name("fake_peer.py")
-#: The issue's target: a new peer found and authenticated within 2 s of its agent starting
-#: (asserted with headroom for a loaded CI machine; bench/lan.py reports the real numbers).
-DISCOVERY_LIMIT_S = 5.0
+#: The issue's target is a new peer found and authenticated within 2 s of its agent starting
+#: (bench/lan.py measures it). Here it is asserted from the moment the agent's LAN service is up
+#: (Python start-up and opening the database are not discovery; on a loaded CI machine they
+#: alone can take seconds), with headroom.
+DISCOVERY_LIMIT_S = 3.0
 
 
 @dataclass
@@ -70,10 +72,10 @@ def world(net: LanNet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wor
         relay.stop()
 
 
-def connected_at(dev: NsDevice, peer_name_hint: str = "") -> float | None:
-    """Wall-clock time of the first 'LAN: ... connected' line in an agent's log."""
+def logged_at(dev: NsDevice, needle: str) -> float | None:
+    """Wall-clock time of the first line of an agent's log that contains `needle`."""
     for line in dev.log().splitlines():
-        if "qmoi_sync.lan: LAN:" in line and " connected for space " in line:
+        if needle in line:
             stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
             return stamp.timestamp()
     return None
@@ -119,8 +121,13 @@ def test_relay_down_lan_join_and_sync_both_ways(world: World) -> None:
         lambda: w.b.read("from-a.txt") == "written on a before b existed\n",
         what="a's file reaches b over the LAN",
     )
-    t = wait_until(lambda: connected_at(w.b), what="b logs its LAN peer")
-    assert t - started < DISCOVERY_LIMIT_S, f"b found and authenticated a after {t - started:.2f}s"
+    t = wait_until(lambda: logged_at(w.b, " connected for space "), what="b logs its LAN peer")
+    up = logged_at(w.b, "LAN peers: listening on port")
+    assert up is not None and up >= started - 1
+    assert t - up < DISCOVERY_LIMIT_S, (
+        f"b found and authenticated a {t - up:.2f}s after its LAN service was up "
+        f"({t - started:.2f}s after its process started)"
+    )
 
     w.b.write("from-b.txt", "hello from b\n")
     wait_until(lambda: w.a.read("from-b.txt") == "hello from b\n", what="b→a over the LAN")
