@@ -82,6 +82,7 @@ class BlobLink:
         self.state = BlobLinkState()
         self._ws: ClientConnection | None = None
         self._up = asyncio.Event()  # set while a session is authenticated
+        self._dead = asyncio.Event()  # set when a send found the connection gone
         self._demand = asyncio.Event()
         self._puts: dict[bytes, asyncio.Future[bool]] = {}
         self._put_order: deque[bytes] = deque()
@@ -146,6 +147,12 @@ class BlobLink:
         try:
             await ws.send(F.encode_frame(frame))
         except websockets.ConnectionClosed as exc:
+            # The write side saw the connection die; the read side may only notice at the next
+            # keepalive (a half-closed socket): end the session now so it reconnects at once.
+            self._up.clear()
+            self._dead.set()
+            with contextlib.suppress(Exception):
+                ws.transport.abort()
             self._fail_all(BlobUnavailable("offline", f"connection lost: {exc}"))
 
     def _fail_all(self, exc: BlobError) -> None:
@@ -207,15 +214,18 @@ class BlobLink:
             open_timeout=CONNECT_TIMEOUT_S,
             ping_interval=20,
             ping_timeout=20,
+            close_timeout=2,
             proxy=None,
         ) as ws:
             await self._handshake(ws)
+            self._dead.clear()
             self._ws = ws
             self.state.connected = True
             self.state.last_error = None
             self._up.set()
             reader = asyncio.create_task(self._reader(ws))
             stopper = asyncio.create_task(stop.wait())
+            dead = asyncio.create_task(self._dead.wait())
             try:
                 loop = asyncio.get_running_loop()
                 while not reader.done() and not stop.is_set():
@@ -224,14 +234,18 @@ class BlobLink:
                     if not busy and idle >= IDLE_S:
                         break
                     await asyncio.wait(
-                        [reader, stopper], timeout=IDLE_S if busy else IDLE_S - idle + 0.01
+                        [reader, stopper, dead],
+                        timeout=IDLE_S if busy else IDLE_S - idle + 0.01,
+                        return_when=asyncio.FIRST_COMPLETED,
                     )
+                    if dead.done():
+                        raise ConnectionError("blob connection lost")
                 if reader.done() and reader.exception() is not None:
                     raise reader.exception()  # type: ignore[misc]
             finally:
                 self._up.clear()
                 self._ws = None
-                for t in (reader, stopper):
+                for t in (reader, stopper, dead):
                     t.cancel()
                     with contextlib.suppress(BaseException):
                         await t
