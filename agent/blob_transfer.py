@@ -88,6 +88,7 @@ class BlobLink:
         self._put_order: deque[bytes] = deque()
         self._gets: dict[bytes, asyncio.Future[bytes | None]] = {}
         self._last_use = 0.0
+        self._waiting = 0  # requests waiting for a connection
         self.paused = False
         self._rng = random.Random()
         # The space's transfer-rate counters (agent/rate.py), when status should count chunks.
@@ -99,11 +100,14 @@ class BlobLink:
             raise BlobUnavailable("paused", "the space is paused")
         self._demand.set()
         self._last_use = asyncio.get_running_loop().time()
+        self._waiting += 1
         try:
             async with asyncio.timeout(timeout):
                 await self._up.wait()
         except TimeoutError:
             raise BlobUnavailable("offline", self.state.last_error or "relay unreachable") from None
+        finally:
+            self._waiting -= 1
         ws = self._ws
         if ws is None:
             raise BlobUnavailable("offline", "connection lost")
@@ -169,7 +173,7 @@ class BlobLink:
         delay = BACKOFF_MIN
         while not stop.is_set():
             self._demand.clear()
-            if not (self._puts or self._gets):
+            if not (self._puts or self._gets or self._waiting):
                 waiters = [
                     asyncio.ensure_future(stop.wait()),
                     asyncio.ensure_future(self._demand.wait()),
