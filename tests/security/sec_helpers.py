@@ -156,6 +156,7 @@ class Wire:
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
+        self.presences: list[F.Presence] = []
 
     @classmethod
     async def open(cls, url: str) -> Wire:
@@ -179,9 +180,16 @@ class Wire:
         await self.ws.send(data)
 
     async def recv(self, timeout: float = TIMEOUT) -> F.Frame:
-        data = await asyncio.wait_for(self.ws.recv(), timeout)
-        assert isinstance(data, bytes), f"relay sent a text frame: {data!r}"
-        return F.decode_frame(data)
+        """The next frame; Presence frames (sent whenever the space's connected devices
+        change) are kept in `presences` instead."""
+        async with asyncio.timeout(timeout):
+            while True:
+                data = await self.ws.recv()
+                assert isinstance(data, bytes), f"relay sent a text frame: {data!r}"
+                frame = F.decode_frame(data)
+                if not isinstance(frame, F.Presence):
+                    return frame
+                self.presences.append(frame)
 
     async def recv_skipping(
         self, skip: tuple[type, ...] = (F.CaughtUp, F.Membership), timeout: float = TIMEOUT
