@@ -10,7 +10,9 @@ transaction that makes its effect durable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -156,13 +158,21 @@ class Store:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
         async with self.tx_lock:
-            await self.db.execute("BEGIN IMMEDIATE")
+            # A cancellation can land while aiosqlite's thread still runs BEGIN or COMMIT, which
+            # would leave the shared connection inside a transaction; every later BEGIN would
+            # then fail ("cannot start a transaction within a transaction"). Clean up first.
+            if self.db.in_transaction:
+                await asyncio.shield(self.db.execute("ROLLBACK"))
+            await asyncio.shield(self.db.execute("BEGIN IMMEDIATE"))
             try:
                 yield
+                await asyncio.shield(self.db.execute("COMMIT"))
             except BaseException:
-                await self.db.execute("ROLLBACK")
+                if self.db.in_transaction:
+                    # A shielded COMMIT may still be finishing: then there is nothing to undo.
+                    with contextlib.suppress(sqlite3.OperationalError):
+                        await asyncio.shield(self.db.execute("ROLLBACK"))
                 raise
-            await self.db.execute("COMMIT")
 
     # -- spaces -------------------------------------------------------------------------------
     async def add_space(self, rec: SpaceRecord) -> None:
