@@ -20,6 +20,7 @@ import dataclasses
 import errno
 import logging
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -82,6 +83,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("qmoi_sync.space")
 
 INDEX_DOC_ID = bytes(16)
+# Temp names of materialize.write_file_atomic and the watcher's probe (see _sweep_write_temps).
+_WRITE_TEMP = re.compile(r"\.qmoi-tmp-(?:[0-9a-f]{12}|probe-[0-9a-f]{8})")
 # Files above this size are not text documents (the chunked binary path owns them).
 TEXT_MAX_BYTES = 4 * 1024 * 1024
 # Keep each envelope comfortably under protocol.envelope.MAX_ENVELOPE.
@@ -254,6 +257,20 @@ class SpaceSync:
         self.root.mkdir(parents=True, exist_ok=True)
         self.case_insensitive = await asyncio.to_thread(_probe_case_insensitive, self.root)
         await asyncio.to_thread(self._restore_staged_moves)
+        await asyncio.to_thread(self._sweep_write_temps)
+
+    def _sweep_write_temps(self) -> None:
+        """Remove temp files of atomic writes (and watch probes) a killed agent left behind.
+
+        Only exact ``.qmoi-tmp-<12 hex>`` / ``.qmoi-tmp-probe-<8 hex>`` names: a crash before
+        their rename means their content never became the file, and the CRDT still holds it.
+        Resumable download temps and staged moves have other names and are kept."""
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames[:] = [d for d in dirnames if not is_temp_name(d)]
+            for name in filenames:
+                if _WRITE_TEMP.fullmatch(name):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(dirpath, name))
 
     def _restore_staged_moves(self) -> None:
         """Put files stranded under ``.qmoi-tmp-mv-<fid>`` back at their recorded paths.
