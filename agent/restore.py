@@ -21,6 +21,7 @@ Two ways to restore a whole space:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -56,7 +57,7 @@ from qmoi_sync.agent.snapshotter import (
 )
 from qmoi_sync.agent.space import INDEX_DOC_ID, SpaceSync
 from qmoi_sync.agent.textdoc import text_of
-from qmoi_sync.protocol.errors import PathError
+from qmoi_sync.protocol.errors import PathError, ProtocolError
 from qmoi_sync.protocol.paths import validate_relpath
 from qmoi_sync.protocol.replay import ReplayWindow
 
@@ -333,10 +334,9 @@ def own_seq_floor(m: Manifest, sign_pk: bytes) -> int:
         seen = m.sender_seq
     raw = m.windows.get(sign_pk)
     if raw is not None:
-        try:
+        # A window that does not decode only loses this hint; the manifest's own seq still counts.
+        with contextlib.suppress(ProtocolError):
             seen = max(seen, ReplayWindow.from_bytes(raw).highest)
-        except Exception:
-            pass
     return seen + SEQ_GAP if seen else 0
 
 
