@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import Device, Relay, cli, cluster, create_space, free_port, wait_until
-from ops_helpers import self_signed
+from tlscert import self_signed
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
 

@@ -6,8 +6,6 @@ probe, and a graceful SIGTERM that commits the publishes still in flight.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import os
 import re
@@ -21,11 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from relay_helpers import Client, RelayFactory, Space, authed, url_of
+from tlscert import self_signed
 
 from qmoi_sync.protocol import frames as F
 from qmoi_sync.relay.metrics import RelayMetrics, Snapshot, render, space_label
@@ -386,36 +381,6 @@ async def test_healthz_503_when_the_store_is_unusable(relay_factory: RelayFactor
 # -- container health probe -------------------------------------------------------------------
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.example")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.2"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 async def _healthcheck(port: int) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "qmoi_sync.relay.healthcheck", "--port", str(port),
@@ -432,7 +397,7 @@ async def test_container_healthcheck_plain_tls_and_down(
 ) -> None:
     plain = await relay_factory(data_dir=tmp_path / "plain")
     assert await _healthcheck(plain.port) == (0, "")
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, ip="127.0.0.2")
     tls = await relay_factory(data_dir=tmp_path / "tls", tls_cert=cert, tls_key=key)
     assert await _healthcheck(tls.port) == (0, "")
     await plain.store.close()
