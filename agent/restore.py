@@ -26,7 +26,9 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,15 +37,32 @@ from typing import Any
 
 from pycrdt import Doc
 
-from qmoi_sync.agent.materialize import write_file_atomic
+from qmoi_sync.agent.chunker import (
+    DOWNLOAD_PREFIX,
+    TempFile,
+    discard_download,
+    install_download,
+    open_download,
+    write_all,
+)
+from qmoi_sync.agent.materialize import (
+    TEMP_PREFIX,
+    UnsafePathError,
+    _open_parent,
+    write_file_atomic,
+)
 from qmoi_sync.agent.snapshot_format import (
+    BinRef,
+    ChunkRef,
     DocRef,
     FileRef,
     IntegrityError,
     Manifest,
     SnapshotError,
     SnapshotKeys,
+    chunk_key,
     object_key,
+    open_chunk,
     open_object,
 )
 from qmoi_sync.agent.snapshot_s3 import Bucket
@@ -57,6 +76,9 @@ from qmoi_sync.agent.snapshotter import (
 )
 from qmoi_sync.agent.space import INDEX_DOC_ID, SpaceSync
 from qmoi_sync.agent.textdoc import text_of
+from qmoi_sync.protocol.chunks import ChunkKeys
+from qmoi_sync.protocol.chunks import ChunkRef as PChunkRef
+from qmoi_sync.protocol.chunks import Manifest as ChunkManifest
 from qmoi_sync.protocol.errors import PathError, ProtocolError
 from qmoi_sync.protocol.paths import validate_relpath
 from qmoi_sync.protocol.replay import ReplayWindow
@@ -64,6 +86,8 @@ from qmoi_sync.protocol.replay import ReplayWindow
 log = logging.getLogger("qmoi_sync.restore")
 
 DOC_CONCURRENCY = 8
+#: Chunks of one binary file fetched ahead of the one being written.
+CHUNK_WINDOW = 8
 #: Sequence numbers skipped by a device restored under an identity the snapshot knows: it may
 #: have sent envelopes after the snapshot, and reusing their numbers would make the relay drop
 #: new ones as duplicates.
@@ -196,6 +220,8 @@ class _Fetcher:
         if keys is None:
             raise IntegrityError("unknown_epoch", f"no key for epoch {m.epoch}")
         self.keys: SnapshotKeys = keys
+        self.keyring = ctx.keyring
+        self._chunk_keys: dict[int, ChunkKeys] = {}
         self.bucket = bucket
         self.progress = progress
         self.sem = asyncio.Semaphore(bucket.concurrency)
@@ -212,6 +238,63 @@ class _Fetcher:
         self.progress.done_objects += 1
         self.progress.done_bytes += len(plain)
         return plain
+
+    def chunk_keys(self, b: BinRef, what: str) -> ChunkKeys:
+        """The chunk keys of a binary file's epoch, after checking that its whole-file hash
+        binds the chunk list the manifest gives."""
+        ck = self._chunk_keys.get(b.epoch)
+        if ck is None:
+            ek = self.keyring.epoch_keys.get(b.epoch)
+            if ek is None:
+                raise IntegrityError("unknown_epoch", f"{what}: no key for chunk epoch {b.epoch}")
+            ck = self._chunk_keys[b.epoch] = ChunkKeys.for_epoch(b.epoch, ek)
+        cm = ChunkManifest(
+            b.epoch, b.size, b.hash, tuple(PChunkRef(c.chunk_id, c.size) for c in b.chunks)
+        )
+        if not cm.verify(ck):
+            raise IntegrityError(
+                "tampered", f"{what}: its chunk list does not match its whole-file hash", what
+            )
+        return ck
+
+    async def chunk(self, ck: ChunkKeys, ref: ChunkRef, what: str) -> bytes:
+        """One chunk of a binary file, verified (see ``snapshot_format.open_chunk``)."""
+        key = chunk_key(self.bucket.prefix, ref.chunk_id)
+        async with self.sem:
+            body = await self.bucket.get(key)
+        if body is None:
+            raise IntegrityError(
+                "missing",
+                f"chunk {ref.chunk_id.hex()[:16]}… of {what} is missing from the bucket",
+                key,
+            )
+        plain = await asyncio.to_thread(open_chunk, ck, ref, body, f"{key} ({what})")
+        self.progress.done_objects += 1
+        self.progress.done_bytes += len(plain)
+        return plain
+
+    async def write_binary(self, b: BinRef, fd: int, what: str) -> int:
+        """Write a binary file's chunks in order to ``fd``: fetched and verified ahead in a
+        bounded window, so at most that many chunks are in memory, never the whole file."""
+        ck = self.chunk_keys(b, what)
+        ahead: deque[asyncio.Task[bytes]] = deque()
+        nxt = 0
+        written = 0
+        try:
+            for _ in b.chunks:
+                while nxt < len(b.chunks) and len(ahead) < CHUNK_WINDOW:
+                    ahead.append(asyncio.create_task(self.chunk(ck, b.chunks[nxt], what)))
+                    nxt += 1
+                data = await ahead.popleft()
+                await asyncio.to_thread(write_all, fd, data)
+                written += len(data)
+        finally:
+            for t in ahead:
+                t.cancel()
+            for t in ahead:
+                with contextlib.suppress(BaseException):
+                    await t
+        return written
 
     async def state(self, ref: DocRef, what: str) -> bytes:
         """The document's full state (chain applied in order, verified)."""
@@ -241,6 +324,49 @@ def _check_content(f: FileRef, data: bytes) -> None:
         )
 
 
+def _binref_of(m: Manifest, f: FileRef) -> BinRef:
+    b = m.bin(f.fid)
+    if b is None or b.size != f.size or b.hash != f.sha256:
+        raise IntegrityError(
+            "malformed", f"{f.path}: the snapshot lists it without a matching chunk list", f.path
+        )
+    return b
+
+
+def _open_restore_temp(root: Path, relpath: str) -> TempFile:
+    """A new temp file in ``relpath``'s folder under ``root`` (folders created, no symlink
+    followed; the temp prefix keeps the agent's watcher away from it)."""
+    with _open_parent(root, relpath, create=True) as (dfd, _name):
+        own = os.dup(dfd)
+    name = f"{TEMP_PREFIX}rs-{secrets.token_hex(6)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, 0o600, dir_fd=own)
+    except BaseException:
+        os.close(own)
+        raise
+    return TempFile(own, name, fd)
+
+
+async def _write_binary_file(
+    fetch: _Fetcher, m: Manifest, f: FileRef, root: Path, relpath: str
+) -> int:
+    """Stream a binary file into a temp file, verified chunk by chunk, then fsync it once and
+    rename it over ``relpath``. On any error the temp file is removed: a file that does not
+    verify is never put in place."""
+    b = _binref_of(m, f)
+    tmp = await asyncio.to_thread(_open_restore_temp, root, relpath)
+    mode = 0o755 if f.mode & 0o111 else 0o644
+    try:
+        n = await fetch.write_binary(b, tmp.fd, f.path)
+        await asyncio.to_thread(install_download, tmp, relpath, mode)
+    except BaseException:
+        await asyncio.to_thread(discard_download, tmp)
+        raise
+    tmp.close()
+    return n
+
+
 def _prepare_dest(dest: Path) -> Path:
     dest = dest.expanduser().resolve()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -249,9 +375,12 @@ def _prepare_dest(dest: Path) -> Path:
     return dest
 
 
-def _totals(progress: Progress, refs: list[DocRef]) -> None:
+def _totals(progress: Progress, refs: list[DocRef], bins: list[BinRef] | None = None) -> None:
     progress.total_objects = sum(len(r.chain) for r in refs)
     progress.total_bytes = sum(r.size for r in refs)
+    for b in bins or ():
+        progress.total_objects += len(b.chunks)
+        progress.total_bytes += b.size
 
 
 async def restore_export(
@@ -268,8 +397,8 @@ async def restore_export(
     dest = await asyncio.to_thread(_prepare_dest, dest)
     fetch = _Fetcher(ctx, bucket, m, progress)
     docs = {d.doc_id: d for d in m.docs}
-    todo = [f for f in m.files if f.kind == "text"]
-    _totals(progress, [docs[f.fid] for f in todo if f.fid in docs])
+    todo = [f for f in m.files if f.kind in ("text", "binary")]
+    _totals(progress, [docs[f.fid] for f in todo if f.fid in docs], m.bins)
     progress.phase = "restoring"
     sem = asyncio.Semaphore(DOC_CONCURRENCY)
     written = 0
@@ -281,6 +410,11 @@ async def restore_export(
         except PathError as exc:
             raise IntegrityError("malformed", f"snapshot holds a refused path: {exc}") from None
         async with sem:
+            if f.kind == "binary":
+                written += await _write_binary_file(fetch, m, f, dest, f.path)
+                if on_file is not None:
+                    on_file(f.path)
+                return
             ref = docs.get(f.fid)
             if ref is None:
                 data = b""
@@ -343,18 +477,41 @@ def own_seq_floor(m: Manifest, sign_pk: bytes) -> int:
 async def restore_into(
     ctx: SnapshotContext, bucket: Bucket, sel: Selected, sync: SpaceSync, progress: Progress
 ) -> RestoreResult:
-    """Merge the snapshot into the space's own state and folder (see the module docstring)."""
+    """Merge the snapshot into the space's own state and folder (see the module docstring).
+
+    Binary files, when this runs without a running agent (``sync.binary`` is None: the CLI,
+    possibly with the relay down), are first downloaded from the bucket and verified into the
+    very temp files a binary download resumes from (``.qmoi-tmp-dl-<fid>``); once the index is
+    merged, the binary component's normal download finds them complete and installs and
+    records them without the relay. A running agent's binary component fetches them from the
+    relay instead (staging would race its own download of the same file)."""
     t0 = time.monotonic()
     m = sel.manifest
     states = await fetch_states(ctx, bucket, sel, progress)
+    staged: dict[bytes, str] = {}
+    binary = None
+    if sync.binary is None and m.bins:
+        staged = await _stage_binaries(ctx, bucket, sel, sync, progress)
+        from qmoi_sync.agent.binary_sync import BinarySync
+        from qmoi_sync.agent.chunk_store import ChunkStore
+
+        binary = BinarySync(sync, ChunkStore(sync.store, sync.space_id), None)
+        await binary.start()
+        sync.binary = binary
     progress.phase = "applying"
-    await sync.apply_snapshot(
-        states,
-        cursor=m.cursor,
-        epoch_fence=m.epoch_fence,
-        windows=m.windows,
-        own_seq=own_seq_floor(m, ctx.identity.public.sign_pk),
-    )
+    try:
+        await sync.apply_snapshot(
+            states,
+            cursor=m.cursor,
+            epoch_fence=m.epoch_fence,
+            windows=m.windows,
+            own_seq=own_seq_floor(m, ctx.identity.public.sign_pk),
+        )
+        if binary is not None:
+            await _install_staged(binary, staged, sel.warnings)
+    finally:
+        if binary is not None:
+            sync.binary = None
     progress.phase = "done"
     return RestoreResult(
         f"{m.seq}-{sel.loaded.entry.tag}",
@@ -363,6 +520,68 @@ async def restore_into(
         round(time.monotonic() - t0, 3),
         sel.warnings,
     )
+
+
+async def _stage_binaries(
+    ctx: SnapshotContext, bucket: Bucket, sel: Selected, sync: SpaceSync, progress: Progress
+) -> dict[bytes, str]:
+    """Download every binary file into its download temp file (fid -> path staged)."""
+    m = sel.manifest
+    fetch = _Fetcher(ctx, bucket, m, progress)
+    todo = [f for f in m.files if f.kind == "binary"]
+    bins = [_binref_of(m, f) for f in todo]
+    progress.total_objects += sum(len(b.chunks) for b in bins)
+    progress.total_bytes += sum(b.size for b in bins)
+    sem = asyncio.Semaphore(DOC_CONCURRENCY)
+    staged: dict[bytes, str] = {}
+
+    async def one(f: FileRef) -> None:
+        try:
+            validate_relpath(f.path)
+        except PathError as exc:
+            raise IntegrityError("malformed", f"snapshot holds a refused path: {exc}") from None
+        async with sem:
+            tmp = await asyncio.to_thread(open_download, sync.root, f.path, f.fid.hex())
+            try:
+                await asyncio.to_thread(os.ftruncate, tmp.fd, 0)
+                await fetch.write_binary(_binref_of(m, f), tmp.fd, f.path)
+            except BaseException:
+                await asyncio.to_thread(discard_download, tmp)
+                raise
+            tmp.close()
+            staged[f.fid] = f.path
+
+    await asyncio.gather(*(one(f) for f in todo))
+    return staged
+
+
+async def _install_staged(binary: Any, staged: dict[bytes, str], warnings: list[str]) -> None:
+    """Let the binary component install what was staged (it re-verifies every chunk and the
+    whole-file hash, renames the file into place and records it). A staged file the merged
+    index does not want there (this device already had that version, or a newer one) is
+    removed; one that could not be installed stays for the agent to finish."""
+    for fid, path in staged.items():
+        job = binary.down.get(fid)
+        if job is not None and job.path == path:
+            await binary._do_down(job)
+            if fid in binary.down:
+                warnings.append(
+                    f"{path}: restored from the snapshot but not installed (the version this "
+                    "device holds differs, or the file changed); the agent finishes it"
+                )
+            continue
+        await asyncio.to_thread(_remove_staged, binary.sync.root, path, fid)
+
+
+def _remove_staged(root: Path, path: str, fid: bytes) -> None:
+    with (
+        contextlib.suppress(OSError, UnsafePathError),
+        _open_parent(root, path, False) as (
+            dfd,
+            _name,
+        ),
+    ):
+        os.unlink(f"{DOWNLOAD_PREFIX}{fid.hex()}", dir_fd=dfd)
 
 
 # -- one file ------------------------------------------------------------------------------------
@@ -401,34 +620,44 @@ async def history(
 
 
 async def file_content(
-    ctx: SnapshotContext, bucket: Bucket, sel: Selected, path: str, progress: Progress
-) -> tuple[FileRef, bytes]:
+    ctx: SnapshotContext, bucket: Bucket, sel: Selected, f: FileRef, progress: Progress
+) -> bytes:
+    """A text file's verified content as of the snapshot."""
     m = sel.manifest
-    f = m.file_at(path)
-    if f is None:
-        raise SnapshotError(f"{path} is not in snapshot {m.seq}-{sel.loaded.entry.tag}")
     ref = m.doc(f.fid)
     if ref is None:
         data = b""
     else:
         _totals(progress, [ref])
-        state = await _Fetcher(ctx, bucket, m, progress).state(ref, path)
+        state = await _Fetcher(ctx, bucket, m, progress).state(ref, f.path)
         data = await asyncio.to_thread(_text_bytes, state)
     _check_content(f, data)
-    return f, data
+    return data
 
 
-def write_plain_file(target: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to an arbitrary path atomically (temp + fsync + rename)."""
-    target = target.expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.qmoi-restore-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o755 if mode & 0o111 else 0o644)
-    os.replace(tmp, target)
+async def restore_file(
+    ctx: SnapshotContext,
+    bucket: Bucket,
+    sel: Selected,
+    path: str,
+    root: Path,
+    relpath: str,
+    progress: Progress,
+) -> tuple[FileRef, int]:
+    """Write the snapshot's version of ``path`` to ``root/relpath`` (atomically, verified
+    first; binary files streamed chunk by chunk). Returns the file's record and its size."""
+    m = sel.manifest
+    f = m.file_at(path)
+    if f is None:
+        raise SnapshotError(f"{path} is not in snapshot {m.seq}-{sel.loaded.entry.tag}")
+    mode = 0o755 if f.mode & 0o111 else 0o644
+    if f.kind == "binary":
+        fetch = _Fetcher(ctx, bucket, m, progress)
+        _totals(progress, [], [_binref_of(m, f)])
+        return f, await _write_binary_file(fetch, m, f, root, relpath)
+    data = await file_content(ctx, bucket, sel, f, progress)
+    await asyncio.to_thread(write_file_atomic, root, relpath, data, mode)
+    return f, len(data)
 
 
 def iso(ts: float) -> str:

@@ -492,6 +492,7 @@ def _list(home: Home, args: argparse.Namespace) -> int:
                         "interval": m.interval,
                         "signer": m.signer.hex(),
                         "objects": sorted(n.hex() for n in m.object_names()),
+                        "chunks": sorted(c.hex() for c in m.chunk_sizes()),
                     }
                 )
             return rows
@@ -625,8 +626,7 @@ def _history(home: Home, args: argparse.Namespace) -> int:
 
 
 def _restore_file(home: Home, args: argparse.Namespace) -> int:
-    from qmoi_sync.agent.materialize import write_file_atomic
-    from qmoi_sync.agent.restore import file_content, select_manifest, write_plain_file
+    from qmoi_sync.agent.restore import restore_file, select_manifest
     from qmoi_sync.agent.snapshot_s3 import Bucket
     from qmoi_sync.agent.snapshotter import Progress
     from qmoi_sync.protocol.errors import PathError
@@ -641,24 +641,29 @@ def _restore_file(home: Home, args: argparse.Namespace) -> int:
     except PathError as exc:
         raise UserError(f"not a path inside the space: {exc}") from None
 
-    async def go() -> tuple[Any, bytes, str]:
+    if args.to:
+        out = Path(args.to).expanduser().resolve()
+        root, relpath = out.parent, out.name
+        root.mkdir(parents=True, exist_ok=True)
+        where = str(out)
+    else:
+        root, relpath = space.folder, args.path
+        where = str(space.folder / args.path)
+
+    async def go() -> tuple[Any, int, str]:
         bucket = Bucket(target)
         try:
             sel = await select_manifest(ctx, bucket, args.at)
             for w in sel.warnings:
                 print(f"warning: {w}", file=sys.stderr)
-            f, data = await file_content(ctx, bucket, sel, args.path, Progress(op="restore"))
-            return f, data, f"{sel.manifest.seq}-{sel.loaded.entry.tag}"
+            f, n = await restore_file(
+                ctx, bucket, sel, args.path, root, relpath, Progress(op="restore")
+            )
+            return f, n, f"{sel.manifest.seq}-{sel.loaded.entry.tag}"
         finally:
             bucket.close()
             ctx.local.close()
 
-    f, data, sid = _run(go())
-    if args.to:
-        write_plain_file(Path(args.to), data, f.mode)
-        where = args.to
-    else:
-        write_file_atomic(space.folder, args.path, data, 0o755 if f.mode & 0o111 else 0o644)
-        where = str(space.folder / args.path)
-    print(f"restored {args.path} as of snapshot {sid} ({len(data)} bytes) to {where}")
+    _f, n, sid = _run(go())
+    print(f"restored {args.path} as of snapshot {sid} ({n} bytes) to {where}")
     return 0

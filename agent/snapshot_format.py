@@ -30,9 +30,17 @@ a per-manifest key and signed by the device that took it (Ed25519)::
     manifest = header | ct_len u32 | ciphertext | signature 64      (signature over all before)
     key      = HKDF(manifest, salt=salt, info="qmoi-sync snapshot manifest v1" | header)
 
-The bucket layout is ``<prefix>/o/<name hex>`` for objects and
-``<prefix>/m/<seq 12 digits>-<tag>`` for manifests (``tag`` = 8 hex of a keyed hash of the
-signer, so manifests of two devices never collide and the name reveals no device).
+**Chunks** of binary files are stored as the chunk module seals them (protocol/chunks.py:
+AES-256-GCM under a key derived from the keyed chunk id, deterministic), zero-padded to the same
+Padmé buckets, under ``<prefix>/c/<chunk id hex>``: the same chunk written by any device in any
+snapshot is one object, and it is byte-identical to the relay's copy. A manifest lists each
+binary file's chunk manifest (:class:`BinRef`: epoch, keyed whole-file hash, ids and sizes in
+order); on restore every chunk is authenticated, its id recomputed from the plaintext and its
+size checked against that list (:func:`open_chunk`).
+
+The bucket layout is ``<prefix>/o/<name hex>`` for objects, ``<prefix>/c/<chunk id hex>`` for
+chunks and ``<prefix>/m/<seq 12 digits>-<tag>`` for manifests (``tag`` = 8 hex of a keyed hash of
+the signer, so manifests of two devices never collide and the name reveals no device).
 """
 
 from __future__ import annotations
@@ -53,12 +61,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from qmoi_sync.protocol.errors import SignatureError
+from qmoi_sync.protocol.chunks import CHUNK_ID_LEN, MAX_CHUNK, ChunkKeys
+from qmoi_sync.protocol.errors import DecryptError, SignatureError
 from qmoi_sync.protocol.identity import DeviceIdentity, verify
 
 __all__ = [
+    "CHUNK_DIR",
     "MANIFEST_DIR",
     "OBJECT_DIR",
+    "BinRef",
     "ChunkRef",
     "DocRef",
     "FileRef",
@@ -67,18 +78,23 @@ __all__ = [
     "ObjRef",
     "SnapshotError",
     "SnapshotKeys",
+    "chunk_key",
     "manifest_key",
     "object_key",
+    "open_chunk",
     "open_manifest",
     "open_object",
     "padded_size",
     "parse_manifest_key",
     "peek_manifest_header",
+    "seal_chunk",
     "seal_manifest",
     "seal_object",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the manifest header
+#: Manifest content: 2 added binary files ("bins"); 1 (text only) is still read.
+CONTENT_VERSION = 2
 OBJ_MAGIC = b"QSO1"
 MAN_MAGIC = b"QSM1"
 NAME_LEN = 32
@@ -94,6 +110,8 @@ MAX_MANIFEST = 256 * 1024 * 1024
 MAX_MANIFEST_JSON = 1024 * 1024 * 1024
 OBJECT_DIR = "o/"
 MANIFEST_DIR = "m/"
+CHUNK_DIR = "c/"
+_GCM_TAG = 16
 _HEADER = struct.Struct(">4sB16sI32sQQ16s")
 _NONCE = bytes(12)
 
@@ -230,6 +248,43 @@ def open_object(keys: SnapshotKeys, name: bytes, body: bytes, label: str = "") -
     return plaintext
 
 
+# -- binary chunks -------------------------------------------------------------------------------
+def chunk_key(prefix: str, chunk_id: bytes) -> str:
+    return f"{prefix}{CHUNK_DIR}{chunk_id.hex()}"
+
+
+def seal_chunk(ciphertext: bytes) -> bytes:
+    """The bucket object of a chunk sealed by ``ChunkKeys.encrypt``: zero-padded (Padmé)."""
+    return ciphertext + bytes(padded_size(len(ciphertext)) - len(ciphertext))
+
+
+def open_chunk(keys: ChunkKeys, ref: ChunkRef, body: bytes, label: str = "") -> bytes:
+    """Check and decrypt a chunk object fetched for ``ref``: the exact padded length, zero
+    padding, authenticated decryption, the keyed id recomputed from the plaintext, the size the
+    manifest records. Raises :class:`IntegrityError` (``tampered`` or ``swapped``)."""
+    where = label or ref.chunk_id.hex()
+    n = ref.size + _GCM_TAG
+    if len(body) != padded_size(n):
+        raise IntegrityError(
+            "tampered",
+            f"chunk {where} is {len(body)} bytes, not {padded_size(n)} (truncated or replaced)",
+            where,
+        )
+    if any(body[n:]):
+        raise IntegrityError("tampered", f"chunk {where} has a bad padding", where)
+    try:
+        plain = keys.decrypt(ref.chunk_id, body[:n])
+    except DecryptError as exc:
+        raise IntegrityError(
+            "tampered",
+            f"chunk {where} fails authentication ({exc}: tampered or swapped)",
+            where,
+        ) from None
+    if len(plain) != ref.size:  # pragma: no cover - the length check above implies it
+        raise IntegrityError("tampered", f"chunk {where} has the wrong size", where)
+    return plain
+
+
 # -- manifest content --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ObjRef:
@@ -268,11 +323,25 @@ class FileRef:
 
 @dataclass(frozen=True)
 class ChunkRef:
-    """An encrypted content-addressed chunk of a binary file (stored as the chunk module sealed
-    it, under its keyed chunk id)."""
+    """A chunk of a binary file: its keyed id and plaintext size."""
 
     chunk_id: bytes
     size: int
+
+
+@dataclass(frozen=True)
+class BinRef:
+    """A binary file's content as of the snapshot: the chunk module's manifest of the version
+    the index chose (chunk keys of ``epoch``, keyed whole-file ``hash``, chunks in order)."""
+
+    fid: bytes
+    epoch: int
+    hash: bytes
+    chunks: tuple[ChunkRef, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(c.size for c in self.chunks)
 
 
 @dataclass
@@ -285,7 +354,7 @@ class Manifest:
     index: DocRef
     docs: list[DocRef] = field(default_factory=list)
     files: list[FileRef] = field(default_factory=list)
-    chunks: list[ChunkRef] = field(default_factory=list)
+    bins: list[BinRef] = field(default_factory=list)
     prev_seq: int | None = None
     prev_hash: bytes | None = None
     cursor: int = 0
@@ -304,8 +373,18 @@ class Manifest:
     def object_names(self) -> set[bytes]:
         return {o.name for d in self.all_docs() for o in d.chain}
 
+    def chunk_sizes(self) -> dict[bytes, int]:
+        """Every chunk the snapshot references (id -> plaintext size), each once."""
+        return {c.chunk_id: c.size for b in self.bins for c in b.chunks}
+
+    def bin(self, fid: bytes) -> BinRef | None:
+        for b in self.bins:
+            if b.fid == fid:
+                return b
+        return None
+
     def total_bytes(self) -> int:
-        return sum(d.size for d in self.all_docs()) + sum(c.size for c in self.chunks)
+        return sum(d.size for d in self.all_docs()) + sum(self.chunk_sizes().values())
 
     def file_at(self, path: str) -> FileRef | None:
         for f in self.files:
@@ -330,7 +409,7 @@ def _docref_json(d: DocRef) -> list[Any]:
 
 def _content_json(m: Manifest) -> dict[str, Any]:
     return {
-        "v": FORMAT_VERSION,
+        "v": CONTENT_VERSION,
         "prev": None if m.prev_seq is None else [m.prev_seq, (m.prev_hash or b"").hex()],
         "cursor": m.cursor,
         "epoch_fence": m.epoch_fence,
@@ -340,7 +419,10 @@ def _content_json(m: Manifest) -> dict[str, Any]:
         "index": _docref_json(m.index),
         "docs": [_docref_json(d) for d in m.docs],
         "files": [[f.path, f.fid.hex(), f.kind, f.mode, f.size, f.sha256.hex()] for f in m.files],
-        "chunks": [[c.chunk_id.hex(), c.size] for c in m.chunks],
+        "bins": [
+            [b.fid.hex(), b.epoch, b.hash.hex(), [[c.chunk_id.hex(), c.size] for c in b.chunks]]
+            for b in m.bins
+        ],
     }
 
 
@@ -389,8 +471,20 @@ def _docref(v: Any, doc_len: int = 16) -> DocRef:
     return DocRef(_hexb(doc_id, doc_len), _unb64(sv), _hexb(digest, 32), refs)
 
 
+def _binref(v: Any) -> BinRef:
+    fid, epoch, digest, chunks = _list(v)
+    refs = []
+    for item in _list(chunks):
+        cid, size = _list(item)
+        n = _int(size, 1)
+        if n > MAX_CHUNK:
+            raise _Bad("chunk larger than a chunk can be")
+        refs.append(ChunkRef(_hexb(cid, CHUNK_ID_LEN), n))
+    return BinRef(_hexb(fid, 16), _int(epoch), _hexb(digest, 32), tuple(refs))
+
+
 def _from_json(raw: Any, header: _Header) -> Manifest:
-    if not isinstance(raw, dict) or raw.get("v") != FORMAT_VERSION:
+    if not isinstance(raw, dict) or raw.get("v") not in (1, CONTENT_VERSION):
         raise _Bad("unknown manifest content version")
     prev = raw.get("prev")
     prev_seq = prev_hash = None
@@ -416,7 +510,7 @@ def _from_json(raw: Any, header: _Header) -> Manifest:
         index=_docref(raw.get("index")),
         docs=[_docref(d) for d in _list(raw.get("docs"))],
         files=files,
-        chunks=[ChunkRef(_hexb(c, None), _int(s)) for c, s in (_list(x) for x in raw["chunks"])],
+        bins=[_binref(b) for b in _list(raw.get("bins", []))],
         prev_seq=prev_seq,
         prev_hash=prev_hash,
         cursor=_int(raw.get("cursor")),

@@ -16,8 +16,12 @@ most unreferenced objects, never a manifest that points at missing ones):
 3. New objects are sealed (agent/snapshot_format.py) and uploaded with bounded concurrency.
    Objects named by the base manifest are trusted to exist; other names this device remembers
    uploading are checked with HEAD before being reused.
-4. The manifest (file list, document chains, cursor, the previous manifest's seq and hash) is
-   sealed, signed and uploaded last.
+4. Binary files: the version the index chose for each (its chunk manifest) is recorded, and
+   every chunk not yet in the bucket is uploaded under ``c/<chunk id>`` (sealed exactly as the
+   relay holds it, see snapshot_format), read from a local file or else fetched from the relay.
+   A chunk that cannot be had fails the snapshot before any manifest is written.
+5. The manifest (file list, document chains, binary chunk lists, cursor, the previous
+   manifest's seq and hash) is sealed, signed and uploaded last.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,13 +40,16 @@ from typing import Any
 
 from pycrdt import Doc, Snapshot
 
+from qmoi_sync.agent.binary_sync import choose, manifest_heads
 from qmoi_sync.agent.causal import decode_snapshot
 from qmoi_sync.agent.index import IndexDoc
 from qmoi_sync.agent.keyring import Keyring
 from qmoi_sync.agent.layout import compute_layout
 from qmoi_sync.agent.snapshot_format import (
+    CHUNK_DIR,
     MANIFEST_DIR,
     OBJECT_DIR,
+    BinRef,
     ChunkRef,
     DocRef,
     FileRef,
@@ -51,11 +58,13 @@ from qmoi_sync.agent.snapshot_format import (
     ObjRef,
     SnapshotError,
     SnapshotKeys,
+    chunk_key,
     manifest_hash,
     manifest_key,
     object_key,
     open_manifest,
     parse_manifest_key,
+    seal_chunk,
     seal_manifest,
     seal_object,
 )
@@ -63,6 +72,9 @@ from qmoi_sync.agent.snapshot_local import LocalRecords
 from qmoi_sync.agent.snapshot_s3 import Bucket, TargetConfig
 from qmoi_sync.agent.space import INDEX_DOC_ID, SpaceSync
 from qmoi_sync.agent.textdoc import text_of
+from qmoi_sync.protocol.chunks import ChunkKeys
+from qmoi_sync.protocol.chunks import ChunkRef as PChunkRef
+from qmoi_sync.protocol.chunks import Manifest as ChunkManifest
 from qmoi_sync.protocol.identity import DeviceIdentity
 from qmoi_sync.protocol.membership import Role
 
@@ -72,7 +84,6 @@ log = logging.getLogger("qmoi_sync.snapshot")
 MAX_CHAIN = 8
 #: Documents processed at the same time (each holds its new objects until they are uploaded).
 DOC_CONCURRENCY = 4
-CHUNK_DIR = "c/"
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
 
@@ -337,21 +348,98 @@ class _DocReader:
         return out
 
 
-ChunkReader = Callable[[], Awaitable[bytes]]
+# -- binary files ---------------------------------------------------------------------------------
+def binary_versions(index: IndexDoc, layout_paths: dict[str, str]) -> dict[bytes, ChunkManifest]:
+    """fid -> the chunk manifest of the version the index chose, for every binary file laid
+    out. A binary entry with no manifest yet (its first version is still uploading) is not
+    part of the space's content yet, so it is not part of the snapshot either."""
+    out: dict[bytes, ChunkManifest] = {}
+    for fid_hex in layout_paths.values():
+        heads = manifest_heads(index.fields(fid_hex))
+        if heads:
+            out[bytes.fromhex(fid_hex)] = choose(heads)[0].manifest
+    return out
 
 
-async def binary_chunks(sync: SpaceSync) -> AsyncIterator[tuple[bytes, ChunkReader]]:
-    """The seam for binary files: every (keyed chunk id, reader of the sealed chunk) the index's
-    binary entries reference. Chunks are stored as the chunk module sealed them (already
-    encrypted, content-addressed by a keyed id) under ``c/<chunk id hex>``; the manifest lists
-    them. Binary/large files are not synced by this agent yet (docs/architecture.md), so there
-    are none; the chunked-binary module plugs its enumerator in here."""
-    for _ in ():  # pragma: no cover - no binary entries until the chunk module lands
-        yield b"", _no_chunk
+async def _sealed_chunk(sync: SpaceSync, keys: ChunkKeys, ref: ChunkRef, path: str) -> bytes:
+    """The bucket object of one chunk. Its plaintext comes from a local file that still holds
+    it (``chunk_index``, re-verified) or else from the relay's blob channel (authenticated, id
+    recomputed) — the binary component's own fetch; sealing is deterministic, so the object is
+    the same whichever device writes it. A chunk found nowhere fails the snapshot: a manifest
+    is never written for a file it could not restore."""
+    from qmoi_sync.agent.binary_sync import TamperedChunk
+    from qmoi_sync.agent.blob_transfer import BlobError
+
+    binary = sync.binary
+    if binary is None:
+        raise SnapshotError(f"{path}: binary files are not handled by this agent")
+    try:
+        plain = await binary._fetch(keys, PChunkRef(ref.chunk_id, ref.size))
+    except (BlobError, TamperedChunk) as exc:
+        raise SnapshotError(
+            f"snapshot not written: a chunk of {path} is neither in a local file (changed or "
+            f"not downloaded yet) nor available from the relay ({exc}); retried at the next "
+            "interval"
+        ) from None
+    return await asyncio.to_thread(lambda: seal_chunk(keys.encrypt(ref.chunk_id, plain)))
 
 
-async def _no_chunk() -> bytes:  # pragma: no cover
-    raise SnapshotError("no chunk store")
+async def _store_binaries(
+    sync: SpaceSync,
+    bucket: Bucket,
+    versions: dict[bytes, ChunkManifest],
+    path_of: dict[str, str],
+    trusted: set[bytes],
+    known: set[bytes],
+    uploaded: set[bytes],
+    stats: dict[str, int],
+    progress: Progress,
+) -> list[BinRef]:
+    """Make sure every chunk of every binary file is in the bucket (each distinct chunk once,
+    ``bucket.concurrency`` at a time, one chunk in memory per worker) and return the files'
+    chunk lists for the manifest."""
+    bins: list[BinRef] = []
+    todo: dict[bytes, tuple[ChunkKeys, ChunkRef, str]] = {}
+    keys_of: dict[int, ChunkKeys] = {}
+    for fid, cm in sorted(versions.items()):
+        path = path_of[fid.hex()]
+        ek = sync.keyring.epoch_keys.get(cm.epoch)
+        if ek is None:
+            raise SnapshotError(f"{path}: this device holds no key for chunk epoch {cm.epoch}")
+        ckeys = keys_of.setdefault(cm.epoch, ChunkKeys.for_epoch(cm.epoch, ek))
+        if not cm.verify(ckeys):
+            # No device can materialize this version either (binary_sync refuses it too).
+            log.warning("snapshot: %s left out: its chunk manifest does not verify", path)
+            continue
+        refs = tuple(ChunkRef(c.id, c.size) for c in cm.chunks)
+        bins.append(BinRef(fid, cm.epoch, cm.hash, refs))
+        for r in refs:
+            if r.chunk_id not in trusted and r.chunk_id not in uploaded:
+                todo.setdefault(r.chunk_id, (ckeys, r, path))
+    progress.total_bytes += sum(r.size for _k, r, _p in todo.values())
+    progress.total_objects += len(todo)
+    sem = asyncio.Semaphore(bucket.concurrency)
+
+    async def one(ckeys: ChunkKeys, ref: ChunkRef, path: str) -> None:
+        key = chunk_key(bucket.prefix, ref.chunk_id)
+        async with sem:
+            if ref.chunk_id in known and await bucket.head(key) is not None:
+                stats["reused"] += 1
+            else:
+                body = await _sealed_chunk(sync, ckeys, ref, path)
+                await bucket.put(key, body)
+                stats["up_bytes"] += len(body)
+                stats["up_objects"] += 1
+                progress.uploaded_bytes += len(body)
+            uploaded.add(ref.chunk_id)
+            progress.done_bytes += ref.size
+            progress.done_objects += 1
+
+    async with asyncio.TaskGroup() as tg:
+        for ckeys, ref, path in todo.values():
+            tg.create_task(one(ckeys, ref, path))
+    stats["reused"] += sum(len(b.chunks) for b in bins) - len(todo)
+    return bins
 
 
 # -- taking a snapshot --------------------------------------------------------------------------
@@ -378,6 +466,8 @@ async def take_snapshot(
     base_docs: dict[bytes, DocRef] = {}
     base_files: dict[bytes, FileRef] = {}
     trusted: set[bytes] = set()
+    # Chunks a verified manifest references exist (retention never deletes those).
+    trusted_chunks = set(base.manifest.chunk_sizes()) if base is not None else set()
     if base is not None and base.manifest.epoch == keys.epoch:
         base_docs = {d.doc_id: d for d in base.manifest.all_docs()}
         base_files = {f.fid: f for f in base.manifest.files}
@@ -396,6 +486,9 @@ async def take_snapshot(
     alive_text = {
         bytes.fromhex(fid) for path, fid in layout.paths.items() if entries_now[fid].kind == "text"
     }
+    binary_paths = {p: f for p, f in layout.paths.items() if entries_now[f].kind == "binary"}
+    versions = binary_versions(index, binary_paths)
+    path_of = {f: p for p, f in binary_paths.items()}
 
     reader = _DocReader(ctx.db_path, ctx.space_id)
     uploaded_names: set[bytes] = set()
@@ -455,25 +548,24 @@ async def take_snapshot(
         await asyncio.gather(*(ensure(n, b) for n, b in idx.new))
         progress.done_bytes += len(view.index_state)
 
-        chunks: list[ChunkRef] = []
-        async for chunk_id, read in binary_chunks(sync):
-            key = f"{bucket.prefix}{CHUNK_DIR}{chunk_id.hex()}"
-            if chunk_id not in known and await bucket.head(key) is None:
-                data = await read()
-                await bucket.put(key, data)
-                stats["up_bytes"] += len(data)
-                stats["up_objects"] += 1
-                uploaded_names.add(chunk_id)
-            chunks.append(ChunkRef(chunk_id, 0))
+        bins = await _store_binaries(
+            sync, bucket, versions, path_of, trusted_chunks, known, uploaded_names, stats, progress
+        )
     finally:
         reader.close()
 
     files: list[FileRef] = []
+    bin_by_fid = {b.fid: b for b in bins}
     for path, fid_hex in sorted(layout.paths.items()):
         entry = entries_now[fid_hex]
+        fid = bytes.fromhex(fid_hex)
+        if entry.kind == "binary":
+            b = bin_by_fid.get(fid)
+            if b is not None:
+                files.append(FileRef(path, fid, entry.kind, entry.mode, b.size, b.hash))
+            continue
         if entry.kind != "text":
             continue
-        fid = bytes.fromhex(fid_hex)
         out = docs_out.get(fid)
         if out is not None and out.sha256 is not None and out.size is not None:
             size, sha = out.size, out.sha256
@@ -504,7 +596,7 @@ async def take_snapshot(
         index=idx.ref,
         docs=[docs_out[d].ref for d in sorted(docs_out)],
         files=files,
-        chunks=chunks,
+        bins=bins,
         prev_seq=base.entry.seq if base is not None else None,
         prev_hash=base.hash if base is not None else None,
         cursor=view.cursor,
@@ -612,9 +704,7 @@ async def apply_retention(
     for x in loaded:
         if x.entry.key in keep:
             reachable.update(object_key(bucket.prefix, n) for n in x.manifest.object_names())
-            reachable.update(
-                f"{bucket.prefix}{CHUNK_DIR}{c.chunk_id.hex()}" for c in x.manifest.chunks
-            )
+            reachable.update(chunk_key(bucket.prefix, c) for c in x.manifest.chunk_sizes())
     garbage: list[str] = []
     for d in (OBJECT_DIR, CHUNK_DIR):
         for obj in await bucket.list(bucket.prefix + d):

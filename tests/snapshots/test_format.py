@@ -7,22 +7,29 @@ import os
 import pytest
 
 from qmoi_sync.agent.snapshot_format import (
+    BinRef,
+    ChunkRef,
     DocRef,
     FileRef,
     IntegrityError,
     Manifest,
     ObjRef,
     SnapshotKeys,
+    chunk_key,
     keys_by_epoch,
     manifest_key,
+    open_chunk,
     open_manifest,
     open_object,
     padded_size,
     parse_manifest_key,
+    seal_chunk,
     seal_manifest,
     seal_object,
 )
+from qmoi_sync.protocol.chunks import ChunkKeys
 from qmoi_sync.protocol.identity import DeviceIdentity
+from qmoi_sync.protocol.keys import EpochKeys
 
 SPACE = bytes(range(16))
 
@@ -86,7 +93,11 @@ def _manifest(seq: int = 3) -> Manifest:
         created_ms=1_700_000_000_000,
         index=idx,
         docs=[doc],
-        files=[FileRef("a/b.txt", doc.doc_id, "text", 0o644, 7, os.urandom(32))],
+        files=[
+            FileRef("a/b.txt", doc.doc_id, "text", 0o644, 7, os.urandom(32)),
+            FileRef("c.bin", bytes(15) + b"\x07", "binary", 0o644, 12, bytes(32)),
+        ],
+        bins=[BinRef(bytes(15) + b"\x07", 0, bytes(32), (ChunkRef(os.urandom(32), 12),))],
         prev_seq=2,
         prev_hash=os.urandom(32),
         cursor=41,
@@ -104,6 +115,7 @@ def test_manifest_roundtrip_sign_and_tamper() -> None:
     assert got.signer == ident.public.sign_pk
     assert got.seq == 3 and got.cursor == 41 and got.files == m.files and got.docs == m.docs
     assert got.index == m.index and got.prev_hash == m.prev_hash and got.windows == m.windows
+    assert got.bins == m.bins and got.chunk_sizes() == {m.bins[0].chunks[0].chunk_id: 12}
     assert b"a/b.txt" not in body
     for pos in (10, len(body) // 2, len(body) - 3):
         bad = bytearray(body)
@@ -132,3 +144,34 @@ def test_keys_by_epoch() -> None:
     assert f(1) is None
     k0 = f(0)
     assert k0 is not None and f(0) is k0
+
+
+def _chunk_keys(seed: bytes = b"c") -> ChunkKeys:
+    return ChunkKeys.for_epoch(0, EpochKeys(*(seed * 32 for _ in range(5))))
+
+
+def test_chunk_object_roundtrip_pad_tamper_truncate_swap() -> None:
+    ck = _chunk_keys()
+    data, other = os.urandom(100_000), os.urandom(100_000)
+    ref = ChunkRef(ck.chunk_id(data), len(data))
+    oref = ChunkRef(ck.chunk_id(other), len(other))
+    body = seal_chunk(ck.encrypt(ref.chunk_id, data))
+    assert len(body) == padded_size(len(data) + 16)  # sizes leak only the padding bucket
+    assert body == seal_chunk(ck.encrypt(ref.chunk_id, data))  # deterministic: stored once
+    assert open_chunk(ck, ref, body) == data
+    assert chunk_key("p/", ref.chunk_id) == f"p/c/{ref.chunk_id.hex()}"
+    bad = bytearray(body)
+    bad[500] ^= 1
+    cases = {
+        "flipped": bytes(bad),
+        "truncated": body[:-100],
+        "padding": body[:-1] + b"\x01",
+        "swapped": seal_chunk(ck.encrypt(oref.chunk_id, other)),
+        "other key": seal_chunk(_chunk_keys(b"d").encrypt(ref.chunk_id, data)),
+    }
+    for what, b in cases.items():
+        with pytest.raises(IntegrityError) as e:
+            open_chunk(ck, ref, b)
+        assert e.value.kind == "tampered", what
+    with pytest.raises(IntegrityError):  # the size the manifest records is checked too
+        open_chunk(ck, ChunkRef(ref.chunk_id, len(data) - 1), body)
