@@ -127,6 +127,8 @@ class BlobLink:
             self.state.sent_bytes += len(ciphertext)
             if self.rates is not None:
                 self.rates.up.add(len(ciphertext))
+        # Sent (or already on its way): waiting for the ack must not keep the chunk in memory.
+        del ciphertext
         try:
             async with asyncio.timeout(ACK_TIMEOUT_S):
                 return await asyncio.shield(fut)

@@ -71,12 +71,24 @@ def _rss(dev: Device) -> int:
         return 0
 
 
-def _transfer(a: Device, b: Device, name: str, size: int, seed: int) -> dict[str, Any]:
+def _cpu(pid: int) -> float:
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(t.user + t.system)
+
+
+def _transfer(
+    a: Device, b: Device, relay_pid: int, name: str, size: int, seed: int
+) -> dict[str, Any]:
     # The random data is generated ahead (not timed): a write of pre-made blocks.
     rng = random.Random(seed)
     blocks = [rng.randbytes(min(BLOCK, size - i)) for i in range(0, size, BLOCK)]
     digest = hashlib.sha256(b"".join(blocks)).hexdigest()
     dst = b.folder / name
+    pids = {"a": a.pid, "relay": relay_pid, "b": b.pid}
+    cpu0 = {k: _cpu(p) for k, p in pids.items()}
     t0 = time.perf_counter()
     with open(a.folder / name, "wb") as f:
         for block in blocks:
@@ -85,9 +97,14 @@ def _transfer(a: Device, b: Device, name: str, size: int, seed: int) -> dict[str
     del blocks
     wait_until(lambda: _size(dst) == size, timeout=300, what=f"{name} on b", interval=0.002)
     t1 = time.perf_counter()
+    # CPU seconds each process spent on it (user + system; a ratio that survives the machine's
+    # load far better than wall time does)
+    cpu = {k: round(_cpu(p) - cpu0[k], 3) for k, p in pids.items()}
     ok = _sha(dst) == digest
     return {
         "seconds": round(t1 - t0, 3),
+        "cpu_s": cpu,
+        "loadavg_1": round(os.getloadavg()[0], 2),
         "write_s": round(t_written - t0, 3),
         "after_write_s": round(t1 - t_written, 3),
         "identical": ok,
@@ -107,8 +124,10 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
         a.wait_idle()
         b.wait_idle()
         samples = []
+        assert c.relay.proc is not None
+        relay_pid = c.relay.proc.pid
         for i in range(runs):
-            samples.append(_transfer(a, b, f"random-{i}.bin", 200 * MiB, i))
+            samples.append(_transfer(a, b, relay_pid, f"random-{i}.bin", 200 * MiB, i))
             a.wait_idle()
             b.wait_idle()
         # RSS while a 2 GiB file goes through
@@ -165,7 +184,8 @@ def summary(r: dict[str, Any]) -> str:
     t = r["targets"]
     return (
         f"   200 MiB a->b: median {f['median_s']} s (best {f['best_s']} s; runs "
-        f"{[x['seconds'] for x in f['runs']]}, write itself {[x['write_s'] for x in f['runs']]}) "
+        f"{[x['seconds'] for x in f['runs']]}, write itself {[x['write_s'] for x in f['runs']]}, "
+        f"cpu s {[x['cpu_s'] for x in f['runs']]}, load {[x['loadavg_1'] for x in f['runs']]}) "
         f"target {t['file_200mib_s']['target']} s: {t['file_200mib_s']['verdict']}\n"
         f"   {h['bytes'] // MiB} MiB a->b in {h['seconds']} s, identical={h['identical']}; "
         f"agent RSS peak a {h['rss_mb']['a_peak']} MB, b {h['rss_mb']['b_peak']} MB "
