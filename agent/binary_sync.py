@@ -455,6 +455,15 @@ class BinarySync:
             sync.warnings["binary:upload"] = f"uploads wait for the relay: {exc}"
             self._retry(job, str(exc), offline=isinstance(exc, BlobUnavailable))
             return
+        except (OSError, UnsafePathError) as exc:
+            # Unreadable or locked: tried again with backoff (a lock's end makes no event).
+            self._retry(job, f"cannot read: {exc}")
+            sync.warnings[f"read:{job.path}"] = (
+                f"{job.path}: cannot read ({getattr(exc, 'strerror', None) or exc}); "
+                f"retrying in {max(0.0, job.not_before - time.time()):.0f} s"
+            )
+            return
+        sync.warnings.pop(f"read:{job.path}", None)
         if result is None:  # changed while we read it
             job.changed_at = time.time()
             return

@@ -116,6 +116,9 @@ class SpaceRuntime:
                 self._start_link()
         await asyncio.wait_for(watch_ready.wait(), WATCH_READY_TIMEOUT)
         self.tasks.append(asyncio.create_task(self._initial_scan()))
+        self.tasks.append(
+            asyncio.create_task(self.sync.read_retry.run(self.stop, self._retry_reads))
+        )
         self.tasks.append(asyncio.create_task(self.snapshots.run(self.stop)))
         await self.sync.send_device_info(
             self.agent.device_name, f"{platform.system()}-{platform.machine()}", __version__
@@ -142,6 +145,10 @@ class SpaceRuntime:
             async with self.agent.store.transaction():
                 await self.agent.store.set_space_seeded(self.record.space_id)
         self.scanned.set()
+
+    async def _retry_reads(self, paths: set[str]) -> None:
+        await self.scanned.wait()
+        await self.sync.handle_local(paths)
 
     async def _on_paths(self, abspaths: set[str]) -> None:
         if not self.scanned.is_set():

@@ -55,6 +55,7 @@ from qmoi_sync.agent.materialize import (
     write_file_atomic,
 )
 from qmoi_sync.agent.rate import SpaceRates
+from qmoi_sync.agent.read_retry import ReadRetry
 from qmoi_sync.agent.store import FileRecord, SpaceRecord, Store
 from qmoi_sync.agent.textdoc import ingest_disk_text, load_text_doc, new_text_doc, text_of
 from qmoi_sync.protocol.envelope import open_envelope, parse_header, seal
@@ -78,7 +79,7 @@ from qmoi_sync.protocol.replay import ReplayWindow
 
 if TYPE_CHECKING:
     from qmoi_sync.agent.binary_sync import BinarySync
-    from qmoi_sync.agent.policy import SyncGate
+from qmoi_sync.agent.policy import SyncGate
 
 log = logging.getLogger("qmoi_sync.space")
 
@@ -212,6 +213,8 @@ class SpaceSync:
         self.batch_listeners: list[Callable[[set[bytes]], None]] = []
         # Binary and large files (agent/binary_sync.py); None: they are skipped with a warning.
         self.binary: BinarySync | None = None
+        # Files whose read failed, tried again with backoff (the daemon runs its timer).
+        self.read_retry = ReadRetry()
 
     # -- membership -----------------------------------------------------------------------------
     def set_keyring(self, keyring: Keyring) -> None:
@@ -294,6 +297,10 @@ class SpaceSync:
                 rename_file(self.root, name, old)
             except (OSError, UnsafePathError) as exc:
                 self.warnings[f"move:{old}"] = f"cannot put {old} back after a crash: {exc}"
+
+    def _read_settled(self, path: str) -> None:
+        self.read_retry.settled(path)
+        self.warnings.pop(f"read:{path}", None)
 
     async def _doc(self, fid: bytes) -> Doc:
         doc = self._docs.get(fid)
@@ -394,6 +401,7 @@ class SpaceSync:
         expanded.update(_tracked_under(self.files, maybe_folders))
         for path in sorted(expanded):
             if self.ignores.is_ignored(path):
+                self._read_settled(path)
                 continue
             try:
                 validate_relpath(path)
@@ -411,6 +419,7 @@ class SpaceSync:
                     gone.append(path)
                 else:
                     self.warnings.pop(f"held:{path}", None)
+                self._read_settled(path)
                 continue
             if rec is not None and (st.size, st.mtime_ns, st.inode) == (
                 rec.size,
@@ -427,17 +436,21 @@ class SpaceSync:
             try:
                 got = await asyncio.to_thread(read_file, self.root, path, TEXT_MAX_BYTES)
             except FileTooLargeError:
+                self._read_settled(path)
                 bins.append(path)
                 continue
             except (OSError, UnsafePathError) as exc:
-                self.warnings[f"read:{path}"] = f"{path}: cannot read ({exc}); will retry"
+                delay = self.read_retry.failed(path)
+                self.warnings[f"read:{path}"] = (
+                    f"{path}: cannot read ({exc.strerror or exc}); retrying in {delay:.0f} s"
+                )
                 continue
+            self._read_settled(path)
             if got is None:
                 if rec is not None:
                     gone.append(path)
                 continue
             data, st = got
-            self.warnings.pop(f"read:{path}", None)
             if rec is not None and content_hash(data) == rec.hash:
                 await self._record(path, rec.fid, data, st)
                 continue
@@ -1451,7 +1464,6 @@ class SpaceSync:
         if self.on_sealed is not None:
             self.on_sealed(sealed)
 
-
     # -- snapshots (agent/snapshotter.py, agent/restore.py drive these) -------------------------
     async def update_shared(self, mutate: Callable[[Doc], bytes]) -> bool:
         """Change the space's shared configuration kept in the index document (e.g. the
@@ -1569,6 +1581,7 @@ class SpaceSync:
             await self._finish(batch, dirty=dirty, delivered=[])
             for doc_id in due:
                 await self._compact(doc_id)
+
 
 def _tracked_under(files: Iterable[str], folders: set[str]) -> list[str]:
     """Tracked paths inside any of `folders` (relative paths, '/'-separated)."""

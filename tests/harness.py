@@ -171,6 +171,8 @@ class Device:
     space: str = "notes"
     # extra environment for the agent process (e.g. QMOI_SYNC_TEST_RESOURCES)
     env: dict[str, str] = field(default_factory=dict)
+    # a command the agent process runs under (e.g. setpriv dropping capabilities)
+    wrap: tuple[str, ...] = ()
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -188,7 +190,7 @@ class Device:
     def start(self) -> Device:
         logf = open(self.log_path, "a")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [PY, "-m", "qmoi_sync.agent", "--home", str(self.home), "run"],
+            [*self.wrap, PY, "-m", "qmoi_sync.agent", "--home", str(self.home), "run"],
             stdout=logf,
             stderr=subprocess.STDOUT,
             text=True,
