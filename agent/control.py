@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -196,11 +197,34 @@ async def request(path: Path, payload: dict[str, Any], timeout: float = 30) -> A
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise AgentNotRunning(str(exc)) from exc
     try:
-        writer.write(json.dumps({"v": CONTROL_VERSION, **payload}).encode() + b"\n")
+        writer.write(_request_line(payload))
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout=timeout)
     finally:
         writer.close()
+    return _result(line)
+
+
+def request_blocking(path: Path, payload: dict[str, Any], timeout: float = 30) -> Any:
+    """`request` for callers without an event loop (test and benchmark drivers polling status
+    many times a second, where a CLI process per poll would cost ~0.4 s of CPU each)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(_request_line(payload))
+            with s.makefile("rb") as f:
+                line = f.readline()
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise AgentNotRunning(str(exc)) from exc
+    return _result(line)
+
+
+def _request_line(payload: dict[str, Any]) -> bytes:
+    return json.dumps({"v": CONTROL_VERSION, **payload}).encode() + b"\n"
+
+
+def _result(line: bytes) -> Any:
     if not line:
         raise AgentNotRunning("agent closed the control connection")
     reply = json.loads(line)

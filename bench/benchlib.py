@@ -303,25 +303,16 @@ class Device:
 
 
 def control_request(path: Path, payload: dict[str, Any], timeout: float = 30) -> Any:
+    """One control-socket request; None when no agent listens there."""
+    from qmoi_sync.agent.control import AgentNotRunning, request_blocking
+    from qmoi_sync.agent.home import UserError
+
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(path))
-            s.sendall(json.dumps({"v": 1, **payload}).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(1 << 16)
-                if not chunk:
-                    break
-                buf += chunk
-    except (FileNotFoundError, ConnectionRefusedError):
+        return request_blocking(path, payload, timeout)
+    except AgentNotRunning:
         return None
-    if not buf:
-        return None
-    reply = json.loads(buf)
-    if not reply.get("ok"):
-        raise BenchError(f"control request {payload} refused: {reply.get('error')}")
-    return reply["result"]
+    except UserError as exc:
+        raise BenchError(f"control request {payload} refused: {exc}") from exc
 
 
 @dataclass

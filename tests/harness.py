@@ -48,30 +48,15 @@ def wait_until(
 def control_status(sock: Path, timeout: float = 30) -> dict[str, Any] | None:
     """The agent's status report through its control socket, normalized by the same model the
     CLI prints; None when no agent listens there."""
+    from qmoi_sync.agent.control import AgentNotRunning, request_blocking
     from qmoi_sync.agent.status import StatusReport
 
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(sock))
-            s.sendall(b'{"v": 1, "cmd": "status"}\n')
-            buf = b""
-            while not buf.endswith(b"\n"):
-                part = s.recv(1 << 16)
-                if not part:
-                    break
-                buf += part
-    except (FileNotFoundError, ConnectionRefusedError):
+        result = request_blocking(sock, {"cmd": "status"}, timeout)
+    except AgentNotRunning:
         return None
-    if not buf:
-        return None
-    reply = json.loads(buf)
-    if not reply.get("ok"):
-        raise AssertionError(f"status refused by the agent: {reply.get('error')}")
-    result: dict[str, Any] = json.loads(
-        StatusReport.model_validate(reply["result"]).model_dump_json()
-    )
-    return result
+    report: dict[str, Any] = json.loads(StatusReport.model_validate(result).model_dump_json())
+    return report
 
 
 def free_port() -> int:
