@@ -198,7 +198,7 @@ class Device:
         report = control_status(self.home / "control.sock")
         if report is not None:
             return report
-        proc = cli(self.home, "status", "--json", check=False, timeout=30)
+        proc = self.cli("status", "--json", check=False, timeout=30)
         if proc.returncode not in (0, 3):
             return None
         return json.loads(proc.stdout)

@@ -12,7 +12,6 @@ node with `ip netns exec`, each one a separate test host. Everything is removed 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -216,12 +215,6 @@ class NsDevice(Device):
         )
         wait_until(self._ready, what=f"agent {self.node} ready")
         return self
-
-    def status(self) -> dict[str, Any] | None:
-        proc = self.cli("status", "--json", check=False, timeout=30)
-        if proc.returncode not in (0, 3):
-            return None
-        return json.loads(proc.stdout)  # type: ignore[no-any-return]
 
     def peer(self, space: str, other: NsDevice) -> dict[str, Any] | None:
         """The status row of device `other` in `space`, as this device sees it."""
