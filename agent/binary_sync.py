@@ -165,6 +165,9 @@ class UpJob:
     changed_at: float
     not_before: float = 0.0
     attempts: int = 0
+    # Chunks the relay acknowledged during this job's earlier passes: a repeat pass (the file
+    # changed while it was read) does not seal them again.
+    acked: set[bytes] = field(default_factory=set)
 
 
 @dataclass
@@ -503,9 +506,17 @@ class BinarySync:
             os.close(fd)
             return None
         link = self.link
-        # Chunks the relay has already are sealed anyway (AES-GCM ~1 ms/MiB in the producer
-        # thread) rather than asking the database before each one; only their upload is skipped.
-        producer = ChunkProducer(fd, keys, seal=link is not None)
+        # Chunks acknowledged in this job's earlier passes are not sealed again; others the relay
+        # may have are sealed anyway (AES-GCM ~1 ms/MiB in the producer thread) rather than
+        # asking the database before each one: only their upload is skipped.
+        producer = ChunkProducer(
+            fd,
+            keys,
+            seal=link is not None,
+            skip_seal=frozenset(job.acked),
+        )
+        unsealed = False
+        known_all: set[bytes] = set()
         refs: list[ChunkRef] = []
         inflight: deque[tuple[asyncio.Task[bool], int, bytes]] = deque()
         inflight_bytes = 0
@@ -519,8 +530,12 @@ class BinarySync:
                     continue
                 fresh = [it for it in items if it.chunk_id not in sent]
                 known = await self.chunks.acked(it.chunk_id for it in fresh)
+                known_all |= known
                 for it in fresh:
-                    if it.chunk_id in known or it.chunk_id in sent or it.ciphertext is None:
+                    if it.chunk_id in known or it.chunk_id in sent:
+                        continue
+                    if it.ciphertext is None:
+                        unsealed = True  # acked in an earlier pass, not any more: seal all again
                         continue
                     sent.add(it.chunk_id)
                     n = len(it.ciphertext)
@@ -532,11 +547,15 @@ class BinarySync:
                 del items, fresh
                 if len(acked) >= _ACK_FLUSH:
                     await self.chunks.add_acked(acked)
+                    job.acked.update(acked)
                     acked.clear()
             while inflight:
                 await self._finish_put(inflight, acked)
             end = producer.final_stat
             if end is None or end.st_size != st.size or end.st_mtime_ns != st.mtime_ns:
+                return None
+            if unsealed:
+                job.acked.clear()
                 return None
         finally:
             await producer.close()
@@ -544,6 +563,9 @@ class BinarySync:
                 task.cancel()
             if acked:
                 await self.chunks.add_acked(acked)
+            job.acked.update(acked)
+            if link is not None:
+                job.acked.update(known_all)
         return Manifest.build(keys, refs)
 
     @staticmethod

@@ -124,10 +124,19 @@ class ChunkProducer:
     fstat taken right after the last read (the stable-read check).
     """
 
-    def __init__(self, fd: int, keys: ChunkKeys, seal: bool, depth: int = 4) -> None:
+    def __init__(
+        self,
+        fd: int,
+        keys: ChunkKeys,
+        seal: bool,
+        depth: int = 4,
+        skip_seal: frozenset[bytes] = frozenset(),
+    ) -> None:
         self.fd = fd
         self.keys = keys
         self.seal = seal
+        #: ids not worth sealing (the relay acknowledged them): yielded without ciphertext
+        self.skip_seal = skip_seal
         self.final_stat: os.stat_result | None = None
         self._slots = threading.Semaphore(depth)
         self._stop = threading.Event()
@@ -164,7 +173,8 @@ class ChunkProducer:
                 view = item[1]
                 size = len(view)
                 cid = self.keys.chunk_id(view)
-                ct = self.keys.encrypt(cid, view) if self.seal else None
+                seal = self.seal and cid not in self.skip_seal
+                ct = self.keys.encrypt(cid, view) if seal else None
                 del view, item
                 self._emit(Identified(cid, size, ct))
         except BaseException as exc:  # handed to the consumer, which raises it

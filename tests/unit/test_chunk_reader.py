@@ -125,3 +125,26 @@ def test_producer_read_error_reaches_the_consumer(tmp_path: Path) -> None:
     fd = os.open(tmp_path, os.O_RDONLY)
     with pytest.raises(IsADirectoryError):
         asyncio.run(_produce(fd, True))
+
+
+def test_producer_leaves_acknowledged_chunks_unsealed(tmp_path: Path) -> None:
+    data = sample(5 * MAX_CHUNK, 5)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    chunks = reference_chunks(data)
+    skip = frozenset(KEYS.chunk_id(c) for c in chunks[1:3])
+
+    async def run() -> list[tuple[bytes, bytes | None]]:
+        producer = ChunkProducer(os.open(path, os.O_RDONLY), KEYS, seal=True, skip_seal=skip)
+        out = []
+        try:
+            producer.start()
+            while items := await producer.batch(4):
+                out.extend((i.chunk_id, i.ciphertext) for i in items)
+        finally:
+            await producer.close()
+        return out
+
+    got = asyncio.run(run())
+    assert [cid for cid, _ct in got] == [KEYS.chunk_id(c) for c in chunks]
+    assert [ct is None for _cid, ct in got] == [KEYS.chunk_id(c) in skip for c in chunks]
