@@ -85,7 +85,9 @@ from qmoi_sync.protocol.replay import ReplayWindow
 
 log = logging.getLogger("qmoi_sync.restore")
 
-DOC_CONCURRENCY = 8
+#: Files restored at the same time (each holds one document's state and text, or a window
+#: of chunks).
+DOC_CONCURRENCY = 12
 #: Chunks of one binary file fetched ahead of the one being written.
 CHUNK_WINDOW = 8
 #: Sequence numbers skipped by a device restored under an identity the snapshot knows: it may
@@ -367,6 +369,12 @@ async def _write_binary_file(
     return n
 
 
+def _check_and_write(f: FileRef, dest: Path, data: bytes, mode: int) -> None:
+    """Worker thread: verify the content (hashing is CPU, off the event loop), then write."""
+    _check_content(f, data)
+    write_file_atomic(dest, f.path, data, mode)
+
+
 def _prepare_dest(dest: Path) -> Path:
     dest = dest.expanduser().resolve()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
@@ -411,7 +419,8 @@ async def restore_export(
             raise IntegrityError("malformed", f"snapshot holds a refused path: {exc}") from None
         async with sem:
             if f.kind == "binary":
-                written += await _write_binary_file(fetch, m, f, dest, f.path)
+                n = await _write_binary_file(fetch, m, f, dest, f.path)
+                written += n
                 if on_file is not None:
                     on_file(f.path)
                 return
@@ -421,9 +430,8 @@ async def restore_export(
             else:
                 state = await fetch.state(ref, f.path)
                 data = await asyncio.to_thread(_text_bytes, state)
-            _check_content(f, data)
             mode = 0o755 if f.mode & 0o111 else 0o644
-            await asyncio.to_thread(write_file_atomic, dest, f.path, data, mode)
+            await asyncio.to_thread(_check_and_write, f, dest, data, mode)
             written += len(data)
             if on_file is not None:
                 on_file(f.path)

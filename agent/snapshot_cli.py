@@ -528,11 +528,11 @@ def _restore(home: Home, args: argparse.Namespace) -> int:
 
     async def export() -> Any:
         from qmoi_sync.agent.restore import restore_export, select_manifest
-        from qmoi_sync.agent.snapshot_s3 import Bucket
+        from qmoi_sync.agent.snapshot_s3 import RESTORE_CONCURRENCY, Bucket
         from qmoi_sync.agent.snapshotter import Progress
 
         ctx = _context(home, space, target)
-        bucket = Bucket(target)
+        bucket = Bucket(target, concurrency=RESTORE_CONCURRENCY)
         progress = Progress(op="restore")
         try:
             sel = await select_manifest(ctx, bucket, args.at, shared_last)
@@ -547,12 +547,12 @@ def _restore(home: Home, args: argparse.Namespace) -> int:
 
     async def install_into() -> Any:
         from qmoi_sync.agent.restore import restore_into, select_manifest
-        from qmoi_sync.agent.snapshot_s3 import Bucket
+        from qmoi_sync.agent.snapshot_s3 import RESTORE_CONCURRENCY, Bucket
         from qmoi_sync.agent.snapshotter import Progress
 
         store, sync = await _offline_sync(home, space)
         ctx = _context(home, space, target)
-        bucket = Bucket(target)
+        bucket = Bucket(target, concurrency=RESTORE_CONCURRENCY)
         progress = Progress(op="restore")
         try:
             sel = await select_manifest(ctx, bucket, args.at, shared_last)
