@@ -13,6 +13,7 @@ import contextlib
 import os
 import stat as stat_mod
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,12 +288,40 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """Write ``data`` at ``offset`` (chunks of a download land in any order)."""
+    """Write ``data`` at ``offset`` (chunks of a download land in any order), and have the
+    kernel start writing it to disk now: the fsync before the rename then waits for little
+    (measured here: 200 MiB fsynced in ~0.01 s instead of ~0.12 s after the last write)."""
     view = memoryview(data)
+    at = offset
     while view:
-        n = os.pwrite(fd, view, offset)
+        n = os.pwrite(fd, view, at)
         view = view[n:]
-        offset += n
+        at += n
+    start_writeback(fd, offset, len(data))
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Callable[[int, int, int, int], int] | None = None
+_sync_file_range_loaded = False
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``: start (not wait for) the writeback of
+    a range. Not a durability step (the fsync still is); a no-op where it is unavailable."""
+    global _sync_file_range, _sync_file_range_loaded
+    if not _sync_file_range_loaded:
+        _sync_file_range_loaded = True
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _sync_file_range = fn
+        except (OSError, AttributeError):
+            _sync_file_range = None
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def install_download(tmp: TempFile, relpath: str, mode: int) -> DiskStat:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qmoi_sync.agent.chunker import READ_BUFFER, ChunkProducer, ChunkReader
+from qmoi_sync.agent.chunker import READ_BUFFER, ChunkProducer, ChunkReader, pwrite_all
 from qmoi_sync.protocol.chunks import MAX_CHUNK, ChunkKeys
 from qmoi_sync.protocol.keys import derive_epoch_keys
 
@@ -148,3 +148,16 @@ def test_producer_leaves_acknowledged_chunks_unsealed(tmp_path: Path) -> None:
     got = asyncio.run(run())
     assert [cid for cid, _ct in got] == [KEYS.chunk_id(c) for c in chunks]
     assert [ct is None for _cid, ct in got] == [KEYS.chunk_id(c) in skip for c in chunks]
+
+
+def test_pwrite_all_lands_chunks_in_any_order(tmp_path: Path) -> None:
+    parts = [bytes([i]) * (100_000 + i) for i in range(5)]
+    offsets = [sum(len(p) for p in parts[:i]) for i in range(5)]
+    fd = os.open(tmp_path / "dl", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        for i in (3, 0, 4, 2, 1):
+            pwrite_all(fd, parts[i], offsets[i])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "dl").read_bytes() == b"".join(parts)
