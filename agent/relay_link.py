@@ -171,6 +171,12 @@ class RelayLink:
             except (OSError, websockets.WebSocketException, ProtocolError, TimeoutError) as exc:
                 self.state.last_error = f"relay unreachable: {exc}"
                 log.info("relay link for %s down: %s", self.sync.space_id[:8], exc)
+            except Exception as exc:
+                # A bug in one session must not end the link for good (silently: nobody awaits
+                # this task): logged with its traceback, then reconnect with backoff.
+                self.state.last_error = f"relay link error: {type(exc).__name__}: {exc}"
+                log.exception("relay link for %s failed; reconnecting", self.sync.space_id[:8])
+                delay = max(delay, 1.0)
             finally:
                 self.state.connected = False
                 self.state.caught_up = False
