@@ -40,6 +40,7 @@ from qmoi_sync.agent.materialize import (
     DiskStat,
     FileTooLargeError,
     UnsafePathError,
+    WriteJob,
     content_hash,
     delete_file,
     delete_link,
@@ -52,12 +53,18 @@ from qmoi_sync.agent.materialize import (
     set_executable,
     set_mtime,
     stat_file,
-    write_file_atomic,
+    write_files_atomic,
 )
 from qmoi_sync.agent.rate import SpaceRates
 from qmoi_sync.agent.read_retry import ReadRetry
 from qmoi_sync.agent.store import FileRecord, SpaceRecord, Store
-from qmoi_sync.agent.textdoc import ingest_disk_text, load_text_doc, new_text_doc, text_of
+from qmoi_sync.agent.textdoc import (
+    adopt_text_doc,
+    ingest_disk_text,
+    load_text_doc,
+    new_text_doc,
+    text_of,
+)
 from qmoi_sync.protocol.envelope import open_envelope, parse_header, seal
 from qmoi_sync.protocol.errors import PathError, ProtocolError
 from qmoi_sync.protocol.identity import DeviceIdentity
@@ -92,9 +99,18 @@ TEXT_MAX_BYTES = 4 * 1024 * 1024
 ENVELOPE_PAYLOAD_BUDGET = 6 * 1024 * 1024
 # Text documents kept in memory; the rest live in SQLite until touched.
 DOC_CACHE_SIZE = 128
-# Files written to disk concurrently: their fsyncs overlap and the file system commits them
-# together (measured on ext4: ~5 ms per file one at a time, ~0.4 ms each 4+ at a time).
-MATERIALIZE_GROUP = 32
+# Files written to disk as one group (materialize.write_files_atomic): their temp files are
+# fsynced together, which the file system commits at once (ext4 here: ~5 ms per file one at a
+# time, ~0.2 ms each in a group). A group holds two fds at most per distinct folder.
+MATERIALIZE_GROUP = 64
+# A large local batch (a checkout, an unzip, the first scan) is committed and sealed every this
+# many changed files, so sending, the relay and the receivers overlap with the ingest.
+LOCAL_SLICE = 128
+# Delivered envelopes are applied, committed and written to disk in rounds that touch about
+# this many documents (a round finishes the envelope that crossed it): the first files of a
+# large delivery appear early, and the round's documents are still in the cache
+# (DOC_CACHE_SIZE) when they are written.
+REMOTE_SLICE_DOCS = 100
 # How long a delivered envelope from an unknown sender or of a future epoch waits for the
 # membership log that explains it (the relay sends that log just before, on another task).
 MEMBERSHIP_WAIT_S = 5.0
@@ -316,6 +332,17 @@ class SpaceSync:
             self._docs.popitem(last=False)
         return doc
 
+    async def _adopt_new_doc(self, fid: bytes, scratch: Doc) -> bool:
+        """A remote update of a text document this device does not have yet: the scratch
+        document it was checked on (_scratch_apply) becomes the document, instead of applying
+        the same update a second time to a new empty one. False if the document exists."""
+        if fid in self._docs or await self.store.has_doc(self.space_id, fid):
+            return False
+        self._docs[fid] = adopt_text_doc(scratch)
+        while len(self._docs) > DOC_CACHE_SIZE:
+            self._docs.popitem(last=False)
+        return True
+
     # -- local side ---------------------------------------------------------------------------
     def relpath_of(self, abspath: str) -> str | None:
         try:
@@ -331,7 +358,7 @@ class SpaceSync:
         async with self.lock:
             self._begin_batch()
             batch = _Batch()
-            await self._ingest_local(set(paths), batch, gate=True)
+            await self._ingest_local(set(paths), batch, gate=True, publish_every=LOCAL_SLICE)
             await self._finish(batch, dirty=set(), delivered=[])
 
     async def rescan(self) -> None:
@@ -342,7 +369,13 @@ class SpaceSync:
             pending = await self._pending_materialize()
             self._reload_ignores()
             on_disk = await asyncio.to_thread(self._walk_files, "")
-            await self._ingest_local(set(on_disk) | set(self.files), batch, walked=True, gate=True)
+            await self._ingest_local(
+                set(on_disk) | set(self.files),
+                batch,
+                walked=True,
+                gate=True,
+                publish_every=LOCAL_SLICE,
+            )
             await self._finish(batch, dirty=pending, delivered=[])
 
     def _walk_files(self, under: str) -> list[str]:
@@ -369,12 +402,16 @@ class SpaceSync:
         walked: bool = False,
         set_aside: bool = False,
         gate: bool = False,
+        publish_every: int = 0,
     ) -> None:
         """Take local changes of these paths into the CRDT. On a device that may not send
         (reader, removed) they are only detected and reported; with ``set_aside`` (a remote
         change is about to land on them) changed files are first moved to a conflict name.
         With ``gate`` (the watcher/scan entry points) the resource policy may defer large files;
-        a local edit absorbed before a remote change lands is never deferred."""
+        a local edit absorbed before a remote change lands is never deferred. With
+        ``publish_every`` (only where ``batch`` holds nothing but local changes) the updates are
+        committed and sealed every that many changed files, so the relay and the other devices
+        work on the first files while the rest are ingested."""
         changed: list[_LocalChange] = []
         gone: list[str] = []
         bins: list[str] = []  # binary or > TEXT_MAX_BYTES: chunked by self.binary
@@ -472,7 +509,12 @@ class SpaceSync:
         for path in gone:
             gone_by_hash.setdefault(self.files[path].hash, []).append(path)
         entries = self.index.entries()
-        for ch in changed:
+        for i, ch in enumerate(changed):
+            if publish_every and i:
+                if i % publish_every == 0:
+                    await self._publish_slice(batch)
+                elif i % 16 == 0:
+                    await asyncio.sleep(0)  # the relay link sends the previous slice meanwhile
             rec = self.files.get(ch.path)
             text = _as_text(ch.data)
             if text is None:
@@ -522,6 +564,13 @@ class SpaceSync:
             await self._forget(path)
         for path, link in links:
             await self._ingest_link(path, link, entries, batch)
+
+    async def _publish_slice(self, batch: _Batch) -> None:
+        """Commit and seal what a large local batch produced so far: the same transaction as at
+        the end of a batch (updates, envelopes, the records of the files they came from)."""
+        await self._commit(batch.items, [], pending=None)
+        batch.items.clear()
+        await asyncio.sleep(0)  # let the relay link read the outbox
 
     def _is_link(self, fid: bytes) -> bool:
         entry = self.index.entry(fid.hex())
@@ -767,19 +816,23 @@ class SpaceSync:
         while pending:
             before = self.keyring
             done: list[tuple[int, bytes]] = []
+            waiting = False
             async with self.lock:
                 self._begin_batch()
                 batch = _Batch()
                 dirty: set[bytes] = set()
                 for relay_seq, envelope in pending:
+                    if len(dirty) >= REMOTE_SLICE_DOCS:
+                        break  # write these to disk before applying more
                     if not await self._apply_envelope(envelope, batch, dirty, final):
+                        waiting = True
                         break
                     self.cursor = max(self.cursor, relay_seq)
                     self._skip_own()
                     done.append((relay_seq, envelope))
                 await self._finish(batch, dirty=dirty, delivered=done)
             pending = pending[len(done) :]
-            if pending:
+            if waiting:
                 final = not await self._await_new_keyring(before)
 
     async def _await_new_keyring(self, before: Keyring) -> bool:
@@ -864,7 +917,8 @@ class SpaceSync:
                 await self._quarantine(sender, "content change from a read-only member", envelope)
                 window.mark(seq)
                 return True
-            if not _updates_are_sane(payload.items):
+            scratches = _scratch_apply(payload.items)
+            if scratches is None:
                 await self._quarantine(sender, "malformed CRDT update", envelope)
                 window.mark(seq)
                 return True
@@ -884,11 +938,11 @@ class SpaceSync:
             if self._disk_note is not None:
                 await self._keep_bases([i.doc_id for i in payload.items])
             applied: list[tuple[bytes, bytes]] = []
-            for item in payload.items:
+            for item, scratch in zip(payload.items, scratches, strict=True):
                 try:
                     if item.doc_id == INDEX_DOC_ID:
                         self.index.apply_update(item.update)
-                    else:
+                    elif not await self._adopt_new_doc(item.doc_id, scratch):
                         (await self._doc(item.doc_id)).apply_update(item.update)
                 except BaseException as exc:
                     if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
@@ -1260,8 +1314,8 @@ class SpaceSync:
             await self._record_stat(path, fid, rec.hash, new)
 
     async def _materialize_texts(self, group: list[tuple[bytes, str, FileEntry]]) -> None:
-        """Write a group of text files concurrently (temp + fsync + rename each), then record
-        them in one transaction."""
+        """Write a group of text files (temp + fsync + rename each; their fsyncs are shared:
+        materialize.write_files_atomic), then record them in one transaction."""
         jobs: list[tuple[bytes, str, bytes, int, int | None]] = []
         for fid, path, entry in group:
             doc = await self._doc(fid)
@@ -1272,12 +1326,10 @@ class SpaceSync:
                 if st is not None:
                     continue
             jobs.append((fid, path, data, 0o755 if entry.mode & 0o111 else 0o644, entry.mtime_ns))
-        results = await asyncio.gather(
-            *(
-                asyncio.to_thread(write_file_atomic, self.root, p, d, m, t)
-                for _f, p, d, m, t in jobs
-            ),
-            return_exceptions=True,
+        if not jobs:
+            return
+        results = await asyncio.to_thread(
+            write_files_atomic, self.root, [WriteJob(p, d, m, t) for _f, p, d, m, t in jobs]
         )
         for (fid, path, data, _mode, _mtime), res in zip(jobs, results, strict=True):
             if isinstance(res, (OSError, UnsafePathError)):
@@ -1285,8 +1337,6 @@ class SpaceSync:
                     self.unwritten.add(fid)  # retried with the next batch or when space is freed
                 self.warnings[f"write:{path}"] = f"cannot write {path}: {res}"
                 continue
-            if isinstance(res, BaseException):
-                raise res
             self.warnings.pop(f"write:{path}", None)
             self.unwritten.discard(fid)
             await self._record(path, fid, data, res)
@@ -1319,6 +1369,7 @@ class SpaceSync:
             # is the last line of defence: never seal them.
             log.error("space %s: refusing to seal local updates (%s)", self.space_id[:8], block)
             items = []
+        items = _coalesce(items)
         async with self.store.transaction():
             if items:
                 due = await self.store.append_doc_updates(self.space_id, items)
@@ -1555,7 +1606,7 @@ class SpaceSync:
             await self._absorb_unsaved([d for d, _ in ordered if d != INDEX_DOC_ID], batch)
             dirty: set[bytes] = set()
             for doc_id, state in ordered:
-                if not _updates_are_sane([DocUpdate(doc_id=doc_id, update=state)]):
+                if _scratch_apply([DocUpdate(doc_id=doc_id, update=state)]) is None:
                     raise ValueError(f"snapshot state of document {doc_id.hex()} is malformed")
                 if doc_id == INDEX_DOC_ID:
                     self.index.apply_update(state)
@@ -1622,6 +1673,31 @@ def _probe_case_insensitive(root: Path) -> bool:
             os.unlink(root / name)
 
 
+def _coalesce(items: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """One update per document (``merge_updates`` of its updates, in order; the documents keep
+    the order of their first update). A burst of new files makes 2-3 index updates per file:
+    merged, a receiver applies the index once per envelope, and the store keeps one row."""
+    by_doc: dict[bytes, list[bytes]] = {}
+    for doc_id, update in items:
+        by_doc.setdefault(doc_id, []).append(update)
+    if len(by_doc) == len(items):
+        return items
+    out: list[tuple[bytes, bytes]] = []
+    for doc_id, updates in by_doc.items():
+        if len(updates) == 1:
+            out.append((doc_id, updates[0]))
+            continue
+        try:
+            out.append((doc_id, merge_updates(*updates)))
+        except BaseException as exc:
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
+                raise
+            # Our own updates always merge; should one not, send them as they are.
+            log.error("could not merge %d updates of one document: %r", len(updates), exc)
+            out.extend((doc_id, u) for u in updates)
+    return out
+
+
 def _split(items: list[tuple[bytes, bytes]]) -> list[list[tuple[bytes, bytes]]]:
     out: list[list[tuple[bytes, bytes]]] = [[]]
     size = 0
@@ -1664,9 +1740,11 @@ def _mode_of(st: DiskStat, path: Path) -> int:
         return 0o644
 
 
-def _updates_are_sane(items: list[DocUpdate]) -> bool:
+def _scratch_apply(items: list[DocUpdate]) -> list[Doc] | None:
     """Apply each update to a throwaway document first: a crafted update that makes yrs panic
-    must never reach a live document (a panicked document may be unusable afterwards)."""
+    must never reach a live document (a panicked document may be unusable afterwards). Returns
+    the scratch documents (one per item), or None if any update was refused."""
+    out: list[Doc] = []
     for item in items:
         scratch = Doc()
         try:
@@ -1674,5 +1752,6 @@ def _updates_are_sane(items: list[DocUpdate]) -> bool:
         except BaseException as exc:
             if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
                 raise
-            return False
-    return True
+            return None
+        out.append(scratch)
+    return out

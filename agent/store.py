@@ -245,6 +245,10 @@ class Store:
             if target is not None:
                 target.update(doc_ids)
 
+    async def has_doc(self, space_id: str, doc_id: bytes) -> bool:
+        """Whether anything of this document is stored (no query: the id set is kept)."""
+        return doc_id in await self._known_doc_ids(space_id)
+
     async def load_doc(self, space_id: str, doc_id: bytes) -> tuple[bytes | None, list[bytes]]:
         """The compacted state (if any) and the updates appended since, in order."""
         if doc_id not in await self._known_doc_ids(space_id):

@@ -36,6 +36,7 @@ from .textdiff import apply_ops, diff_ops
 
 __all__ = [
     "CONTENT",
+    "adopt_text_doc",
     "deterministic_client_id",
     "ingest_disk_text",
     "load_text_doc",
@@ -51,6 +52,13 @@ _CLIENT_ID_MASK = (1 << 53) - 1  # stay within JS safe integers (Yjs interop, li
 def new_text_doc(client_id: int | None = None) -> Doc[Any]:
     """An empty text document (root ``Text`` named ``content``)."""
     doc: Doc[Any] = Doc(client_id=client_id)
+    doc.get(CONTENT, type=Text)
+    return doc
+
+
+def adopt_text_doc(doc: Doc[Any]) -> Doc[Any]:
+    """A plain ``Doc`` that updates were applied to, as a text document (same as
+    ``load_text_doc`` of those updates: root types are found by name)."""
     doc.get(CONTENT, type=Text)
     return doc
 
