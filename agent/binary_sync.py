@@ -41,11 +41,12 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qmoi_sync.agent.blob_transfer import BlobError, BlobLink, BlobQuotaExceeded, BlobUnavailable
+from qmoi_sync.agent.chunk_sources import RelayChunks, RemoteChunks
 from qmoi_sync.agent.chunk_store import ChunkStore
 from qmoi_sync.agent.chunker import (
     ChunkProducer,
@@ -60,6 +61,7 @@ from qmoi_sync.agent.chunker import (
 from qmoi_sync.agent.index import FileEntry, derive_file_id
 from qmoi_sync.agent.layout import compute_layout, strip_conflict_marker
 from qmoi_sync.agent.materialize import DiskStat, UnsafePathError, delete_file, stat_file
+from qmoi_sync.agent.peer_chunks import LanChunks
 from qmoi_sync.protocol.chunks import ChunkKeys, ChunkRef, Manifest
 from qmoi_sync.protocol.errors import DecryptError, ProtocolError
 from qmoi_sync.protocol.paths import conflict_name
@@ -82,6 +84,10 @@ RETRY_MIN_S = 0.5
 RETRY_MAX_S = 8.0
 #: Retry delay when the relay is unreachable (the blob link has its own reconnect backoff).
 RETRY_OFFLINE_S = 1.0
+#: How long an upload waits for the relay to connect before publishing for LAN peers only
+#: (RELAY_RECHECK_S once the link's last attempt failed).
+RELAY_PROBE_S = 3.0
+RELAY_RECHECK_S = 0.5
 _ACK_FLUSH = 8
 #: Chunks the upload's producer thread reads and seals ahead of the socket.
 _PRODUCER_DEPTH = 4
@@ -168,6 +174,9 @@ class UpJob:
     # Chunks the relay acknowledged during this job's earlier passes: a repeat pass (the file
     # changed while it was read) does not seal them again.
     acked: set[bytes] = field(default_factory=set)
+    # Published for LAN peers while the relay was unreachable: only the relay's copy of the
+    # chunks is still owed (the next pass uploads what it lacks and publishes nothing new).
+    relay_owed: bool = False
 
 
 @dataclass
@@ -193,6 +202,14 @@ class BinaryStats:
     chunks_fetched: int = 0
     chunks_local: int = 0
     chunks_refused: int = 0
+    # chunks fetched (and verified) per path: "lan" / "relay" -> [chunks, sealed bytes]
+    by_path: dict[str, list[int]] = field(default_factory=dict)
+
+    def fetched(self, path: str, nbytes: int) -> None:
+        self.chunks_fetched += 1
+        row = self.by_path.setdefault(path, [0, 0])
+        row[0] += 1
+        row[1] += nbytes
 
 
 @dataclass
@@ -200,6 +217,11 @@ class BinarySync:
     sync: SpaceSync
     chunks: ChunkStore
     link: BlobLink | None
+    #: Where missing chunks are fetched from, in order of preference (LAN peers, then relay).
+    remote: list[RemoteChunks] = field(default_factory=list)
+    #: True while LAN peers may fetch chunks from this device's files (LAN sync on for the
+    #: space): a file is then published even while the relay is unreachable.
+    lan_enabled: Callable[[], bool] = field(default=lambda: False)
     up: dict[str, UpJob] = field(default_factory=dict)
     down: dict[bytes, DownJob] = field(default_factory=dict)
     stats: BinaryStats = field(default_factory=BinaryStats)
@@ -236,6 +258,7 @@ class BinarySync:
             self.up[path] = UpJob(path, size, now)
         else:
             job.changed_at = now
+            job.relay_owed = False
             job.size = size or job.size
             job.not_before = min(job.not_before, now)
         self._up_wake.set()
@@ -443,9 +466,13 @@ class BinarySync:
         if keys is None:
             self._retry(job, "no key for the current epoch")
             return
+        upload = await self._relay_reachable()
+        if job.relay_owed and not upload:
+            self._retry(job, "chunks owed to the relay, which is unreachable")
+            return
         started = time.time()
         try:
-            result = await self._pass(job, st, keys)
+            result = await self._pass(job, st, keys, upload)
         except BlobQuotaExceeded as exc:
             self._quota_paths.add(job.path)
             sync.warnings["binary:quota"] = (
@@ -483,6 +510,18 @@ class BinarySync:
             sync.warnings.pop("binary:quota", None)
         sync.warnings.pop("binary:upload", None)
         if await self._commit_local(job, st, manifest):
+            if not upload and job.path not in self.up:
+                # Published for LAN peers (they fetch the chunks from this device); the relay
+                # still gets its copy once it is back, for devices off this LAN.
+                owed = UpJob(job.path, st.size, time.time(), relay_owed=True)
+                self.up[job.path] = owed
+                self._retry(owed, "chunks owed to the relay, which is unreachable")
+                sync.warnings["binary:upload"] = (
+                    "the relay is unreachable: new binary files are served to LAN peers and "
+                    "uploaded to the relay when it is back"
+                )
+            if job.relay_owed:
+                return
             self.stats.uploaded_files += 1
             log.info(
                 "binary up %s: %d bytes, %d chunks, published %.3f s after the pass began",
@@ -492,8 +531,23 @@ class BinarySync:
                 time.time() - started,
             )
 
-    async def _pass(self, job: UpJob, st: DiskStat, keys: ChunkKeys) -> Manifest | None:
-        """Read, cut, identify and upload the file once. None if it changed meanwhile.
+    async def _relay_reachable(self) -> bool:
+        """Whether this pass uploads to the relay. A manifest is published only once the relay
+        holds its chunks — unless the relay cannot be reached and LAN sync is on: LAN peers then
+        fetch the chunks from this device, and the relay's copy is owed until it is back."""
+        link = self.link
+        if link is None or link.state.connected or not self.lan_enabled():
+            return True
+        # A link that failed its last attempt is asked only briefly (it keeps retrying with its
+        # backoff; this demand keeps it trying); one that has not tried yet gets a connect.
+        probe = RELAY_RECHECK_S if link.state.last_error else RELAY_PROBE_S
+        return await link.wait_up(probe)
+
+    async def _pass(
+        self, job: UpJob, st: DiskStat, keys: ChunkKeys, upload: bool = True
+    ) -> Manifest | None:
+        """Read, cut, identify and (if ``upload``) upload the file once. None if it changed
+        meanwhile.
 
         A producer thread reads, identifies and seals chunks ahead (chunker.ChunkProducer);
         this loop checks which ones the relay already holds (one query per batch of ready
@@ -505,7 +559,7 @@ class BinarySync:
         if st_open != st:
             os.close(fd)
             return None
-        link = self.link
+        link = self.link if upload else None
         # Chunks acknowledged in this job's earlier passes are not sealed again; others the relay
         # may have are sealed anyway (AES-GCM ~1 ms/MiB in the producer thread) rather than
         # asking the database before each one: only their upload is skipped.
@@ -751,33 +805,70 @@ class BinarySync:
         return ref.size
 
     async def _fetch(self, keys: ChunkKeys, ref: ChunkRef) -> bytes:
-        root = self.sync.root
-        for src in await self.chunks.sources(ref.id):
-            data = await asyncio.to_thread(
-                _read_verified, root, src.path, src.offset, src.length, src.file_size,
-                src.mtime_ns, keys, ref.id,
-            )  # fmt: skip
-            if data is not None:
-                self.stats.chunks_local += 1
-                return data
-        if self.link is None:
-            raise BlobUnavailable("no_relay", "this space has no relay to fetch chunks from")
-        ct = await self.link.get(ref.id)
-        if ct is None:
+        data = await self._read_local(keys, ref.id)
+        if data is not None:
+            self.stats.chunks_local += 1
+            return data
+        refused = relay_missing = False
+        failure: BlobError | None = None
+        for source in self.remote:
+            if not source.ready():
+                continue
+            try:
+                sealed = await source.get(keys.epoch, ref.id)
+            except BlobError as exc:
+                failure = exc
+                continue
+            if sealed is None:
+                relay_missing = relay_missing or source.path == "relay"
+                continue
+            try:
+                data = await asyncio.to_thread(keys.decrypt, ref.id, sealed)
+                if len(data) != ref.size:
+                    raise DecryptError("chunk has the wrong size")
+            except DecryptError as exc:
+                # Refused whatever the path; the next source is asked.
+                self.stats.chunks_refused += 1
+                source.refused(ref.id)
+                refused = True
+                log.warning("refused chunk %s (%s): %s", ref.id.hex()[:16], source.path, exc)
+                continue
+            self.stats.fetched(source.path, len(sealed))
+            return data
+        if refused:
+            raise TamperedChunk(f"chunk {ref.id.hex()[:16]} failed verification")
+        if relay_missing:
             # The relay lost it (or never got it): whoever holds it uploads it again.
             await self.chunks.forget_acked([ref.id])
             raise BlobUnavailable("missing", f"the relay does not have chunk {ref.id.hex()[:16]}")
-        try:
-            data = await asyncio.to_thread(keys.decrypt, ref.id, ct)
-        except DecryptError as exc:
-            self.stats.chunks_refused += 1
-            log.warning("refused chunk %s: %s", ref.id.hex()[:16], exc)
-            raise TamperedChunk(f"chunk {ref.id.hex()[:16]}: {exc}") from None
-        if len(data) != ref.size:
-            self.stats.chunks_refused += 1
-            raise TamperedChunk(f"chunk {ref.id.hex()[:16]} has the wrong size")
-        self.stats.chunks_fetched += 1
-        return data
+        if failure is not None:
+            raise failure
+        if not self.remote:
+            raise BlobUnavailable("no_relay", "this space has no relay to fetch chunks from")
+        raise BlobUnavailable("missing", f"no source has chunk {ref.id.hex()[:16]} yet")
+
+    async def _read_local(self, keys: ChunkKeys, cid: bytes) -> bytes | None:
+        """A chunk read (and re-verified) from a file of this space on this device."""
+        root = self.sync.root
+        for src in await self.chunks.sources(cid):
+            data = await asyncio.to_thread(
+                _read_verified, root, src.path, src.offset, src.length, src.file_size,
+                src.mtime_ns, keys, cid,
+            )  # fmt: skip
+            if data is not None:
+                return data
+        return None
+
+    async def sealed_local(self, epoch: int, chunk_id: bytes) -> bytes | None:
+        """A chunk of this device's files, sealed for a LAN peer (the same ciphertext the relay
+        would hold); None if not here (or the epoch is unknown)."""
+        keys = self.chunk_keys(epoch)
+        if keys is None:
+            return None
+        data = await self._read_local(keys, chunk_id)
+        if data is None:
+            return None
+        return await asyncio.to_thread(keys.encrypt, chunk_id, data)
 
     async def _install(self, job: DownJob, tmp: TempFile) -> bool:
         sync = self.sync
@@ -928,7 +1019,17 @@ async def attach(runtime: Any) -> BinarySync:
         link.paused = runtime.record.paused
         link.rates = sync.rates
         runtime.tasks.append(asyncio.create_task(link.run(runtime.stop)))
-    binary = BinarySync(sync, ChunkStore(sync.store, sync.space_id), link)
+    # LAN peers first: bulk chunks prefer the LAN path when both exist.
+    remote: list[RemoteChunks] = [LanChunks(runtime)]
+    if link is not None:
+        remote.append(RelayChunks(link))
+    binary = BinarySync(
+        sync,
+        ChunkStore(sync.store, sync.space_id),
+        link,
+        remote=remote,
+        lan_enabled=lambda: runtime.lan is not None and runtime.lan.active,
+    )
     await binary.start()
     sync.binary = binary
     runtime.tasks.append(asyncio.create_task(binary.run(runtime.stop)))
@@ -940,10 +1041,16 @@ def status_fields(binary: BinarySync | None) -> dict[str, int]:
     if binary is None:
         return {}
     up, up_bytes, down, down_bytes = binary.pending()
+    lan = binary.stats.by_path.get("lan", [0, 0])
+    relay = binary.stats.by_path.get("relay", [0, 0])
     return {
         "pending_up_files": up,
         "pending_up_bytes": up_bytes,
         "pending_down_files": down,
         "pending_down_bytes": down_bytes,
         "chunks_refused": binary.stats.chunks_refused,
+        "chunks_lan": lan[0],
+        "chunk_bytes_lan": lan[1],
+        "chunks_relay": relay[0],
+        "chunk_bytes_relay": relay[1],
     }

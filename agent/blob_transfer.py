@@ -113,6 +113,15 @@ class BlobLink:
             raise BlobUnavailable("offline", "connection lost")
         return ws
 
+    async def wait_up(self, timeout: float) -> bool:
+        """Connect if needed and wait at most ``timeout`` for an authenticated session: whether
+        the relay is reachable now (an upload may then publish for LAN peers instead)."""
+        try:
+            await self._session_ws(timeout)
+        except BlobUnavailable:
+            return False
+        return True
+
     async def put(self, chunk_id: bytes, ciphertext: bytes, timeout: float = 60.0) -> bool:
         """Upload one chunk; returns once the relay holds it durably (True: stored now, False:
         it had it already). Raises BlobQuotaExceeded / BlobUnavailable / BlobError."""

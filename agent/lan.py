@@ -33,7 +33,7 @@ from qmoi_sync.agent.peer_link import (
     refuse,
     ws_log,
 )
-from qmoi_sync.agent.peer_sync import SpaceLan, Target
+from qmoi_sync.agent.peer_sync import PeerSession, SpaceLan, Target
 from qmoi_sync.agent.status import LanStatus
 from qmoi_sync.protocol import lan as L
 from qmoi_sync.protocol.identity import DeviceIdentity
@@ -270,23 +270,28 @@ class LanService:
             self._invite_refresh.set()
 
     # -- status ------------------------------------------------------------------------------------
-    def peers(self, space_id: str) -> dict[bytes, tuple[str, float | None]]:
-        """Connected LAN peers of a space: key -> (address, rtt in ms)."""
+    def peers(self, space_id: str) -> dict[bytes, PeerSession]:
+        """Connected LAN peers of a space."""
         space = self.spaces.get(space_id)
         if space is None:
             return {}
-        return {pk: (s.conn.address, s.conn.latency_ms) for pk, s in space.peer_status().items()}
+        return space.peer_status()
 
 
-def path_fields(
-    rt: SpaceRuntime, pk: bytes, lan_peers: dict[bytes, tuple[str, float | None]]
-) -> dict[str, Any]:
+def path_fields(rt: SpaceRuntime, pk: bytes, lan_peers: dict[bytes, PeerSession]) -> dict[str, Any]:
     """`status` fields saying how this device reaches device ``pk`` of the space right now."""
     if pk == rt.agent.identity.public.sign_pk:
         return {}
     peer = lan_peers.get(pk)
     if peer is not None:
-        return {"path": "lan", "address": peer[0], "rtt_ms": peer[1]}
+        chunks = peer.chunks.counters
+        return {
+            "path": "lan",
+            "address": peer.conn.address,
+            "rtt_ms": peer.conn.latency_ms,
+            "lan_chunk_bytes_in": chunks.received_bytes,
+            "lan_chunk_bytes_out": chunks.served_bytes,
+        }
     link = rt.link
     if link is not None and link.state.connected:
         return {"path": "relay", "address": link.url, "rtt_ms": link.latency_ms}
@@ -307,4 +312,8 @@ def lan_status(rt: SpaceRuntime) -> LanStatus:
         sent=st.sent,
         resyncs=st.resyncs,
         refused=st.refused + service.refused,
+        chunks_served=space.chunk_counters.served,
+        chunk_bytes_served=space.chunk_counters.served_bytes,
+        chunks_received=space.chunk_counters.received,
+        chunk_bytes_received=space.chunk_counters.received_bytes,
     )

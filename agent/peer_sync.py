@@ -7,7 +7,8 @@ What flows between two authenticated peers (frames in protocol/lan.py):
   through `SpaceSync.handle_peer`, which never moves the relay cursor. The replay windows drop
   whatever arrives twice (LAN and relay);
 * a state-vector resync (StateRequest -> StateReply, sealed as direct envelopes) when a session
-  starts, every RESYNC_INTERVAL_S, and whenever per-sender order cannot be kept.
+  starts, every RESYNC_INTERVAL_S, and whenever per-sender order cannot be kept;
+* sealed chunks of binary files, asked for by a device that lacks them (agent/peer_chunks.py).
 
 Order. pycrdt 0.14 can silently lose updates applied out of order (design brief §4), so a
 peer's stream goes through a CausalBuffer: released strictly in that sender's seq order, starting
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from qmoi_sync.agent.causal import BufferFull, CausalBuffer
+from qmoi_sync.agent.peer_chunks import ChunkCounters, PeerChunks, SealLocal
 from qmoi_sync.agent.peer_link import (
     CLOSE_DUPLICATE,
     CLOSE_GONE,
@@ -120,6 +122,7 @@ class SpaceLan:
         self.gap_since: dict[bytes, float] = {}
         self.first_sync = asyncio.Event()
         self.stats = LanStats()
+        self.chunk_counters = ChunkCounters()
         self.targets: dict[str, Target] = {}
         self.instance_pk: dict[str, bytes] = {}
         self._dialers: dict[str, asyncio.Task[None]] = {}
@@ -138,6 +141,11 @@ class SpaceLan:
 
     async def adopt_log(self, data: bytes) -> None:
         await self.rt.on_membership(data)
+
+    def seal_local(self) -> SealLocal | None:
+        """How this space reads and seals one of its chunks for a peer (agent/binary_sync.py)."""
+        binary = self.rt.binary
+        return binary.sealed_local if binary is not None else None
 
     # -- discovery tags ----------------------------------------------------------------------------
     def current_tag(self, now: float) -> bytes | None:
@@ -434,6 +442,10 @@ class PeerSession:
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _resync_at: float = 0.0
     _last_answer: float = 0.0
+    chunks: PeerChunks = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.chunks = PeerChunks(self.conn, self.space.seal_local, self.space.chunk_counters)
 
     @property
     def peer_pk(self) -> bytes:
@@ -502,6 +514,7 @@ class PeerSession:
                     log.warning("LAN session with %s failed: %r", self.conn.address, exc)
         finally:
             self.ready = False
+            self.chunks.close()
             for t in tasks:
                 t.cancel()
             for t in tasks:
@@ -644,6 +657,12 @@ class PeerSession:
                 elif isinstance(frame, L.LogUpdate):
                     await space.adopt_log(frame.log)
                     self._log_len = max(self._log_len, len(space.rt.keyring.log))
+                elif isinstance(frame, L.ChunkGet):
+                    self.chunks.on_get(frame)
+                elif isinstance(frame, L.ChunkData | L.ChunkMissing):
+                    self.chunks.on_answer(frame)
+                    if isinstance(frame, L.ChunkData):
+                        sync.rates.down.add(len(frame.data))
                 elif isinstance(frame, L.Bye):
                     self.stop(f"peer said bye: {frame.code}")
                     return

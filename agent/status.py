@@ -50,6 +50,9 @@ class MemberStatus(BaseModel):
     path: PeerPath | None = None
     address: str | None = None
     rtt_ms: float | None = None
+    # Binary-file chunk bytes exchanged with that device over the current LAN session.
+    lan_chunk_bytes_in: int | None = None
+    lan_chunk_bytes_out: int | None = None
     # Connected now: this device while its agent runs; another one while the relay lists it
     # as connected to this space (Presence) or while it is a connected LAN peer.
     online: bool = False
@@ -65,6 +68,10 @@ class LanStatus(BaseModel):
     sent: int = 0  # stream envelopes sent to LAN peers
     resyncs: int = 0  # state-vector resyncs asked of LAN peers
     refused: int = 0  # peer connections refused (failed challenge, not a member)
+    chunks_served: int = 0  # binary-file chunks sent to LAN peers (and their sealed bytes)
+    chunk_bytes_served: int = 0
+    chunks_received: int = 0  # chunks received from LAN peers, before verification
+    chunk_bytes_received: int = 0
 
 
 class SettingsDocStatus(BaseModel):
@@ -123,6 +130,11 @@ class SpaceStatus(BaseModel):
     pending_down_files: int = 0
     pending_down_bytes: int = 0
     chunks_refused: int = 0
+    # chunks this device fetched (and verified), by path: LAN peers or the relay's blob channel
+    chunks_lan: int = 0
+    chunk_bytes_lan: int = 0
+    chunks_relay: int = 0
+    chunk_bytes_relay: int = 0
     pending_out_bytes: int = 0  # total size of the `pending_out` envelopes
     # Envelopes the relay delivered that are not applied yet (and their bytes); 0 when offline:
     # undelivered ones stay at the relay and come again on reconnect.

@@ -29,6 +29,9 @@ encodings as :mod:`.frames`)::
     either            0x13 DirectEnvelope envelope blob         (payload DeviceInfo)
     either            0x14 LogUpdate      membership log blob   (the sender's log grew)
     either            0x15 Bye            code str (<= 64) | message str (<= 1 KiB)
+    either            0x16 ChunkGet       epoch u32 | chunk_id 32
+    either            0x17 ChunkData      chunk_id 32 | ciphertext blob (<= MAX_CHUNK_CIPHERTEXT)
+    either            0x18 ChunkMissing   chunk_id 32
     joiner -> admin   0x03 JoinAsk        invite_tag 16 | join request blob
     admin -> joiner   0x83 JoinAnswer     ok bool | reason str (<= 1 KiB) | log blob
 
@@ -42,6 +45,12 @@ on connect) are sealed with ``seq = DIRECT_SEQ_BASE | stream_seq``, where ``stre
 sender's last stream sequence number at sealing time: they never enter replay windows, and a
 StateReply thereby tells the requester that it covers the responder's stream up to
 ``stream_seq`` (see :func:`direct_seq`, :func:`covered_seq`).
+
+Chunks of binary files (protocol/chunks.py) travel in the same sealed form as on the relay's
+blob channel: a ``ChunkGet`` names a chunk id and the epoch of the manifest listing it, and is
+answered by ``ChunkData`` (the AES-GCM ciphertext, which the server produces from its local
+plaintext with that epoch's keys) or ``ChunkMissing``. The receiver verifies it exactly as one
+from the relay (``ChunkKeys.decrypt``: AEAD and recomputed keyed id).
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import _codec as c
+from .chunks import CHUNK_ID_LEN, MAX_CHUNK_CIPHERTEXT
 from .envelope import MAX_ENVELOPE
 from .errors import MalformedError, TooLargeError
 from .identity import SIGN_PK_LEN, SIGNATURE_LEN, verify
@@ -69,6 +79,9 @@ __all__ = [
     "TAG_WINDOW_S",
     "Advert",
     "Bye",
+    "ChunkData",
+    "ChunkGet",
+    "ChunkMissing",
     "DirectEnvelope",
     "JoinAnswer",
     "JoinAsk",
@@ -352,6 +365,23 @@ class Bye:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class ChunkGet:
+    epoch: int
+    chunk_id: bytes
+
+
+@dataclass(frozen=True)
+class ChunkData:
+    chunk_id: bytes
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ChunkMissing:
+    chunk_id: bytes
+
+
 PeerFrame = (
     PeerHello
     | PeerAuth
@@ -365,6 +395,9 @@ PeerFrame = (
     | DirectEnvelope
     | LogUpdate
     | Bye
+    | ChunkGet
+    | ChunkData
+    | ChunkMissing
 )
 
 _TYPE: dict[type, int] = {
@@ -377,6 +410,9 @@ _TYPE: dict[type, int] = {
     DirectEnvelope: 0x13,
     LogUpdate: 0x14,
     Bye: 0x15,
+    ChunkGet: 0x16,
+    ChunkData: 0x17,
+    ChunkMissing: 0x18,
     PeerChallenge: 0x81,
     PeerWelcome: 0x82,
     JoinAnswer: 0x83,
@@ -437,6 +473,15 @@ def encode_peer_frame(msg: PeerFrame) -> bytes:
             _bool(msg.final, "final"),
             c.blob32(msg.envelope, MAX_ENVELOPE, "envelope"),
         ]
+    elif isinstance(msg, ChunkGet):
+        parts += [c.u32(msg.epoch), c.fixed(msg.chunk_id, CHUNK_ID_LEN, "chunk_id")]
+    elif isinstance(msg, ChunkData):
+        parts += [
+            c.fixed(msg.chunk_id, CHUNK_ID_LEN, "chunk_id"),
+            c.blob32(msg.data, MAX_CHUNK_CIPHERTEXT, "data"),
+        ]
+    elif isinstance(msg, ChunkMissing):
+        parts.append(c.fixed(msg.chunk_id, CHUNK_ID_LEN, "chunk_id"))
     else:  # Bye
         parts += [c.str16(msg.code, MAX_CODE, "code"), c.str16(msg.message, MAX_REASON, "message")]
     out = b"".join(parts)
@@ -477,6 +522,12 @@ def decode_peer_frame(data: bytes, max_size: int = MAX_PEER_FRAME) -> PeerFrame:
         msg = LogUpdate(r.blob32(MAX_LOG_BYTES, "log"))
     elif t == 0x15:
         msg = Bye(r.str16(MAX_CODE, "code"), r.str16(MAX_REASON, "message"))
+    elif t == 0x16:
+        msg = ChunkGet(r.u32("epoch"), r.take(CHUNK_ID_LEN, "chunk_id"))
+    elif t == 0x17:
+        msg = ChunkData(r.take(CHUNK_ID_LEN, "chunk_id"), r.blob32(MAX_CHUNK_CIPHERTEXT, "data"))
+    elif t == 0x18:
+        msg = ChunkMissing(r.take(CHUNK_ID_LEN, "chunk_id"))
     elif t == 0x81:
         version = r.u16("version")
         msg = PeerChallenge(

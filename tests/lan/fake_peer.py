@@ -9,11 +9,12 @@ It advertises `_qmoi-sync._tcp.local.` twice:
   header), so only the membership check stands between it and the data.
 
 It also dials the member it copied the tag from, as a client with that non-member key, and
-completes the handshake as far as it is let.
+completes the handshake as far as it is let; with --chunk-id it then asks for that chunk of a
+binary file of the space right away (without waiting for a welcome), as a member would.
 
 Every connection and every frame it receives is written to --out as JSON lines; the test then
 checks that nothing beyond the first handshake message ever arrived (no envelope, no state
-request/vector, no log, no welcome).
+request/vector, no log, no welcome, no chunk).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ async def main() -> None:
     p.add_argument("--forged-port", type=int, default=47801)
     p.add_argument("--replay-port", type=int, default=47802)
     p.add_argument("--duration", type=float, default=12.0)
+    p.add_argument("--chunk-id", default="", help="hex id of a chunk to ask the member for")
     args = p.parse_args()
     record = Recorder(args.out)
     space_id = bytes.fromhex(args.space_id)
@@ -165,6 +167,11 @@ async def main() -> None:
                     )
                 )
                 await ws.send(L.encode_peer_frame(L.PeerAuth(sign_pk=me, signature=sig)))
+                if args.chunk_id:
+                    cid = bytes.fromhex(args.chunk_id)
+                    for epoch in range(3):  # the first epochs of a space: whichever is current
+                        await ws.send(L.encode_peer_frame(L.ChunkGet(epoch=epoch, chunk_id=cid)))
+                    record(event="chunk_asked", chunk=args.chunk_id)
                 async for more in ws:
                     record(event="client_frame", frame=frame_name(more))
     except Exception as exc:

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from qmoi_sync.protocol import lan as L
+from qmoi_sync.protocol.chunks import MAX_CHUNK_CIPHERTEXT
 from qmoi_sync.protocol.errors import MalformedError, ProtocolError, SignatureError, TooLargeError
 from qmoi_sync.protocol.identity import DeviceIdentity
 
@@ -123,6 +124,9 @@ FRAMES: list[L.PeerFrame] = [
     L.DirectEnvelope(envelope=b"e"),
     L.LogUpdate(log=b"l"),
     L.Bye(code="not_a_member", message="é"),
+    L.ChunkGet(epoch=3, chunk_id=b"c" * 32),
+    L.ChunkData(chunk_id=b"c" * 32, data=b"ct" * 100),
+    L.ChunkMissing(chunk_id=b"c" * 32),
 ]
 
 
@@ -145,6 +149,23 @@ def test_peer_frames_refuse_bad_fields() -> None:
     with pytest.raises(MalformedError):
         L.decode_peer_frame(L.encode_peer_frame(FRAMES[0]) + b"x")
     assert L.bye_reason("c" * 100, "m" * 5000).code == "c" * 64
+
+
+def test_chunk_frames_refuse_bad_ids_and_oversized_data() -> None:
+    with pytest.raises(MalformedError):
+        L.encode_peer_frame(L.ChunkGet(epoch=0, chunk_id=b"short"))
+    with pytest.raises(MalformedError):
+        L.encode_peer_frame(L.ChunkGet(epoch=-1, chunk_id=b"c" * 32))
+    too_big = b"x" * (MAX_CHUNK_CIPHERTEXT + 1)
+    with pytest.raises(TooLargeError):
+        L.encode_peer_frame(L.ChunkData(chunk_id=b"c" * 32, data=too_big))
+    # A peer announcing more ciphertext than a chunk can have is refused before anything is
+    # taken from the frame (the websocket already capped the frame at MAX_PEER_FRAME).
+    forged = b"\x17" + b"c" * 32 + (MAX_CHUNK_CIPHERTEXT + 1).to_bytes(4, "big") + too_big
+    with pytest.raises(TooLargeError):
+        L.decode_peer_frame(forged)
+    with pytest.raises(MalformedError):
+        L.decode_peer_frame(b"\x18" + b"c" * 31)
 
 
 def test_peer_frame_decoder_never_raises_anything_else() -> None:
