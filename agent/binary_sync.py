@@ -521,6 +521,7 @@ class BinarySync:
                     "uploaded to the relay when it is back"
                 )
             if job.relay_owed:
+                log.info("binary %s: the relay now holds its chunks too", job.path)
                 return
             self.stats.uploaded_files += 1
             log.info(

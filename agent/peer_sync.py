@@ -145,7 +145,17 @@ class SpaceLan:
     def seal_local(self) -> SealLocal | None:
         """How this space reads and seals one of its chunks for a peer (agent/binary_sync.py)."""
         binary = self.rt.binary
-        return binary.sealed_local if binary is not None else None
+        if binary is None:
+            return None
+        rates = self.sync.rates
+
+        async def seal(epoch: int, chunk_id: bytes) -> bytes | None:
+            sealed = await binary.sealed_local(epoch, chunk_id)
+            if sealed is not None:
+                rates.up.add(len(sealed))  # the space's transfer rate counts served chunks
+            return sealed
+
+        return seal
 
     # -- discovery tags ----------------------------------------------------------------------------
     def current_tag(self, now: float) -> bytes | None:

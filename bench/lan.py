@@ -11,15 +11,24 @@ those namespaces), sharing a space without any relay, so every byte goes over th
   b's copy (inotify on b's folder + a read to confirm), as bench/scenario_latency.py does for
   the relay path. Target: p50 <= 20 ms.
 
+* bulk (``--part bulk``; ``all`` runs every part): a 200 MiB random file written on a, until
+  b's copy is complete (full size; SHA-256 checked after, not timed), over the LAN path (a space
+  without relay) and through a relay in the hub namespace (a second space, LAN sync off for it,
+  same machine, same namespaces), alternated run by run so both see the same load. Target: the
+  LAN at least as fast as the relay. b's chunk counters (`chunks_lan` / `chunks_relay`) confirm
+  which path each run took.
+
 Writes bench/results/lan-<timestamp>.json and prints a one-line summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
+import random
 import sys
 import time
 from datetime import datetime
@@ -47,6 +56,7 @@ def _load_netns() -> Any:
 _netns = _load_netns()
 NetnsUnavailable = _netns.NetnsUnavailable
 NsDevice = _netns.NsDevice
+NsRelay = _netns.NsRelay
 lan_net = _netns.lan_net
 
 TARGET_DISCOVERY_S = 2.0
@@ -54,6 +64,9 @@ TARGET_P50_MS = 20.0
 FILE = "lan-latency.txt"
 LINES = 40
 TIMEOUT_S = 10.0
+MiB = 1024 * 1024
+BULK_SIZE = 200 * MiB
+BULK_BLOCK = 8 * MiB
 
 
 def _content(i: int) -> str:
@@ -183,7 +196,142 @@ def run(quick: bool, keep: bool) -> dict[str, Any]:
     }
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(BULK_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _chunk_counts(dev: Any, space: str) -> tuple[int, int]:
+    st = dev.space_status(space)
+    return int(st.get("chunks_lan", 0)), int(st.get("chunks_relay", 0))
+
+
+def _bulk_once(a_dir: Path, b_dir: Path, name: str, seed: int) -> dict[str, Any]:
+    # The random data is made ahead (not timed), as in scenario_binary.py.
+    rng = random.Random(seed)
+    blocks = [
+        rng.randbytes(min(BULK_BLOCK, BULK_SIZE - i)) for i in range(0, BULK_SIZE, BULK_BLOCK)
+    ]
+    digest = hashlib.sha256(b"".join(blocks)).hexdigest()
+    dst = b_dir / name
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    with open(a_dir / name, "wb") as f:
+        for block in blocks:
+            f.write(block)
+    t_written = time.perf_counter()
+    del blocks
+    wait_until(lambda: _size(dst) == BULK_SIZE, timeout=600, what=f"{name} on b", interval=0.002)
+    t1 = time.perf_counter()
+    return {
+        "seconds": round(t1 - t0, 3),
+        "write_s": round(t_written - t0, 3),
+        "identical": _sha(dst) == digest,
+        "load_1m_before": round(load, 2),
+    }
+
+
+def run_bulk(runs: int, keep: bool) -> dict[str, Any]:
+    with workdir("lan-bulk", keep) as tmp, lan_net(["a", "b"]) as net:
+        a = NsDevice(net, "a", tmp / "home-a", tmp / "folder-a").init()
+        b = NsDevice(net, "b", tmp / "home-b", tmp / "folder-b").init()
+        relay = NsRelay(data=tmp / "relay-data", net=net)
+        dirs = {
+            (dev.node, space): tmp / f"{space}-{dev.node}"
+            for dev in (a, b)
+            for space in ("lanonly", "viarelay")
+        }
+        try:
+            relay.start()
+            for dev in (a, b):
+                # as scenario_binary.py: bulk work never deferred for load (the machine is busy)
+                (dev.home / "policy.json").write_text(json.dumps({"load_max": 1000.0}))
+            a.cli("space", "create", "lanonly", "--folder", str(dirs["a", "lanonly"]))
+            a.cli(
+                "space", "create", "viarelay", "--folder", str(dirs["a", "viarelay"]),
+                "--relay", relay.url, "--insecure",
+            )  # fmt: skip
+            a.cli("config", "set", "--space", "viarelay", "lan.enabled", "false")
+            a.start()
+            for space in ("lanonly", "viarelay"):
+                token = a.cli("invite", space).stdout.strip().splitlines()[-1]
+                b.cli(
+                    "join", token, "--folder", str(dirs["b", space]), "--name", space,
+                    "--insecure", timeout=60,
+                )  # fmt: skip
+            b.cli("config", "set", "--space", "viarelay", "lan.enabled", "false")
+            b.start()
+            for space in ("lanonly", "viarelay"):
+                (dirs["a", space] / "seed.txt").write_text(space)
+                wait_until(
+                    lambda sp=space: _read(dirs["b", sp] / "seed.txt") == sp,
+                    timeout=60,
+                    what=f"{space} syncing",
+                )
+            samples: dict[str, list[dict[str, Any]]] = {"lan": [], "relay": []}
+            for i in range(runs):
+                for path, space in (("lan", "lanonly"), ("relay", "viarelay")):
+                    before = _chunk_counts(b, space)
+                    one = _bulk_once(dirs["a", space], dirs["b", space], f"bulk-{i}.bin", i)
+                    after = _chunk_counts(b, space)
+                    one["b_chunks_lan"] = after[0] - before[0]
+                    one["b_chunks_relay"] = after[1] - before[1]
+                    samples[path].append(one)
+            relay_blobs = sum(
+                p.stat().st_size for p in (relay.data / "blobs").rglob("*") if p.is_file()
+            )
+        finally:
+            a.stop()
+            b.stop()
+            relay.stop()
+    med = {k: sorted(x["seconds"] for x in v)[len(v) // 2] for k, v in samples.items()}
+    return {
+        "setup": (
+            "2 agents in 2 network namespaces (veth + bridge); LAN: space without relay; "
+            "relay: a second space, LAN sync off for it, relay process in the hub namespace"
+        ),
+        "bytes": BULK_SIZE,
+        "runs": samples,
+        "median_s": med,
+        "lan_over_relay": round(med["lan"] / med["relay"], 3) if med["relay"] else None,
+        "relay_blob_bytes": relay_blobs,
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "cpu_count": os.cpu_count(),
+        "target": "LAN median <= relay median",
+        "verdict": verdict(med["lan"], med["relay"]),
+    }
+
+
 def summary(r: dict[str, Any]) -> str:
+    if "latency" not in r:
+        return bulk_summary(r["bulk"])
+    text = _latency_summary(r)
+    if "bulk" in r:
+        text += "\n" + bulk_summary(r["bulk"])
+    return text
+
+
+def bulk_summary(b: dict[str, Any]) -> str:
+    m = b["median_s"]
+    return (
+        f"lan bulk: 200 MiB a→b median LAN {m['lan']} s vs relay {m['relay']} s "
+        f"(ratio {b['lan_over_relay']}) [{b['verdict']} LAN ≤ relay]; runs LAN "
+        f"{[x['seconds'] for x in b['runs']['lan']]}, relay "
+        f"{[x['seconds'] for x in b['runs']['relay']]}; load {b['load_average_1_5_15'][0]}"
+    )
+
+
+def _latency_summary(r: dict[str, Any]) -> str:
     d, lat = r["discovery"], r["latency"]
     m = lat["ms"]
     return (
@@ -200,16 +348,27 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="3 discovery rounds, 30 edits")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument(
+        "--part",
+        choices=["all", "latency", "bulk"],
+        default="all",
+        help="latency: discovery + edit latency; bulk: 200 MiB LAN vs relay (3 runs each, 1 "
+        "with --quick)",
+    )
     args = p.parse_args()
     try:
-        result = run(args.quick, args.keep)
+        result: dict[str, Any] = {}
+        if args.part in ("all", "latency"):
+            result = run(args.quick, args.keep)
+        if args.part in ("all", "bulk"):
+            result["bulk"] = run_bulk(1 if args.quick else 3, args.keep)
     except NetnsUnavailable as exc:
         print(f"lan bench needs network namespaces: {exc}", file=sys.stderr)
         return 2
     path = write_result("lan", result, args.quick)
     print(summary(result))
     print(f"results: {path}")
-    print(json.dumps({k: v for k, v in result.items() if k != "latency"}, indent=None)[:400])
+    print(json.dumps({k: v for k, v in result.items() if k not in ("latency", "bulk")})[:400])
     return 0
 
 
