@@ -41,6 +41,8 @@ SERVE_CONCURRENCY = 4
 SERVE_QUEUE_MAX = 64
 #: A chunk asked of a peer and not answered within this long is asked elsewhere.
 GET_TIMEOUT_S = 20.0
+#: A chunk the peer does not take off the socket within this long ends the session.
+SEND_TIMEOUT_S = 10.0
 #: Remembered (chunk, peer) pairs whose data failed verification, and chunk senders.
 _MEMORY_MAX = 4096
 
@@ -143,12 +145,22 @@ class PeerChunks:
             self._waiting -= 1
 
     async def _send(self, answer: L.ChunkData | L.ChunkMissing) -> None:
-        with contextlib.suppress(ConnectionClosed, OSError):
-            await self.conn.send(answer)
-            if isinstance(answer, L.ChunkData):
-                for c in (self.counters, self.space):
-                    c.served += 1
-                    c.served_bytes += len(answer.data)
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                await self.conn.send(answer)
+        except TimeoutError:
+            # The peer stopped reading (a pulled cable): with the socket buffer full, websockets
+            # cannot even send its keepalive ping, so nothing else would notice for minutes.
+            log.info("LAN: peer %s stopped reading chunks; dropping it", self.conn.address)
+            with contextlib.suppress(Exception):
+                self.conn.ws.transport.abort()
+            return
+        except (ConnectionClosed, OSError):
+            return
+        if isinstance(answer, L.ChunkData):
+            for c in (self.counters, self.space):
+                c.served += 1
+                c.served_bytes += len(answer.data)
 
     # -- end ---------------------------------------------------------------------------------------
     def close(self) -> None:
