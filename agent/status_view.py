@@ -135,6 +135,7 @@ def _render_plain(report: StatusReport) -> None:
                 if s.lan and s.lan.enabled
                 else ""
             )
+            + (f"  {line}" if (line := chunk_paths_line(s)) else "")
         )
         for dev in s.devices:
             me = "  (this device)" if dev.this_device else ""
@@ -151,6 +152,13 @@ def _render_plain(report: StatusReport) -> None:
             print(f"  {printable(line)}")
         for w in s.warnings:
             print(f"  warning: {printable(w)}")
+
+
+def chunk_paths_line(s: SpaceStatus) -> str | None:
+    """Where this device's binary-file chunks came from: "chunks 40 lan / 3 relay"."""
+    if not (s.chunks_lan or s.chunks_relay):
+        return None
+    return f"chunks {s.chunks_lan} lan / {s.chunks_relay} relay"
 
 
 def _render_rich(report: StatusReport) -> None:
@@ -187,6 +195,7 @@ def _render_rich(report: StatusReport) -> None:
                 if s.lan and s.lan.enabled
                 else ""
             )
+            + (f" · {line}" if (line := chunk_paths_line(s)) else "")
         )
         table = Table(box=None, show_header=True, header_style="dim", pad_edge=False)
         for col in ("device", "name", "role", "", "platform", "path / resources / last seen"):

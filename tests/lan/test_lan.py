@@ -202,6 +202,8 @@ def test_relay_down_binary_files_flow_over_lan(world: World) -> None:
         assert row is not None and row["lan_chunk_bytes_in"] >= 5 * 1024 * 1024, row
     st = w.a.space_status("notes")
     assert st["relay"]["connected"] is False and st["pending_up_files"] == 1  # owed to the relay
+    human = w.b.cli("status", check=False).stdout  # the plain `status` says where chunks came from
+    assert re.search(r"chunks \d+ lan / 0 relay", human), human
 
 
 def a_chunk_id(dev: NsDevice, path: str) -> str:
