@@ -32,10 +32,11 @@ own).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
@@ -232,6 +233,7 @@ class IndexDoc:
         self._cache: dict[str, FileEntry] = {}
         self._dirty: set[str] = set()
         self._changed: set[str] = set()
+        self._batching = False
         for key in self._map:
             self._note_key(key, added=True)
         self._sub = self._map.observe(self._on_map_event)
@@ -302,6 +304,14 @@ class IndexDoc:
         return out
 
     def _refresh(self) -> None:
+        if not self._dirty:
+            return
+        # One read transaction for all the reads (each Map.get outside one opens its own:
+        # half the cost of a refresh of 1,000 new entries).
+        with self._doc.transaction():
+            self._refresh_dirty()
+
+    def _refresh_dirty(self) -> None:
         for fid in self._dirty:
             fields = self._decoded_fields(fid)
             if fields:
@@ -321,7 +331,33 @@ class IndexDoc:
 
     # -- writes ------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[list[bytes]]:
+        """Make many changes in ONE transaction: a burst of new files then costs one
+        transaction, one observer event and one update instead of two or three per file.
+        Mutating methods called inside return ``b""``; when the block ends, the yielded list
+        holds the transaction's update (none if nothing changed). Keep the block synchronous:
+        another task's change made while it is open would land in this transaction."""
+        if self._batching:
+            raise RuntimeError("IndexDoc.batch() does not nest")
+        out: list[bytes] = []
+
+        def on_commit(event: TransactionEvent) -> None:
+            out.append(event.update)
+
+        sub = self._doc.observe(on_commit)
+        self._batching = True
+        try:
+            with self._doc.transaction():
+                yield out
+        finally:
+            self._batching = False
+            self._doc.unobserve(sub)
+
     def _mutate(self, fn: Callable[[], None]) -> bytes:
+        if self._batching:
+            fn()  # part of the batch's transaction; its update comes out of batch()
+            return b""
         captured: list[bytes] = []
 
         def on_commit(event: TransactionEvent) -> None:
@@ -350,6 +386,10 @@ class IndexDoc:
         # Rewriting an identical value still creates an item (and a race winner): skip it.
         if self._map.get(key) != encoded:
             self._map[key] = encoded
+            if self._batching:
+                # The map observer only fires at the batch's commit; later calls in the same
+                # batch (``_require``, ``_current``) must already see the field.
+                self._note_key(key, added=True)
 
     def _bump(self, fid: str, device: str) -> None:
         current = _int(self._get(fid, f"e:{device}")) or 0

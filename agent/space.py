@@ -509,9 +509,12 @@ class SpaceSync:
         for path in gone:
             gone_by_hash.setdefault(self.files[path].hash, []).append(path)
         entries = self.index.entries()
+        new: list[tuple[_LocalChange, str]] = []  # new text files, ingested together
         for i, ch in enumerate(changed):
             if publish_every and i:
                 if i % publish_every == 0:
+                    await self._ingest_new(new, entries, batch)
+                    new = []
                     await self._publish_slice(batch)
                 elif i % 16 == 0:
                     await asyncio.sleep(0)  # the relay link sends the previous slice meanwhile
@@ -538,7 +541,8 @@ class SpaceSync:
                 await self._record(ch.path, fid, ch.data, ch.stat)
                 gone.remove(old)
                 continue
-            await self._ingest_new(ch, text, entries, batch)
+            new.append((ch, text))
+        await self._ingest_new(new, entries, batch)
         for path in bins:
             if self.binary is None:
                 self.warnings[f"binary:{path}"] = f"{path}: binary/large file not synced (skipped)"
@@ -724,25 +728,33 @@ class SpaceSync:
         await self._record(ch.path, fid, ch.data, ch.stat)
 
     async def _ingest_new(
-        self, ch: _LocalChange, text: str, entries: dict[str, FileEntry], batch: _Batch
+        self, new: list[tuple[_LocalChange, str]], entries: dict[str, FileEntry], batch: _Batch
     ) -> None:
-        # Same path + same content on two devices ⇒ same file id and byte-identical seed updates,
-        # so a folder that already exists on both sides merges instead of doubling.
-        fid = derive_file_id(self.keyring.file_id_key, ch.path, ch.data)
-        existing = entries.get(fid.hex())
-        if existing is not None and not (existing.alive and existing.path == ch.path):
-            fid = os.urandom(16)
-            existing = None
-        mode = _mode_of(ch.stat, self.root / ch.path)
-        if existing is None:
-            batch.add(
-                INDEX_DOC_ID,
-                self.index.create(fid.hex(), ch.path, "text", mode, self.device, self.clock()),
-            )
-            batch.add(INDEX_DOC_ID, self.index.set_mtime(fid.hex(), ch.stat.mtime_ns))
-        doc = await self._doc(fid)
-        batch.add(fid, ingest_disk_text(doc, text))
-        await self._record(ch.path, fid, ch.data, ch.stat)
+        """New text files: their index entries in one index transaction, then their text."""
+        if not new:
+            return
+        planned: list[tuple[_LocalChange, str, bytes, bool]] = []
+        for ch, text in new:
+            # Same path + same content on two devices ⇒ same file id and byte-identical seed
+            # updates, so a folder that already exists on both sides merges instead of doubling.
+            fid = derive_file_id(self.keyring.file_id_key, ch.path, ch.data)
+            existing = entries.get(fid.hex())
+            if existing is not None and not (existing.alive and existing.path == ch.path):
+                fid = os.urandom(16)
+                existing = None
+            planned.append((ch, text, fid, existing is None))
+        with self.index.batch() as index_updates:  # synchronous: nothing else runs meanwhile
+            for ch, _text, fid, create in planned:
+                if create:
+                    mode = _mode_of(ch.stat, self.root / ch.path)
+                    self.index.create(fid.hex(), ch.path, "text", mode, self.device, self.clock())
+                    self.index.set_mtime(fid.hex(), ch.stat.mtime_ns)
+        for update in index_updates:
+            batch.add(INDEX_DOC_ID, update)
+        for ch, text, fid, _create in planned:
+            doc = await self._doc(fid)
+            batch.add(fid, ingest_disk_text(doc, text))
+            await self._record(ch.path, fid, ch.data, ch.stat)
 
     def _hold_back(
         self, block: str, changed: list[_LocalChange], gone: list[str], set_aside: bool
@@ -1734,6 +1746,8 @@ def _exec_differs(disk_perms: int, entry_mode: int) -> bool:
 
 
 def _mode_of(st: DiskStat, path: Path) -> int:
+    if st.mode:  # the stat the content was read with (0: unknown)
+        return 0o755 if st.mode & 0o111 else 0o644
     try:
         return 0o755 if os.stat(path, follow_symlinks=False).st_mode & 0o111 else 0o644
     except OSError:
