@@ -357,16 +357,36 @@ async def _write_binary_file(
     rename it over ``relpath``. On any error the temp file is removed: a file that does not
     verify is never put in place."""
     b = _binref_of(m, f)
-    tmp = await asyncio.to_thread(_open_restore_temp, root, relpath)
+    opening = asyncio.ensure_future(asyncio.to_thread(_open_restore_temp, root, relpath))
+    try:
+        tmp = await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        # Cancelled while the worker thread was creating the file: remove it once it exists.
+        with contextlib.suppress(BaseException):
+            discard_download(await opening)
+        raise
     mode = 0o755 if f.mode & 0o111 else 0o644
     try:
         n = await fetch.write_binary(b, tmp.fd, f.path)
         await asyncio.to_thread(install_download, tmp, relpath, mode)
     except BaseException:
-        await asyncio.to_thread(discard_download, tmp)
+        discard_download(tmp)  # an unlink: done here, so a second cancellation cannot skip it
         raise
     tmp.close()
     return n
+
+
+async def _all_or_cancel(coros: list[Any]) -> None:
+    """Run ``coros`` concurrently; on the first error, cancel the others and wait until they
+    have cleaned up (temp files removed) before raising it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _check_and_write(f: FileRef, dest: Path, data: bytes, mode: int) -> None:
@@ -436,7 +456,7 @@ async def restore_export(
             if on_file is not None:
                 on_file(f.path)
 
-    await asyncio.gather(*(one(f) for f in todo))
+    await _all_or_cancel([one(f) for f in todo])
     progress.phase = "done"
     return RestoreResult(
         f"{m.seq}-{sel.loaded.entry.tag}",
@@ -554,12 +574,12 @@ async def _stage_binaries(
                 await asyncio.to_thread(os.ftruncate, tmp.fd, 0)
                 await fetch.write_binary(_binref_of(m, f), tmp.fd, f.path)
             except BaseException:
-                await asyncio.to_thread(discard_download, tmp)
+                discard_download(tmp)
                 raise
             tmp.close()
             staged[f.fid] = f.path
 
-    await asyncio.gather(*(one(f) for f in todo))
+    await _all_or_cancel([one(f) for f in todo])
     return staged
 
 

@@ -260,3 +260,50 @@ def test_new_device_restores_binary_files_and_settings_with_relay_down(
         a.stop()
         c.stop()
         relay.stop()
+
+
+def test_chunk_found_nowhere_fails_the_snapshot_without_a_manifest(
+    tmp_path: Path, moto: MotoServer
+) -> None:
+    """The version the index holds cannot be read back (the file changed on disk and its new
+    version is held back by the resource policy; the relay lost the old chunks): the snapshot
+    fails with a clear error and writes no manifest; once the new version is published, the
+    next snapshot holds it."""
+    bucket = "snaps-bin-3"
+    moto.make_bucket(bucket)
+    with resource_cluster(tmp_path, {"a": {}}) as (relay, (a,), readings):
+        old = random.Random(31).randbytes(3 * MiB)
+        write_bin(a, "v.bin", old)
+        wait_until(
+            lambda: a.space_status()["files"] == 1 and a.space_status()["pending_up_files"] == 0,
+            what="v.bin published",
+        )
+        configure(a, moto.url, bucket)
+        readings["a"].set(on_ac=False, battery_percent=10.0)  # big uploads wait
+        wait_until(
+            lambda: (a.status() or {})["agent"]["policy"]["state"] == "deferring_bulk",
+            what="the policy defers bulk work",
+        )
+        new = random.Random(32).randbytes(3 * MiB)
+        write_bin(a, "v.bin", new)
+        wait_until(
+            lambda: any("wait until bulk work" in w for w in a.space_status()["warnings"]),
+            what="the new version is held back",
+        )
+        blobs = [p for p in (relay.data / "blobs").rglob("*") if p.is_file()]
+        assert blobs
+        for p in blobs:
+            p.unlink()  # the relay lost the old version's chunks
+
+        r = a.cli("snapshot", "now", a.space, "--json", check=False, timeout=300)
+        assert r.returncode != 0
+        assert "snapshot not written" in r.stdout + r.stderr, (r.stdout, r.stderr)
+        assert not [k for k in moto.objects(bucket) if "/m/" in k]
+
+        readings["a"].set(on_ac=True, battery_percent=100.0)
+        wait_until(
+            lambda: a.space_status()["pending_up_files"] == 0, timeout=60, what="v.bin published"
+        )
+        snapshot(a)
+        a.cli("restore", "notes", "--to", str(tmp_path / "r"))
+        assert (tmp_path / "r" / "v.bin").read_bytes() == new
