@@ -27,7 +27,9 @@ Rules:
   device whose folder is case-insensitive) so do paths that differ only by case. The exact
   spelling of the earliest-created entry keeps its path; every entry spelled differently is
   placed under a conflict name (never overwritten). Only the full path is compared: two
-  *folders* spelled differently still map to two folders (left for later).
+  *folders* spelled differently still map to two folders (left for later), and "dir" entries
+  claiming only differently spelled paths keep them (an empty conflict-named folder would
+  help no one).
 """
 
 from __future__ import annotations
@@ -117,6 +119,9 @@ class Layout:
     """fid hex -> relative path, for every alive entry."""
     conflicts: frozenset[str] = frozenset()
     """fids placed under a conflict name (the ``conflicts`` count shown by ``status``)."""
+    needed: frozenset[str] = frozenset()
+    """Every folder some placed entry lives in (ancestors of ``paths``): kept on disk even
+    when no alive "dir" entry claims it."""
 
     def path_of(self, fid: str) -> str | None:
         return self.by_fid.get(fid)
@@ -161,7 +166,9 @@ def compute_layout(
         spellings.setdefault(fold_name(p, fold_case), []).append(p)
     respelled: list[FileEntry] = []
     for spelled in spellings.values():
-        if len(spelled) > 1:
+        if len(spelled) > 1 and not all(e.kind == "dir" for p in spelled for e in claims[p]):
+            # (Folders spelled differently stay two folders, like the folders of files: only
+            # files and links are ever renamed to a conflict name for their spelling.)
             keep = min(spelled, key=lambda p: (_rank(claims[p][0]), p))
             for p in spelled:
                 if p != keep:
@@ -218,4 +225,13 @@ def compute_layout(
         by_fid[e.fid] = final
         conflicts.add(e.fid)
 
-    return Layout(paths=paths, by_fid=by_fid, conflicts=frozenset(conflicts))
+    needed = set(needed_dirs)
+    for p in paths:
+        if p not in claims:  # conflict names live in folders too
+            needed.update(_ancestors(p))
+    return Layout(
+        paths=paths,
+        by_fid=by_fid,
+        conflicts=frozenset(conflicts),
+        needed=frozenset(needed),
+    )

@@ -325,7 +325,8 @@ def stat_file(root: Path, relpath: str) -> DiskStat | None:
 
 
 def delete_file(root: Path, relpath: str) -> bool:
-    """Remove a regular file and any now-empty parent folders we may have created."""
+    """Remove a regular file. Its folder stays: folders are index entries of their own (kind
+    "dir"), removed by the reconcile only when their entry is gone (``remove_dir``)."""
     try:
         with _open_parent(root, relpath, create=False) as (dfd, name):
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
@@ -334,7 +335,6 @@ def delete_file(root: Path, relpath: str) -> bool:
             os.unlink(name, dir_fd=dfd)
     except (FileNotFoundError, NotADirectoryError):
         return False
-    _prune_empty_parents(root, relpath)
     return True
 
 
@@ -358,7 +358,6 @@ def rename_file(root: Path, src: str, dst: str) -> DiskStat | None:
             st = os.stat(dname, dir_fd=dfd, follow_symlinks=False)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    _prune_empty_parents(root, src)
     return DiskStat(st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode & 0o7777)
 
 
@@ -465,20 +464,81 @@ def delete_link(root: Path, relpath: str, target: str) -> bool:
             os.unlink(name, dir_fd=dfd)
     except (FileNotFoundError, NotADirectoryError, UnsafePathError):
         return False
-    _prune_empty_parents(root, relpath)
     return True
 
 
-def _prune_empty_parents(root: Path, relpath: str) -> None:
-    parts = relpath.split("/")[:-1]
-    while parts:
-        parent = "/".join(parts)
-        try:
-            with _open_parent(root, parent, create=False) as (dfd, name):
-                os.rmdir(name, dir_fd=dfd)
-        except (OSError, UnsafePathError):
-            return
-        parts.pop()
+# -- folders (index entries of kind "dir") ---------------------------------------------------
+def _dir_stat(st: os.stat_result) -> DiskStat:
+    # A folder's size and mtime change with its content: only the inode identifies it.
+    return DiskStat(0, 0, st.st_ino, st.st_mode & 0o7777)
+
+
+def stat_dir(root: Path, relpath: str) -> DiskStat | None:
+    """A real folder at ``relpath`` (not a symlink to one), or None."""
+    try:
+        with _open_parent(root, relpath, create=False) as (dfd, name):
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            return _dir_stat(st) if stat.S_ISDIR(st.st_mode) else None
+    except (FileNotFoundError, NotADirectoryError, UnsafePathError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise
+
+
+def make_dir(root: Path, relpath: str) -> DiskStat:
+    """Create the folder (and missing parents); an existing folder is fine. Raises
+    UnsafePathError if a component is a symlink or a file, or ``relpath`` is not a folder."""
+    with _open_parent(root, relpath, create=True) as (dfd, name):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o755, dir_fd=dfd)
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafePathError(f"{relpath!r} exists and is not a folder")
+        return _dir_stat(st)
+
+
+def rename_dir(root: Path, src: str, dst: str) -> DiskStat | None:
+    """Move a whole folder inside the root in one rename (missing parents of ``dst`` are
+    created). None if ``src`` is not a folder or anything is already at ``dst``: the caller
+    then moves entry by entry. Never follows a symlink, never replaces anything."""
+    try:
+        with (
+            _open_parent(root, src, create=False) as (sfd, sname),
+            _open_parent(root, dst, create=True) as (dfd, dname),
+        ):
+            st = os.stat(sname, dir_fd=sfd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                return None
+            try:
+                os.stat(dname, dir_fd=dfd, follow_symlinks=False)
+                return None  # taken: a rename would replace an empty folder silently
+            except FileNotFoundError:
+                pass
+            os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+            return _dir_stat(os.stat(dname, dir_fd=dfd, follow_symlinks=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def remove_dir(root: Path, relpath: str) -> bool | None:
+    """Remove the folder only if it is empty. True: removed (or already gone); False: it still
+    holds something (untracked or ignored files are never deleted with it); None: not a folder
+    (a file or symlink took the path), left alone."""
+    try:
+        with _open_parent(root, relpath, create=False) as (dfd, name):
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                return None
+            os.rmdir(name, dir_fd=dfd)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+    return True
 
 
 def _is_regular(mode: int) -> bool:

@@ -46,12 +46,16 @@ from qmoi_sync.agent.materialize import (
     delete_link,
     is_temp_name,
     link_target_inside,
+    make_dir,
     make_link,
     read_file,
     read_link,
+    remove_dir,
+    rename_dir,
     rename_file,
     set_executable,
     set_mtime,
+    stat_dir,
     stat_file,
     write_files_atomic,
 )
@@ -115,6 +119,9 @@ REMOTE_SLICE_DOCS = 100
 # membership log that explains it (the relay sends that log just before, on another task).
 MEMBERSHIP_WAIT_S = 5.0
 # Editor/OS droppings and the space's .qmoiignore patterns: agent/ignore.py (SpaceSync.ignores).
+# The `hash` of a folder's record in the `files` table (folders and files share it, keyed by
+# path). A file's hash is BLAKE2b-128 of its content: 16 zero bytes is never one in practice.
+DIR_MARK = bytes(16)
 
 
 @dataclass
@@ -178,6 +185,10 @@ class SpaceSync:
         self.index = IndexDoc()
         self._docs: OrderedDict[bytes, Doc] = OrderedDict()
         self.files: dict[str, FileRecord] = {}
+        # Folders this device has seen or made, as "dir" index entries (hash DIR_MARK, inode).
+        # A record outlives a dead entry while the folder still holds something (ignored or
+        # unsynced files): the folder is known, not new, and is not sent again.
+        self.dirs: dict[str, FileRecord] = {}
         # Whether the folder's file system ignores case (probed at load): names differing only
         # by case then collide in the layout and the later one gets a conflict name.
         self.case_insensitive = False
@@ -260,7 +271,9 @@ class SpaceSync:
             self.index.apply_update(state)
         for u in updates:
             self.index.apply_update(u)
-        self.files = await self.store.files(self.space_id)
+        records = await self.store.files(self.space_id)
+        self.dirs = {p: r for p, r in records.items() if r.hash == DIR_MARK}
+        self.files = {p: r for p, r in records.items() if r.hash != DIR_MARK}
         self.windows = {
             s: ReplayWindow.from_bytes(w)
             for s, w in (await self.store.load_replay(self.space_id)).items()
@@ -368,19 +381,26 @@ class SpaceSync:
             batch = _Batch()
             pending = await self._pending_materialize()
             self._reload_ignores()
-            on_disk = await asyncio.to_thread(self._walk_files, "")
+            on_disk, folders = await asyncio.to_thread(self._walk, "")
             await self._ingest_local(
                 set(on_disk) | set(self.files),
                 batch,
                 walked=True,
                 gate=True,
                 publish_every=LOCAL_SLICE,
+                folders=set(folders) | set(self.dirs),
             )
             await self._finish(batch, dirty=pending, delivered=[])
 
     def _walk_files(self, under: str) -> list[str]:
+        return self._walk(under)[0]
+
+    def _walk(self, under: str) -> tuple[list[str], list[str]]:
+        """(files and symlinks, folders) under ``under`` ("" = the root; ``under`` itself is
+        listed as a folder), skipping temp names and ignored folders."""
         base = self.root / under if under else self.root
         out: list[str] = []
+        folders: list[str] = [under] if under else []
         for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
             rel_dir = os.path.relpath(dirpath, self.root)
             rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
@@ -391,9 +411,12 @@ class SpaceSync:
                 for d in dirnames
                 if not is_temp_name(d) and not self.ignores.is_ignored(rel_dir + d, is_dir=True)
             ]
+            folders.extend(
+                rel_dir + d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))
+            )
             for name in filenames:
                 out.append(rel_dir + name)
-        return out
+        return out, folders
 
     async def _ingest_local(
         self,
@@ -403,6 +426,7 @@ class SpaceSync:
         set_aside: bool = False,
         gate: bool = False,
         publish_every: int = 0,
+        folders: set[str] | None = None,
     ) -> None:
         """Take local changes of these paths into the CRDT. On a device that may not send
         (reader, removed) they are only detected and reported; with ``set_aside`` (a remote
@@ -411,7 +435,8 @@ class SpaceSync:
         a local edit absorbed before a remote change lands is never deferred. With
         ``publish_every`` (only where ``batch`` holds nothing but local changes) the updates are
         committed and sealed every that many changed files, so the relay and the other devices
-        work on the first files while the rest are ingested."""
+        work on the first files while the rest are ingested. ``folders``: the folder paths to check
+        as well (a walk lists them; otherwise they are derived from ``paths``)."""
         changed: list[_LocalChange] = []
         gone: list[str] = []
         bins: list[str] = []  # binary or > TEXT_MAX_BYTES: chunked by self.binary
@@ -419,13 +444,18 @@ class SpaceSync:
         links: list[tuple[str, tuple[str, DiskStat] | None]] = []  # symlinks now / before
         expanded: set[str] = set()
         maybe_folders: set[str] = set()
+        dir_paths: set[str] = set(folders or ())
         if self._reload_ignores() and not walked:
             # New patterns: files they no longer ignore are picked up now, without a restart.
-            paths = paths | set(await asyncio.to_thread(self._walk_files, ""))
+            on_disk, on_disk_dirs = await asyncio.to_thread(self._walk, "")
+            paths = paths | set(on_disk)
+            dir_paths.update(on_disk_dirs)
         for path in sorted(paths):
             full = self.root / path
             if not walked and full.is_dir() and not full.is_symlink():
-                expanded.update(await asyncio.to_thread(self._walk_files, path))
+                inside, subdirs = await asyncio.to_thread(self._walk, path)
+                expanded.update(inside)
+                dir_paths.update(subdirs)
                 if path in self.files:
                     expanded.add(path)  # a tracked file replaced by a folder: it is gone
                 continue
@@ -436,6 +466,13 @@ class SpaceSync:
         # walk already lists every tracked file; one pass over them, not one per path: with
         # 10,000 files a rescan spent ~10 s here.)
         expanded.update(_tracked_under(self.files, maybe_folders))
+        if not walked:
+            dir_paths.update(p for p in maybe_folders if p in self.dirs)
+            dir_paths.update(_tracked_under(self.dirs, maybe_folders))
+            # A new file's folders may have been made before the watch saw them (mkdir -p).
+            for path in expanded:
+                if path not in self.files:
+                    dir_paths.update(self._untracked_parents(path))
         for path in sorted(expanded):
             if self.ignores.is_ignored(path):
                 self._read_settled(path)
@@ -494,6 +531,9 @@ class SpaceSync:
             changed.append(_LocalChange(path, data, st))
 
         block = self.send_block
+        if block is None:
+            # Folders first: their entries precede their files' in the batch.
+            await self._ingest_dirs(dir_paths, batch)
         if block is not None:
             self._hold_back(block, changed, gone, set_aside)
             for path, _link in links:
@@ -575,6 +615,82 @@ class SpaceSync:
         await self._commit(batch.items, [], pending=None)
         batch.items.clear()
         await asyncio.sleep(0)  # let the relay link read the outbox
+
+    def _untracked_parents(self, path: str) -> list[str]:
+        out = []
+        i = path.rfind("/")
+        while i > 0 and path[:i] not in self.dirs:
+            out.append(path[:i])
+            i = path.rfind("/", 0, i)
+        return out
+
+    async def _ingest_dirs(self, candidates: set[str], batch: _Batch) -> None:
+        """Folders appeared, went away or moved at these paths: one "dir" entry per folder.
+
+        A new folder with the inode of a vanished tracked one is that folder renamed (``mv``
+        keeps the inode): its entry moves, so other devices move the folder in one rename. A
+        vanished folder deletes every alive "dir" entry claiming its path. Ignored folders are
+        never sent (a record is kept while ignored, like a file's)."""
+        appeared: list[tuple[str, DiskStat]] = []
+        vanished: list[str] = []
+        for path in sorted(candidates):
+            name = path.rpartition("/")[2]
+            if not path or is_temp_name(name) or self.ignores.is_ignored(path, is_dir=True):
+                continue
+            try:
+                validate_relpath(path)
+            except PathError as exc:
+                self.warnings[f"path:{path}"] = f"not synced: {exc}"
+                continue
+            st = stat_dir(self.root, path)
+            rec = self.dirs.get(path)
+            if st is None:
+                if rec is not None:
+                    vanished.append(path)
+                continue
+            if rec is None:
+                appeared.append((path, st))
+            elif rec.inode != st.inode:
+                await self._record_dir(path, rec.fid, st)  # removed and made again: same folder
+        if not appeared and not vanished:
+            return
+        entries = self.index.entries()
+        alive_at: dict[str, list[str]] = {}
+        for e in entries.values():
+            if e.kind == "dir" and e.alive and e.path is not None:
+                alive_at.setdefault(e.path, []).append(e.fid)
+        by_inode = {self.dirs[p].inode: p for p in vanished}
+        for path, st in appeared:
+            old = by_inode.pop(st.inode, None)
+            if old is not None:
+                fid = self.dirs[old].fid
+                e = entries.get(fid.hex())
+                if e is not None and e.alive and e.path == old:
+                    batch.add(INDEX_DOC_ID, self.index.rename(fid.hex(), path, self.device))
+                    await self._forget_dir(old)
+                    await self._record_dir(path, fid, st)
+                    vanished.remove(old)
+                    continue
+            claimed = alive_at.get(path)
+            if claimed:  # a folder an entry already wants (made for a remote file): adopt it
+                await self._record_dir(path, bytes.fromhex(min(claimed)), st)
+                continue
+            fid = derive_file_id(self.keyring.file_id_key, path, b"", kind="dir")
+            existing = entries.get(fid.hex())
+            if existing is not None and existing.alive and existing.path != path:
+                fid = os.urandom(16)
+            batch.add(
+                INDEX_DOC_ID,
+                self.index.create(fid.hex(), path, "dir", 0o755, self.device, self.clock()),
+            )
+            await self._record_dir(path, fid, st)
+        for path in vanished:
+            own = self.dirs[path].fid.hex()
+            for fid_hex in sorted(set(alive_at.get(path, [])) | {own}):
+                e = self.index.entry(fid_hex)
+                if e is not None and e.alive and e.path == path:
+                    batch.add(INDEX_DOC_ID, self.index.delete(fid_hex, self.device, self.clock()))
+            await self._forget_dir(path)
 
     def _is_link(self, fid: bytes) -> bool:
         entry = self.index.entry(fid.hex())
@@ -798,6 +914,15 @@ class SpaceSync:
         self.files.pop(path, None)
         self._file_ops[path] = None
 
+    async def _record_dir(self, path: str, fid: bytes, st: DiskStat) -> None:
+        rec = FileRecord(path, fid, DIR_MARK, 0, 0, st.inode)
+        self.dirs[path] = rec
+        self._file_ops[path] = rec
+
+    async def _forget_dir(self, path: str) -> None:
+        self.dirs.pop(path, None)
+        self._file_ops[path] = None
+
     async def _write_file_records(self) -> None:
         """Persist the queued file records; call inside a transaction. A record must never be
         durable before the document updates of the content it describes: after a crash in
@@ -805,8 +930,11 @@ class SpaceSync:
         CRDT (and the next reconcile would even delete it as not alive). One executemany per
         batch also replaces one autocommitted INSERT per file."""
         ops, self._file_ops = self._file_ops, {}
-        puts = [rec for rec in ops.values() if rec is not None]
-        gone = [path for path, rec in ops.items() if rec is None]
+        # Files and folders share the table: a path that changed from one to the other in this
+        # batch has two ops, so what counts is what the path holds now.
+        final = {p: self.files.get(p) or self.dirs.get(p) for p in ops}
+        puts = [rec for rec in final.values() if rec is not None]
+        gone = [path for path, rec in final.items() if rec is None]
         if puts:
             await self.store.put_files(self.space_id, puts)
         if gone:
@@ -1159,6 +1287,8 @@ class SpaceSync:
     async def _reconcile_once(self, dirty: set[bytes], batch: _Batch) -> list[str]:
         entries = self.index.entries()
         layout = compute_layout(entries, fold_case=self.case_insensitive)
+        want_dirs = self._wanted_dirs(entries, layout)
+        await self._move_dirs(entries, layout, want_dirs)
         await self._reconcile_links(entries, layout, create=False)
         self.conflicts = len(layout.conflicts)
         desired: dict[bytes, str] = {}
@@ -1231,8 +1361,9 @@ class SpaceSync:
             delete_file(self.root, path)
             await self._forget(path)
 
+        # Folders before the files that go into them (and that a move may need).
+        blocked: list[str] = await self._make_dirs(want_dirs)
         # Moves go through temporary names so swaps and chains never clobber each other.
-        blocked: list[str] = []
         staged: list[tuple[bytes, str, str, str]] = []
         for fid, p in desired.items():
             old = current.get(fid)
@@ -1264,6 +1395,11 @@ class SpaceSync:
             await self._record_stat(new, fid, rec.hash, st)
         if staged:
             log.debug("moved %d file(s)", len(staged))
+        # Emptied folders whose entry is gone (deepest first), before a file takes the path of
+        # one; then folders whose path a moved-away file held.
+        await self._remove_dirs(want_dirs, layout)
+        if staged:
+            blocked += await self._make_dirs(want_dirs)
 
         # Content: new files and documents that changed.
         current = {rec.fid: path for path, rec in self.files.items() if not self._is_link(rec.fid)}
@@ -1302,6 +1438,106 @@ class SpaceSync:
         self.unwritten.intersection_update(desired)
         await self._reconcile_links(entries, layout, create=True)
         return blocked
+
+    def _wanted_dirs(self, entries: dict[str, FileEntry], layout: Layout) -> dict[str, bytes]:
+        """Path -> fid of every folder an alive "dir" entry places (merged entries: the
+        layout's winner)."""
+        out: dict[str, bytes] = {}
+        for path, fid_hex in layout.paths.items():
+            if entries[fid_hex].kind != "dir":
+                continue
+            try:
+                validate_relpath(path)
+            except PathError as exc:
+                self.warnings[f"remote:{fid_hex}"] = f"refused a remote path: {exc}"
+                continue
+            out[path] = bytes.fromhex(fid_hex)
+        return out
+
+    async def _move_dirs(
+        self, entries: dict[str, FileEntry], layout: Layout, want: dict[str, bytes]
+    ) -> None:
+        """A tracked folder whose entry moved is moved in ONE rename, with everything in it;
+        records under it follow, so the files that moved with their folder are already where
+        the layout wants them. Not done (the entries then move one by one, and the old folder
+        is removed once empty) if the old path is still wanted as a folder, or the new one is
+        taken. Outermost folders first; a nested folder that moved with its parent but is
+        wanted elsewhere is handled in the next round."""
+        for _round in range(8):
+            moves = []
+            for path, rec in self.dirs.items():
+                target = layout.by_fid.get(rec.fid.hex())
+                e = entries.get(rec.fid.hex())
+                if target is None or target == path or e is None or e.kind != "dir":
+                    continue
+                if path in want or path in layout.needed or target not in want:
+                    continue
+                moves.append((path.count("/"), path, target))
+            done = 0
+            for _depth, old, new in sorted(moves):
+                if old not in self.dirs or _lexists(self.root / new):
+                    continue
+                try:
+                    st = await asyncio.to_thread(rename_dir, self.root, old, new)
+                except (OSError, UnsafePathError) as exc:
+                    self.warnings[f"move:{old}"] = f"cannot move folder {old} to {new}: {exc}"
+                    continue
+                if st is None:
+                    continue
+                self.warnings.pop(f"move:{old}", None)
+                self._rebase_records(old, new)
+                done += 1
+            if not done:
+                return
+
+    def _rebase_records(self, old: str, new: str) -> None:
+        """Records of a folder moved as a whole (old -> new) and of everything under it."""
+        prefix = old + "/"
+        for table in (self.files, self.dirs):
+            for path in [p for p in table if p == old or p.startswith(prefix)]:
+                rec = table.pop(path)
+                moved = new + path[len(old) :]
+                table[moved] = dataclasses.replace(rec, path=moved)
+                self._file_ops[moved] = table[moved]
+                if path not in self.files and path not in self.dirs:
+                    self._file_ops[path] = None
+
+    async def _make_dirs(self, want: dict[str, bytes]) -> list[str]:
+        """Create the wanted folders this device has no record of. Returns paths where an
+        untracked file or link stands in the way (settled like any concurrent creation)."""
+        blocked: list[str] = []
+        for path in sorted(p for p in want if p not in self.dirs):  # parents first
+            fid = want[path]
+            st = stat_dir(self.root, path)
+            if st is None:
+                if _lexists(self.root / path):
+                    if path not in self.files:
+                        blocked.append(path)
+                    continue  # a tracked file that moves away or is deleted first
+                try:
+                    st = await asyncio.to_thread(make_dir, self.root, path)
+                except (OSError, UnsafePathError) as exc:
+                    self.warnings[f"dir:{path}"] = f"cannot create folder {path}: {exc}"
+                    continue
+            self.warnings.pop(f"dir:{path}", None)
+            await self._record_dir(path, fid, st)
+        return blocked
+
+    async def _remove_dirs(self, want: dict[str, bytes], layout: Layout) -> None:
+        """Remove tracked folders no alive entry wants any more, deepest first, and only when
+        empty: a folder that still holds untracked or ignored files stays (its record too, so
+        it is not sent again as new); it goes once it is empty, at a later batch."""
+        unwanted = [p for p in self.dirs if p not in want and p not in layout.needed]
+        for path in sorted(unwanted, key=lambda p: (-p.count("/"), p)):
+            try:
+                removed = await asyncio.to_thread(remove_dir, self.root, path)
+            except (OSError, UnsafePathError) as exc:
+                self.warnings[f"dir:{path}"] = f"cannot remove folder {path}: {exc}"
+                continue
+            if removed is False:
+                continue
+            self.warnings.pop(f"dir:{path}", None)
+            await self._forget_dir(path)
 
     async def _apply_meta(self, fid: bytes, path: str, entry: FileEntry) -> None:
         """Exec bit and modification time of an unchanged tracked file whose entry changed.

@@ -137,7 +137,7 @@ def test_folder_rename_keeps_ids_and_tree_delete(pair: Pair) -> None:
     # A whole-tree delete deletes every file under it, and nothing else.
     shutil.rmtree(a.folder / "tr/renamed")
     wait_until(lambda: _tree(b, "tr") == {"tr/other/stay.txt": b"stay\n"}, what="tree deleted on b")
-    wait_until(lambda: not (b.folder / "tr/renamed").exists(), what="emptied folders pruned")
+    wait_until(lambda: not (b.folder / "tr/renamed").exists(), what="folders gone on b")
 
 
 def test_file_replaced_by_folder_and_back(pair: Pair) -> None:

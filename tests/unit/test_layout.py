@@ -136,6 +136,28 @@ def test_file_and_empty_directory_at_the_same_path_earliest_wins() -> None:
     assert out.conflicts == {d.fid}
 
 
+def test_needed_lists_every_folder_a_placed_entry_lives_in() -> None:
+    f = entry(1, "a/b/c.txt")
+    g = entry(2, "x/y.txt")
+    h = entry(3, "x/y.txt", ts=T0 + 1)  # its conflict copy lives in x too
+    d = entry(4, "empty/inner", kind="dir")
+    out = lay(f, g, h, d)
+    assert out.needed == {"a", "a/b", "x", "empty"}
+
+
+def test_folders_spelled_differently_are_two_folders_not_conflicts() -> None:
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    d1 = entry(1, nfc, kind="dir", ts=T0)
+    d2 = entry(2, nfd, kind="dir", ts=T0 + 1)
+    out = lay(d1, d2)
+    assert out.paths == {nfc: d1.fid, nfd: d2.fid}
+    assert out.conflicts == frozenset()
+    # A file spelled like a folder still collides: the later one gets a conflict name.
+    f = entry(3, nfd, ts=T0 + 2)
+    out = lay(d1, f)
+    assert out.paths[nfc] == d1.fid and out.conflicts == {f.fid}
+
+
 def test_bad_remote_device_id_or_time_does_not_raise() -> None:
     w = entry(1, "x.txt")
     bad = entry(2, "x.txt", ts=T0 + 1, dev="not a/valid id!")
