@@ -58,7 +58,7 @@ class ChunkStore:
         self.space_id = space_id
 
     async def ensure_schema(self) -> None:
-        await self.store.db.executescript(_SCHEMA)
+        await self.store.apply_schema(_SCHEMA)
 
     # -- upload progress ---------------------------------------------------------------------
     async def acked(self, ids: Iterable[bytes]) -> set[bytes]:

@@ -103,7 +103,7 @@ CREATE TABLE IF NOT EXISTS settings_map (
 
 # -- persistence (own table in the agent's database) ---------------------------------------------
 async def ensure_schema(store: Store) -> None:
-    await store.db.executescript(SCHEMA)
+    await store.apply_schema(SCHEMA)
 
 
 @dataclass(frozen=True)

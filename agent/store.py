@@ -174,6 +174,19 @@ class Store:
                         await asyncio.shield(self.db.execute("ROLLBACK"))
                 raise
 
+    async def apply_schema(self, script: str) -> None:
+        """Run a module's own ``CREATE TABLE IF NOT EXISTS`` script (chunk index, settings map).
+
+        sqlite3's ``executescript`` first COMMITs any open transaction. On this shared
+        connection that would be another coroutine's transaction, committed half-way (a batch's
+        updates without its cursor), whose own COMMIT then fails with "no transaction is
+        active": that is how a space started by a SIGHUP reload killed another space's relay
+        link. Hence under the transaction lock, like a transaction."""
+        async with self.tx_lock:
+            if self.db.in_transaction:
+                await asyncio.shield(self.db.execute("ROLLBACK"))
+            await asyncio.shield(self.db.executescript(script))
+
     # -- spaces -------------------------------------------------------------------------------
     async def add_space(self, rec: SpaceRecord) -> None:
         await self.db.execute(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from harness import Device, Relay, cluster, create_space, invite, join, wait_until
 
 
@@ -73,9 +72,6 @@ def test_pause_and_resume_one_space(tmp_path: Path) -> None:
             raise _logs([a, b], exc) from None
 
 
-# Seen failing twice under heavy machine load (a join timing out; once a SQLite "transaction
-# within a transaction", since fixed in Store.transaction). Re-run, not hidden.
-@pytest.mark.flaky(reruns=2)
 def test_pause_and_resume_the_whole_agent(tmp_path: Path) -> None:
     relay = Relay(tmp_path / "relay-data").start()
     a = Device(tmp_path / "home-a", tmp_path / "folder-a", "a").init()

@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 from harness import PY, Device, Relay, cluster, create_space, wait_converged, wait_until
 
 from qmoi_sync.agent.home import Home
@@ -110,10 +109,6 @@ async def _add_space_while_running(home: Path, folder: Path, relay_url: str) -> 
     return record.space_id
 
 
-# Known flake (about 1 run in 8 under load): after the reload, the notes space's next envelope
-# sometimes stays in the outbox although its relay connection is open; not yet diagnosed (see the
-# session notes). Re-run, not hidden: a failure on every attempt still fails the suite.
-@pytest.mark.flaky(reruns=2)
 def test_sighup_reloads_name_and_spaces_without_dropping_connections(tmp_path: Path) -> None:
     with cluster(tmp_path) as (relay, (a, b)):
         assert relay is not None and a.proc is not None
