@@ -33,9 +33,11 @@ own).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -229,8 +231,13 @@ class IndexDoc:
             raise ValueError("pass either doc or client_id")
         self._doc: Doc[Any] = doc if doc is not None else Doc(client_id=client_id)
         self._map: Map[Any] = self._doc.get(FILES, type=Map)
-        self._fields: dict[str, set[str]] = {}
+        # fid -> its field names. Tuples of interned strings, and interned fids: with 10,000
+        # files, sets and per-key copies of the same few names cost ~10 MB (bench idle_rss).
+        self._fields: dict[str, tuple[str, ...]] = {}
         self._cache: dict[str, FileEntry] = {}
+        # Identical edit vectors (most files: one device, a small count) share one read-only
+        # mapping instead of a dict + proxy per entry. Rebuilt when it outgrows the cache.
+        self._edit_pool: dict[tuple[tuple[str, int], ...], Mapping[str, int]] = {}
         self._dirty: set[str] = set()
         self._changed: set[str] = set()
         self._batching = False
@@ -254,12 +261,16 @@ class IndexDoc:
         fid, sep, name = key.partition("/")
         if not sep:
             return
-        names = self._fields.setdefault(fid, set())
+        fid = sys.intern(fid)
+        names = self._fields.get(fid, ())
         if added:
-            names.add(name)
-        else:
-            names.discard(name)
-            if not names:
+            if name not in names:
+                self._fields[fid] = (*names, sys.intern(name))
+        elif name in names:
+            rest = tuple(n for n in names if n != name)
+            if rest:
+                self._fields[fid] = rest
+            else:
                 del self._fields[fid]
         self._dirty.add(fid)
         self._changed.add(fid)
@@ -315,10 +326,22 @@ class IndexDoc:
         for fid in self._dirty:
             fields = self._decoded_fields(fid)
             if fields:
-                self._cache[fid] = _build_entry(fid, fields)
+                self._cache[fid] = self._shared(_build_entry(fid, fields))
             else:
                 self._cache.pop(fid, None)
         self._dirty.clear()
+
+    def _shared(self, entry: FileEntry) -> FileEntry:
+        """The entry with its repeated values (device ids, edit vectors) shared with other
+        entries: the cache holds one entry per file for the agent's lifetime."""
+        key = tuple(sorted(entry.edits.items()))
+        edits = self._edit_pool.get(key)
+        if edits is None:
+            if len(self._edit_pool) > 2 * len(self._cache) + 64:
+                self._edit_pool.clear()
+            edits = MappingProxyType({sys.intern(d): n for d, n in key})
+            self._edit_pool[key] = edits
+        return dataclasses.replace(entry, edits=edits, created_dev=sys.intern(entry.created_dev))
 
     def entries(self) -> dict[str, FileEntry]:
         """Every fid known to the index (alive or not), keyed by fid hex."""
