@@ -22,7 +22,6 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from qmoi_sync.agent.lan_config import DeviceSettings, lan_killed, load_settings
-from qmoi_sync.agent.lan_discovery import Discovery, Found
 from qmoi_sync.agent.peer_link import (
     HANDSHAKE_TIMEOUT_S,
     PING_INTERVAL_S,
@@ -40,6 +39,7 @@ from qmoi_sync.protocol.identity import DeviceIdentity
 
 if TYPE_CHECKING:
     from qmoi_sync.agent.daemon import Agent, SpaceRuntime
+    from qmoi_sync.agent.lan_discovery import Discovery, Found
 
 log = logging.getLogger("qmoi_sync.lan")
 
@@ -74,6 +74,9 @@ class LanService:
             log.info("LAN peers disabled (%s)", why)
             return
         self.server = await self._listen(self.settings.lan.port)
+        # Imported here: zeroconf + ifaddr cost ~4 MB resident in an agent with LAN off.
+        from qmoi_sync.agent.lan_discovery import Discovery
+
         self.discovery = Discovery(
             self.settings.lan.interfaces, on_found=self._on_found, on_lost=self._on_lost
         )
