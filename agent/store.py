@@ -101,7 +101,7 @@ class SpaceRecord:
     paused: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tracked file, kept in memory: no __dict__
 class FileRecord:
     path: str
     fid: bytes
