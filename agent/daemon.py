@@ -21,6 +21,7 @@ from typing import Any
 from qmoi_sync.agent import (
     file_conflicts,  # noqa: F401 - registers the `file` conflicts provider and `conflict_resolve`
     membership_ops,
+    memtrim,
     settings_control,  # noqa: F401 - registers its control requests
     snapshot_control,  # noqa: F401 - registers its control requests
 )
@@ -91,6 +92,8 @@ class SpaceRuntime:
         self.settings = SettingsService(self)  # settings files (agent/settings_sync.py)
         self.snapshots = SnapshotService(self)  # S3 snapshots (agent/snapshot_service.py)
         self.binary: BinarySync | None = None  # binary and large files (agent/binary_sync.py)
+        # Loaded text documents are dropped when the agent goes quiet after a large batch.
+        self._unregister_quiet = memtrim.trimmer.on_quiet(self.sync.drop_loaded_docs)
 
     async def start(self) -> None:
         await self.sync.load()
@@ -140,11 +143,22 @@ class SpaceRuntime:
         elif not self.record.seeded and self.lan is not None:
             await self.lan.wait_first_sync(LAN_FIRST_SYNC_S)
         await wait_for_scan(self.agent.policy, self.sync)
+        t0 = time.monotonic()
         await self.sync.rescan()
         if not self.record.seeded:
             async with self.agent.store.transaction():
                 await self.agent.store.set_space_seeded(self.record.space_id)
         self.scanned.set()
+        # Loading the index and scanning N files leaves freed memory behind even when nothing
+        # changed (a restart on 10,000 files: peak 147 MB): count it as work to trim after.
+        memtrim.trimmer.note(len(self.sync.files))
+        # bench/scenario_scale.py times restart rescans by this line.
+        log.info(
+            "space %s: start-up scan done in %.2f s (%d files tracked)",
+            self.record.name,
+            time.monotonic() - t0,
+            len(self.sync.files),
+        )
 
     async def _retry_reads(self, paths: set[str]) -> None:
         await self.scanned.wait()
@@ -305,6 +319,7 @@ class SpaceRuntime:
         if self.agent.lan is not None:
             await self.agent.lan.remove_space(self.record.space_id)
         self.snapshots.close()
+        self._unregister_quiet()
 
     async def status(self) -> SpaceStatus:
         store = self.agent.store

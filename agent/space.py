@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from pycrdt import Doc, merge_updates
 
+from qmoi_sync.agent import memtrim
 from qmoi_sync.agent.causal import UpdateDecodeError, missing_dependencies
 from qmoi_sync.agent.ignore import IgnoreRules
 from qmoi_sync.agent.index import FileEntry, IndexDoc, derive_file_id
@@ -357,6 +358,12 @@ class SpaceSync:
         while len(self._docs) > DOC_CACHE_SIZE:
             self._docs.popitem(last=False)
         return True
+
+    def drop_loaded_docs(self) -> None:
+        """Forget the cached text documents (they reload from the store on demand). Called when
+        the agent goes quiet after a large batch (agent/memtrim.py); never mid-batch."""
+        if not self.lock.locked():
+            self._docs.clear()
 
     # -- local side ---------------------------------------------------------------------------
     def relpath_of(self, abspath: str) -> str | None:
@@ -1288,6 +1295,7 @@ class SpaceSync:
             if not extra.items and not blocked:
                 break
         self._show_disk_note()
+        memtrim.trimmer.note(len(batch.items) + len(remote))
         if remote:
             for listener in self.batch_listeners:
                 listener(remote)
