@@ -118,6 +118,9 @@ LOCAL_SLICE = 128
 REMOTE_SLICE_DOCS = 100
 # Changed files read per worker-thread hop while ingesting local changes.
 READ_GROUP = 64
+# A start-up scan of more files than this is ingested and committed in slices of this many
+# paths (bounds its memory: each slice's file contents are held until it is ingested).
+RESCAN_SLICE = 5000
 # How long a delivered envelope from an unknown sender or of a future epoch waits for the
 # membership log that explains it (the relay sends that log just before, on another task).
 MEMBERSHIP_WAIT_S = 5.0
@@ -387,19 +390,42 @@ class SpaceSync:
         """Pick up everything that changed while the agent was not watching."""
         async with self.lock:
             self._begin_batch()
-            batch = _Batch()
             pending = await self._pending_materialize()
             self._reload_ignores()
             on_disk, folders = await asyncio.to_thread(self._walk, "")
-            await self._ingest_local(
-                set(on_disk) | set(self.files),
-                batch,
-                walked=True,
-                gate=True,
-                publish_every=LOCAL_SLICE,
-                folders=set(folders) | set(self.dirs),
-            )
-            await self._finish(batch, dirty=pending, delivered=[])
+            paths = set(on_disk) | set(self.files)
+            all_folders = set(folders) | set(self.dirs)
+            # A first index of 100,000 files read every file before ingesting any (RSS > 700
+            # MB): slices of RESCAN_SLICE paths are read, ingested and committed in turn. Only
+            # when no tracked file is missing from the walk: a rename is a missing file paired
+            # with a new one *within one batch*, and slices could separate the two. Folders all
+            # go with the first slice (their entries precede their files'; a folder rename is
+            # paired among them).
+            if len(paths) <= RESCAN_SLICE or not set(self.files) <= set(on_disk):
+                slices = [paths]
+            else:
+                ordered = sorted(paths)
+                slices = [
+                    set(ordered[i : i + RESCAN_SLICE]) for i in range(0, len(ordered), RESCAN_SLICE)
+                ]
+            for i, part in enumerate(slices):
+                if i:
+                    self._begin_batch()
+                batch = _Batch()
+                await self._ingest_local(
+                    part,
+                    batch,
+                    walked=True,
+                    gate=True,
+                    publish_every=LOCAL_SLICE,
+                    folders=all_folders if i == 0 else set(),
+                )
+                if i < len(slices) - 1:
+                    # Commit only: reconciling lays out every entry (O(files)), once at the end
+                    # is enough (a restart on 100,000 unchanged files spent minutes here).
+                    await self._commit(batch.items, [], pending=None)
+                else:
+                    await self._finish(batch, dirty=pending, delivered=[])
 
     def _walk_files(self, under: str) -> list[str]:
         return self._walk(under)[0]
