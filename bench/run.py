@@ -1,6 +1,7 @@
 """qmoi-sync benchmarks: `python bench/run.py [scenario ...] [--quick]`.
 
-Scenarios: latency, burst, edit_bytes, idle_rss, binary, snapshot (default: all, in that order).
+Scenarios: latency, burst, edit_bytes, idle_rss, binary, snapshot (default: all, in that order),
+and scale (100,000 files and Syncthing on the same files; only when named).
 Each one starts a real relay and real agent processes on loopback with the `qmoi-sync` CLI, in a
 temporary directory it removes afterwards, writes bench/results/<scenario>-<timestamp>.json and
 prints a one-line summary. Not part of the test suite. See bench/README.md.
@@ -26,6 +27,7 @@ import scenario_burst
 import scenario_edit_bytes
 import scenario_idle_rss
 import scenario_latency
+import scenario_scale
 import scenario_snapshot
 
 SCENARIOS: dict[str, Any] = {
@@ -35,7 +37,10 @@ SCENARIOS: dict[str, Any] = {
     "idle_rss": scenario_idle_rss,
     "binary": scenario_binary,
     "snapshot": scenario_snapshot,
+    "scale": scenario_scale,
 }
+# Not run by default: 100,000 files take several minutes per device (ask for it by name).
+DEFAULT = [name for name in SCENARIOS if name != "scale"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         choices=[*SCENARIOS, []],
         metavar="scenario",
-        help=f"one or more of {', '.join(SCENARIOS)} (default: all)",
+        help=f"one or more of {', '.join(SCENARIOS)} (default: all but scale)",
     )
     p.add_argument(
         "--quick",
@@ -74,9 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         help="leave LAN peer discovery on (default: `config set lan.enabled false` on every "
         "device, so traffic goes through the relay only)",
     )
+    p.add_argument(
+        "--files", type=int, help="scale: number of files (default 100,000; --quick 5,000)"
+    )
+    p.add_argument(
+        "--no-syncthing", action="store_true", help="scale: skip the Syncthing comparison"
+    )
     p.add_argument("--no-save", action="store_true", help="print only, write no JSON")
     args = p.parse_args(argv)
-    names = args.scenarios or list(SCENARIOS)
+    names = args.scenarios or DEFAULT
     # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so every scenario's `finally` stops the
     # relay and agents it started instead of leaving them orphaned.
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
@@ -96,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         kwargs: dict[str, Any] = {"quick": args.quick, "keep": args.keep}
         if name == "latency":
             kwargs["method"] = args.latency_method
+        if name == "scale":
+            kwargs["files"] = args.files
+            kwargs["syncthing"] = not args.no_syncthing
         if args.profile:
             stamp = time.strftime("%Y%m%dT%H%M%S")
             prof_dir = benchlib.RESULTS_DIR / f"profile-{name}-{stamp}"
