@@ -1321,7 +1321,6 @@ class SpaceSync:
             if not extra.items and not blocked:
                 break
         self._show_disk_note()
-        memtrim.trimmer.note(len(batch.items) + len(remote))
         if remote:
             for listener in self.batch_listeners:
                 listener(remote)
@@ -1653,6 +1652,8 @@ class SpaceSync:
             and not self._file_ops
         ):
             return
+        # Large batches are committed in slices: count the work here, where every slice passes.
+        memtrim.trimmer.note(len(items) + len(delivered))
         now = self.clock()
         due: list[bytes] = []
         sealed: list[tuple[int, bytes]] = []
