@@ -232,7 +232,7 @@ class BlobLink:
             close_timeout=2,
             proxy=None,
         ) as ws:
-            await self._handshake(ws)
+            await self.handshake(ws)
             self._dead.clear()
             self._ws = ws
             self.state.connected = True
@@ -265,7 +265,8 @@ class BlobLink:
                     with contextlib.suppress(BaseException):
                         await t
 
-    async def _handshake(self, ws: ClientConnection) -> None:
+    async def handshake(self, ws: ClientConnection) -> None:
+        """Authenticate ``ws`` for this space (also used by agent/blob_gc.py's own connection)."""
         me = self.identity.public.sign_pk
         await ws.send(F.encode_frame(F.Hello(self.space_id, me, F.PROTO_VERSION)))
         challenge = await self._recv(ws)

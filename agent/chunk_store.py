@@ -1,8 +1,10 @@
 """Local chunk bookkeeping for binary files, in the agent's SQLite database (state.db).
 
-* ``chunk_acked``: chunk ids the relay has acknowledged for a space (upload progress). An upload
-  interrupted by a relay restart, a network cut or an agent crash resumes by skipping these: they
-  are neither encrypted nor sent again.
+* ``chunk_acked``: chunk ids the relay has acknowledged for a space, with when (upload progress).
+  An upload interrupted by a relay restart, a network cut or an agent crash resumes by skipping
+  these: they are neither encrypted nor sent again. An ack older than ``ACK_TRUST_S`` is not
+  trusted (the chunk is uploaded again, which also makes it young on the relay): the relay may
+  have garbage-collected it since (agent/blob_gc.py).
 * ``chunk_index``: where each chunk can be read on this device — (chunk id -> file path, offset,
   length, file size and mtime). Filled when a binary file is ingested or materialized, so a new
   version of a file (or another file sharing content) is assembled from local bytes and only the
@@ -19,6 +21,7 @@ Writes go through ``Store.transaction()`` so they never interleave with a space'
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -26,7 +29,8 @@ from qmoi_sync.agent.store import Store
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunk_acked (
-    space_id TEXT NOT NULL, chunk_id BLOB NOT NULL, PRIMARY KEY (space_id, chunk_id)
+    space_id TEXT NOT NULL, chunk_id BLOB NOT NULL, acked_at REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (space_id, chunk_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS chunk_index (
     space_id TEXT NOT NULL, chunk_id BLOB NOT NULL, path TEXT NOT NULL, offset INTEGER NOT NULL,
@@ -38,6 +42,9 @@ CREATE TABLE IF NOT EXISTS binary_base (
     space_id TEXT NOT NULL, fid BLOB NOT NULL, vv TEXT NOT NULL, PRIMARY KEY (space_id, fid)
 );
 """
+
+#: How long a relay acknowledgement is trusted (see the module docstring).
+ACK_TRUST_S = 24 * 3600
 
 #: Local sources looked up per chunk (a chunk repeated in many files needs only one).
 MAX_SOURCES = 4
@@ -59,28 +66,39 @@ class ChunkStore:
 
     async def ensure_schema(self) -> None:
         await self.store.apply_schema(_SCHEMA)
+        cols = await self.store.db.execute_fetchall("PRAGMA table_info(chunk_acked)")
+        if "acked_at" not in {str(c[1]) for c in cols}:
+            # A database from before garbage collection: its acks count as old (re-uploaded).
+            async with self.store.transaction():
+                await self.store.db.execute(
+                    "ALTER TABLE chunk_acked ADD COLUMN acked_at REAL NOT NULL DEFAULT 0"
+                )
 
     # -- upload progress ---------------------------------------------------------------------
     async def acked(self, ids: Iterable[bytes]) -> set[bytes]:
-        """Which of ``ids`` the relay has acknowledged."""
+        """Which of ``ids`` the relay has acknowledged within ``ACK_TRUST_S``."""
         want = list(dict.fromkeys(ids))
         out: set[bytes] = set()
+        since = time.time() - ACK_TRUST_S
         for i in range(0, len(want), 500):
             part = want[i : i + 500]
             rows = await self.store.db.execute_fetchall(
-                "SELECT chunk_id FROM chunk_acked WHERE space_id=? AND chunk_id IN"
+                "SELECT chunk_id FROM chunk_acked WHERE space_id=? AND acked_at>=? AND chunk_id IN"
                 f" ({','.join('?' * len(part))})",
-                (self.space_id, *part),
+                (self.space_id, since, *part),
             )
             out.update(bytes(r[0]) for r in rows)
         return out
 
     async def add_acked(self, ids: Iterable[bytes]) -> None:
-        rows = [(self.space_id, i) for i in ids]
+        now = time.time()
+        rows = [(self.space_id, i, now) for i in ids]
         if rows:
             async with self.store.transaction():
                 await self.store.db.executemany(
-                    "INSERT OR IGNORE INTO chunk_acked(space_id, chunk_id) VALUES (?,?)", rows
+                    "INSERT OR REPLACE INTO chunk_acked(space_id, chunk_id, acked_at)"
+                    " VALUES (?,?,?)",
+                    rows,
                 )
 
     async def forget_acked(self, ids: Iterable[bytes]) -> None:

@@ -113,6 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(verb, help=f"{what}: one space, or every space when none is given")
         s.add_argument("space", nargs="?", help="space name or id (default: every space)")
 
+    s = sub.add_parser(
+        "gc", help="free relay storage: drop chunks no file version of the space references"
+    )
+    s.add_argument("space", help="space name or id")
+    s.add_argument(
+        "--min-age",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="only chunks nobody uploaded for this long (default: 7 days)",
+    )
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="allow a --min-age below one day (safe only while no other device is uploading)",
+    )
+
     rp = sub.add_parser("relay", help="relay server").add_subparsers(
         dest="relay_cmd", required=True
     )
@@ -247,6 +264,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _config(home, args)
     if args.cmd in ("pause", "resume"):
         return _pause(home, args.space, paused=args.cmd == "pause")
+    if args.cmd == "gc":
+        return _control_or_fail(
+            home,
+            {"cmd": "gc", "space": args.space, "min_age_s": args.min_age, "force": args.force},
+            _show_gc,
+        )
     if args.cmd in ("settings", "conflicts"):
         from qmoi_sync.agent import settings_cli
 
@@ -282,6 +305,14 @@ def _with_offline_store(home: Home, fn: Callable[[Any], Awaitable[Any]]) -> Any:
         return asyncio.run(go())
     finally:
         lock.release()
+
+
+def _show_gc(result: dict[str, int]) -> None:
+    print(
+        f"{result['listed']} chunks on the relay, {result['referenced']} referenced by this "
+        f"device's index, {result['unreferenced']} unreferenced; dropped {result['dropped']} "
+        f"({result['freed_bytes']} bytes freed)"
+    )
 
 
 def _control(home: Home, payload: dict[str, Any]) -> Any:

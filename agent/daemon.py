@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from qmoi_sync.agent import (
+    blob_gc,  # also registers the `gc` control request
     file_conflicts,  # noqa: F401 - registers the `file` conflicts provider and `conflict_resolve`
     membership_ops,
     memtrim,
@@ -123,6 +124,8 @@ class SpaceRuntime:
             asyncio.create_task(self.sync.read_retry.run(self.stop, self._retry_reads))
         )
         self.tasks.append(asyncio.create_task(self.snapshots.run(self.stop)))
+        if self.record.relay_url:
+            self.tasks.append(asyncio.create_task(blob_gc.run_periodically(self, self.stop)))
         await self.sync.send_device_info(
             self.agent.device_name, f"{platform.system()}-{platform.machine()}", __version__
         )

@@ -16,6 +16,8 @@ type   frame               fields
 0x08   PutChunk            chunk_id 32 | data blob (<= MAX_CHUNK_CIPHERTEXT)
 0x09   GetChunk            chunk_id 32
 0x0a   Truncate            before_seq u64  (admin: snapshots cover the log below before_seq)
+0x0b   ListChunks          after chunk_id 32 (all zero: from the start)
+0x0c   DropChunks          min_age_s u32 | count u16 | chunk_id 32 * count (<= MAX_CHUNK_LIST)
 0x81   Challenge           nonce 32
 0x82   Welcome             head_seq u64 | log blob
 0x83   Deliver             relay_seq u64 | envelope blob
@@ -31,11 +33,17 @@ type   frame               fields
 0x8d   Truncated           before_seq u64  (confirms a Truncate: the log now starts there)
 0x8e   LogTruncated        before_seq u64  (a Subscribe's cursor is below the retained log:
                                             nothing delivered; restore from a snapshot first)
+0x8f   Presence            count u16 | sign_pk 32 * count (<= MAX_PRESENCE)
+0x90   ChunkList           more bool | count u16 | (chunk_id 32 | age_s u32) * count
+0x91   ChunksDropped       dropped u32 | freed_bytes u64
 =====  ==================  ==========================================================
 
 The chunk frames form the *blob channel* (protocol/chunks.py): encrypted chunks of binary files,
 kept apart from the envelope log. A PutChunk is answered by a ChunkAck once the chunk is durable,
 or by a non-fatal ``Error("quota_exceeded")``; a GetChunk by ChunkData or ChunkMissing.
+ListChunks / DropChunks let a member device collect the space's unreferenced chunks (the relay
+cannot tell which are referenced): answered by ChunkList (one page, ids ascending) and
+ChunksDropped.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ __all__ = [
     "AUTH_CONTEXT",
     "BLOB_FRAME_TYPES",
     "INVITE_ID_LEN",
+    "MAX_CHUNK_LIST",
     "MAX_CODE",
     "MAX_FRAME",
     "MAX_JOIN_REQUEST",
@@ -69,8 +78,11 @@ __all__ = [
     "Challenge",
     "ChunkAck",
     "ChunkData",
+    "ChunkList",
     "ChunkMissing",
+    "ChunksDropped",
     "Deliver",
+    "DropChunks",
     "Error",
     "Frame",
     "GetChunk",
@@ -79,6 +91,7 @@ __all__ = [
     "JoinReply",
     "JoinRequest",
     "JoinResult",
+    "ListChunks",
     "LogTruncated",
     "Membership",
     "Presence",
@@ -103,6 +116,8 @@ MAX_CODE = 64
 NONCE_LEN = 32
 #: Most devices a Presence frame lists.
 MAX_PRESENCE = 4096
+#: Most chunk ids a ChunkList or DropChunks frame carries.
+MAX_CHUNK_LIST = 4096
 AUTH_CONTEXT = b"qmoi-sync relay auth v1\0"
 
 
@@ -171,6 +186,21 @@ class PutChunk:
 @dataclass(frozen=True)
 class GetChunk:
     chunk_id: bytes
+
+
+@dataclass(frozen=True)
+class ListChunks:
+    """One page of the space's stored chunk ids above ``after``."""
+
+    after: bytes = bytes(CHUNK_ID_LEN)
+
+
+@dataclass(frozen=True)
+class DropChunks:
+    """Delete these chunks, each only if nobody uploaded it in the last ``min_age_s``."""
+
+    min_age_s: int
+    chunk_ids: tuple[bytes, ...]
 
 
 @dataclass(frozen=True)
@@ -255,6 +285,20 @@ class ChunkMissing:
 
 
 @dataclass(frozen=True)
+class ChunkList:
+    """(chunk id, seconds since its last upload), ids ascending; ``more``: another page follows."""
+
+    entries: tuple[tuple[bytes, int], ...]
+    more: bool = False
+
+
+@dataclass(frozen=True)
+class ChunksDropped:
+    dropped: int
+    freed_bytes: int
+
+
+@dataclass(frozen=True)
 class Truncated:
     """Confirms a Truncate: the log now starts at ``before_seq``."""
 
@@ -278,7 +322,7 @@ class Presence:
 
 
 #: Frame types of the blob channel (the relay rate-limits them apart from envelopes).
-BLOB_FRAME_TYPES = frozenset({0x08, 0x09})
+BLOB_FRAME_TYPES = frozenset({0x08, 0x09, 0x0B, 0x0C})
 
 Frame = (
     Hello
@@ -291,6 +335,8 @@ Frame = (
     | PutChunk
     | GetChunk
     | Truncate
+    | ListChunks
+    | DropChunks
     | Challenge
     | Welcome
     | Deliver
@@ -306,6 +352,8 @@ Frame = (
     | Truncated
     | LogTruncated
     | Presence
+    | ChunkList
+    | ChunksDropped
 )
 
 _TYPE: dict[type, int] = {
@@ -319,6 +367,8 @@ _TYPE: dict[type, int] = {
     PutChunk: 0x08,
     GetChunk: 0x09,
     Truncate: 0x0A,
+    ListChunks: 0x0B,
+    DropChunks: 0x0C,
     Challenge: 0x81,
     Welcome: 0x82,
     Deliver: 0x83,
@@ -334,13 +384,27 @@ _TYPE: dict[type, int] = {
     Truncated: 0x8D,
     LogTruncated: 0x8E,
     Presence: 0x8F,
+    ChunkList: 0x90,
+    ChunksDropped: 0x91,
 }
+
+
+def _chunk_ids(ids: object) -> tuple[bytes, ...]:
+    if not isinstance(ids, tuple) or len(ids) > MAX_CHUNK_LIST:
+        raise MalformedError(f"chunk_ids must be a tuple of at most {MAX_CHUNK_LIST} ids")
+    return ids
 
 
 def _bool(v: object, what: str) -> bytes:
     if not isinstance(v, bool):
         raise MalformedError(f"{what} must be a bool")
     return c.boolean(v)
+
+
+def _list_count(count: int) -> int:
+    if count > MAX_CHUNK_LIST:
+        raise MalformedError(f"lists {count} chunks, limit {MAX_CHUNK_LIST}")
+    return count
 
 
 def encode_frame(msg: Frame) -> bytes:
@@ -411,6 +475,20 @@ def encode_frame(msg: Frame) -> bytes:
             raise MalformedError(f"online must be a tuple of at most {MAX_PRESENCE} keys")
         parts.append(c.u16(len(msg.online)))
         parts += [c.fixed(pk, SIGN_PK_LEN, "online sign_pk") for pk in msg.online]
+    elif isinstance(msg, ListChunks):
+        parts.append(c.fixed(msg.after, CHUNK_ID_LEN, "after"))
+    elif isinstance(msg, DropChunks):
+        ids = _chunk_ids(msg.chunk_ids)
+        parts += [c.u32(msg.min_age_s), c.u16(len(ids))]
+        parts += [c.fixed(cid, CHUNK_ID_LEN, "chunk_id") for cid in ids]
+    elif isinstance(msg, ChunkList):
+        if not isinstance(msg.entries, tuple) or len(msg.entries) > MAX_CHUNK_LIST:
+            raise MalformedError(f"entries must be a tuple of at most {MAX_CHUNK_LIST}")
+        parts += [_bool(msg.more, "more"), c.u16(len(msg.entries))]
+        for cid, age in msg.entries:
+            parts += [c.fixed(cid, CHUNK_ID_LEN, "chunk_id"), c.u32(age)]
+    elif isinstance(msg, ChunksDropped):
+        parts += [c.u32(msg.dropped), c.u64(msg.freed_bytes)]
     elif isinstance(msg, JoinResult):
         parts += [
             _bool(msg.ok, "ok"),
@@ -479,6 +557,20 @@ def decode_frame(data: bytes, max_size: int = MAX_FRAME) -> Frame:
         msg = CaughtUp(r.u64("head_seq"))
     elif t == 0x0A:
         msg = Truncate(r.u64("before_seq"))
+    elif t == 0x0B:
+        msg = ListChunks(r.take(CHUNK_ID_LEN, "after"))
+    elif t == 0x0C:
+        min_age = r.u32("min_age_s")
+        count = _list_count(r.u16("chunk count"))
+        msg = DropChunks(min_age, tuple(r.take(CHUNK_ID_LEN, "chunk_id") for _ in range(count)))
+    elif t == 0x90:
+        more = r.boolean("more")
+        count = _list_count(r.u16("chunk count"))
+        msg = ChunkList(
+            tuple((r.take(CHUNK_ID_LEN, "chunk_id"), r.u32("age_s")) for _ in range(count)), more
+        )
+    elif t == 0x91:
+        msg = ChunksDropped(r.u32("dropped"), r.u64("freed_bytes"))
     elif t == 0x8D:
         msg = Truncated(r.u64("before_seq"))
     elif t == 0x8E:

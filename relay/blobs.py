@@ -11,6 +11,14 @@ queued to one writer task that takes every queued chunk, writes the batch in a w
 resolves the uploaders' futures afterwards: a fast uploader pipelines many chunks and their
 fsyncs overlap with the network.
 
+Garbage collection: the relay cannot tell which chunks are still referenced (manifests are
+sealed), so a member device tells it (agent/blob_gc.py): it lists the space's chunk ids with
+their age (``list_chunks``) and asks to drop the ones no current manifest references
+(``drop``). A chunk's age is the time since its last upload by anyone (a put of a chunk the store
+already has refreshes it), and ``drop`` re-checks that age against the caller's minimum under the
+writer's lock, so a chunk some device has just uploaded or re-announced is never dropped by a
+decision taken on an older listing.
+
 Usage per space (bytes of stored chunks) is counted from the files the first time a space is
 touched and kept in memory; the quota is checked against it in the writer, in upload order, so
 concurrent uploads cannot overshoot it. A chunk the store already has is acknowledged as present
@@ -24,6 +32,7 @@ import contextlib
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -50,6 +59,8 @@ class BlobStats:
     served_bytes: int = 0
     missing: int = 0
     batches: int = 0
+    dropped: int = 0
+    dropped_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -78,6 +89,9 @@ class BlobStore:
     _queue: asyncio.Queue[_Put | None] = field(default_factory=asyncio.Queue)
     _writer: asyncio.Task[None] | None = None
     _closed: bool = False
+    # Held around every batch write and every drop: a put decided "present" (and refreshed)
+    # cannot interleave with the deletion of that chunk.
+    _io_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
     async def open(cls, data_dir: Path, max_batch: int = 64) -> BlobStore:
@@ -191,7 +205,8 @@ class BlobStore:
                 extra[p.space_id] = extra.get(p.space_id, 0) + len(p.data)
                 decided.append((p, PutStatus.STORED))
             try:
-                results = await asyncio.to_thread(self._write_batch, decided)
+                async with self._io_lock:
+                    results = await asyncio.to_thread(self._write_batch, decided)
             except Exception as exc:  # a disk error fails the whole batch; uploaders retry
                 log.error("blob batch of %d failed: %s", len(batch), exc)
                 for p in batch:
@@ -224,6 +239,9 @@ class BlobStore:
             for p, status in decided:
                 final = self.path_of(p.space_id, p.chunk_id)
                 if final in seen or final.exists():
+                    if final not in seen:
+                        with contextlib.suppress(OSError):
+                            os.utime(final)  # uploaded again: young again (see drop)
                     out.append((p, PutStatus.PRESENT))
                     continue
                 if status is PutStatus.QUOTA_EXCEEDED:
@@ -258,6 +276,66 @@ class BlobStore:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)  # only still there if the rename did not happen
         return out
+
+    # -- garbage collection ------------------------------------------------------------------
+    async def list_chunks(
+        self, space_id: bytes, after: bytes, limit: int
+    ) -> tuple[list[tuple[bytes, int]], bool]:
+        """Up to ``limit`` (chunk id, age in whole seconds) of the space, ids in ascending order
+        and above ``after``; and whether more follow."""
+        return await asyncio.to_thread(self._list, self._space_dir(space_id), after, limit)
+
+    @staticmethod
+    def _list(base: Path, after: bytes, limit: int) -> tuple[list[tuple[bytes, int]], bool]:
+        if not base.is_dir():
+            return [], False
+        after_hex = after.hex()
+        now = time.time()
+        out: list[tuple[bytes, int]] = []
+        for prefix in sorted(os.listdir(base)):
+            if len(prefix) != 2 or prefix < after_hex[:2]:
+                continue
+            names = sorted(n for n in os.listdir(base / prefix) if not n.startswith(_TMP_PREFIX))
+            for name in names:
+                if name <= after_hex:
+                    continue
+                try:
+                    chunk_id = bytes.fromhex(name)
+                    mtime = os.stat(base / prefix / name, follow_symlinks=False).st_mtime
+                except (ValueError, OSError):
+                    continue
+                if len(out) == limit:
+                    return out, True
+                out.append((chunk_id, max(0, int(now - mtime))))
+        return out, False
+
+    async def drop(self, space_id: bytes, ids: list[bytes], min_age_s: int) -> tuple[int, int]:
+        """Delete these chunks of the space if each is at least ``min_age_s`` old now; returns
+        (chunks dropped, bytes freed). Unknown ids are skipped."""
+        usage = await self._load_usage(space_id)
+        async with self._io_lock:
+            dropped, freed = await asyncio.to_thread(self._drop, space_id, ids, min_age_s)
+        usage.bytes = max(0, usage.bytes - freed)
+        usage.count = max(0, usage.count - dropped)
+        self.stats.dropped += dropped
+        self.stats.dropped_bytes += freed
+        return dropped, freed
+
+    def _drop(self, space_id: bytes, ids: list[bytes], min_age_s: int) -> tuple[int, int]:
+        now = time.time()
+        dropped = freed = 0
+        for chunk_id in ids:
+            path = self.path_of(space_id, chunk_id)
+            try:
+                st = os.stat(path, follow_symlinks=False)
+                if now - st.st_mtime < min_age_s:
+                    continue
+                os.unlink(path)
+            except OSError:
+                continue
+            dropped += 1
+            freed += st.st_size
+        return dropped, freed
 
     # -- gets --------------------------------------------------------------------------------
     async def get(self, space_id: bytes, chunk_id: bytes, max_size: int) -> bytes | None:

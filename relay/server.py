@@ -545,6 +545,10 @@ class _Conn:
                 await self._put_chunk(frame)
             elif isinstance(frame, F.GetChunk):
                 await self._get_chunk(frame)
+            elif isinstance(frame, F.ListChunks):
+                await self._list_chunks(frame)
+            elif isinstance(frame, F.DropChunks):
+                await self._drop_chunks(frame)
             elif isinstance(frame, F.Truncate):
                 await self._truncate(frame)
             else:
@@ -740,6 +744,37 @@ class _Conn:
             await self.send(F.ChunkMissing(frame.chunk_id))
         else:
             await self.send(F.ChunkData(frame.chunk_id, data))
+
+    async def _list_chunks(self, frame: F.ListChunks) -> None:
+        space, _me = self._authed()
+        entries, more = await self.server.blobs.list_chunks(
+            space.space_id, frame.after, F.MAX_CHUNK_LIST
+        )
+        await self.send(F.ChunkList(tuple(entries), more))
+
+    async def _drop_chunks(self, frame: F.DropChunks) -> None:
+        """A member device says no current manifest references these chunks (agent/blob_gc.py);
+        each is deleted only if nobody uploaded it in the last ``min_age_s``."""
+        space, me = self._authed()
+        role = space.log.role_of(me)
+        if role is None:
+            raise _Fatal("revoked", "this device is no longer a member of the space")
+        if role is Role.reader:
+            await self.error("read_only", "readers may not drop chunks")
+            return
+        dropped, freed = await self.server.blobs.drop(
+            space.space_id, list(frame.chunk_ids), frame.min_age_s
+        )
+        if dropped:
+            _ev(
+                logging.INFO,
+                "blobs_dropped",
+                conn=self.cid,
+                space=short(space.space_id),
+                chunks=dropped,
+                bytes=freed,
+            )
+        await self.send(F.ChunksDropped(dropped, freed))
 
     # -- log compaction after snapshots ---------------------------------------------------
 
