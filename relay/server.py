@@ -691,13 +691,21 @@ class _Conn:
 
     # -- blob channel (relay/blobs.py) ------------------------------------------------------
 
-    async def _put_chunk(self, frame: F.PutChunk) -> None:
+    async def _blob_writer(self, what: str) -> _Space | None:
+        """The space, if this device may change its blobs; a reader gets a non-fatal error
+        (None), a removed device a fatal one."""
         space, me = self._authed()
         role = space.log.role_of(me)
         if role is None:
             raise _Fatal("revoked", "this device is no longer a member of the space")
         if role is Role.reader:
-            await self.error("read_only", "readers may not upload chunks")
+            await self.error("read_only", f"readers may not {what}")
+            return None
+        return space
+
+    async def _put_chunk(self, frame: F.PutChunk) -> None:
+        space = await self._blob_writer("upload chunks")
+        if space is None:
             return
         if self.blob_acker is None:
             self._spawn(self._blob_ack_loop(), "blob-ack")
@@ -755,12 +763,8 @@ class _Conn:
     async def _drop_chunks(self, frame: F.DropChunks) -> None:
         """A member device says no current manifest references these chunks (agent/blob_gc.py);
         each is deleted only if nobody uploaded it in the last ``min_age_s``."""
-        space, me = self._authed()
-        role = space.log.role_of(me)
-        if role is None:
-            raise _Fatal("revoked", "this device is no longer a member of the space")
-        if role is Role.reader:
-            await self.error("read_only", "readers may not drop chunks")
+        space = await self._blob_writer("drop chunks")
+        if space is None:
             return
         dropped, freed = await self.server.blobs.drop(
             space.space_id, list(frame.chunk_ids), frame.min_age_s

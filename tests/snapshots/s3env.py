@@ -187,3 +187,20 @@ def s3_server(tmp: Path) -> Iterator[MotoServer]:
         yield moto
     finally:
         moto.stop()
+
+
+def restore_from_bucket(dev: Any, endpoint: str, bucket: str) -> subprocess.CompletedProcess[str]:
+    """`restore` on a device that holds only its membership: the bucket named on the command
+    line (``s3://bucket/space1``, path-style), no relay needed."""
+    result: subprocess.CompletedProcess[str] = dev.cli(
+        "restore",
+        "notes",
+        "--to",
+        str(dev.folder),
+        "--from",
+        f"s3://{bucket}/space1",
+        "--endpoint-url",
+        endpoint,
+        "--path-style",
+    )
+    return result

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from harness import Device, Relay, create_space, invite, join, wait_converged, wait_until
 from resource_env import resource_cluster, resource_device
-from s3env import MotoServer
+from s3env import MotoServer, restore_from_bucket
 from test_snapshots_e2e import EXIT_INTEGRITY, configure, listing, snapshot, tree
 
 from qmoi_sync.agent.snapshot_format import padded_size
@@ -222,17 +222,7 @@ def test_new_device_restores_binary_files_and_settings_with_relay_down(
         a.stop()
         relay.stop()  # relay down: c can only use the bucket
 
-        r = c.cli(
-            "restore",
-            "notes",
-            "--to",
-            str(c.folder),
-            "--from",
-            f"s3://{bucket}/space1",
-            "--endpoint-url",
-            moto.url,
-            "--path-style",
-        )
+        r = restore_from_bucket(c, moto.url, bucket)
         assert "restored snapshot" in r.stdout
         assert tree(c.folder) == expected
         assert (c.folder / "bin" / "probe.bin").read_bytes() == probe

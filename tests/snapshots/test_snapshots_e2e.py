@@ -24,7 +24,7 @@ from harness import (
     wait_converged,
     wait_until,
 )
-from s3env import MotoServer, Proxy
+from s3env import MotoServer, Proxy, restore_from_bucket
 
 from qmoi_sync.agent.control import request
 
@@ -222,17 +222,7 @@ def test_new_device_restores_with_relay_down_then_syncs(tmp_path: Path, moto: Mo
         a.stop()
         relay.stop()  # relay down: c can only use the bucket
 
-        r = c.cli(
-            "restore",
-            "notes",
-            "--to",
-            str(c.folder),
-            "--from",
-            f"s3://{bucket}/space1",
-            "--endpoint-url",
-            moto.url,
-            "--path-style",
-        )
+        r = restore_from_bucket(c, moto.url, bucket)
         assert "restored snapshot" in r.stdout
         assert tree(c.folder) == expected
 
