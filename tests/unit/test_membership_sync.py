@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from local_space import make_sync
 
 from qmoi_sync.agent import space as space_mod
 from qmoi_sync.agent.keyring import Keyring
 from qmoi_sync.agent.space import SpaceSync
-from qmoi_sync.agent.store import SpaceRecord, Store
+from qmoi_sync.agent.store import Store
 from qmoi_sync.agent.textdoc import ingest_disk_text, new_text_doc
 from qmoi_sync.protocol.envelope import seal
 from qmoi_sync.protocol.identity import DeviceIdentity
@@ -63,37 +63,6 @@ def make_world() -> World:
     return World(admin, member, gone, reader, before, log, {0: s0, 1: s1}, {})
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    st = await Store.open(tmp_path / "state.db")
-    try:
-        yield st
-    finally:
-        await st.close()
-
-
-async def make_sync(
-    store: Store, tmp_path: Path, me: DeviceIdentity, log: MembershipLog
-) -> SpaceSync:
-    record = SpaceRecord(
-        space_id=log.space_id.hex(),
-        name="notes",
-        folder=tmp_path / "folder",
-        relay_url=None,
-        insecure=False,
-        created_at=time.time(),
-        seeded=True,
-        paused=False,
-    )
-    if not [r for r in await store.spaces() if r.space_id == record.space_id]:
-        async with store.transaction():
-            await store.add_space(record)
-            await store.save_membership(record.space_id, log.to_bytes())
-    sync = SpaceSync(store, me, record, Keyring.build(log, me))
-    await sync.load()
-    return sync
-
-
 async def names(store: Store, sync: SpaceSync) -> set[str]:
     return {i["name"] for i in (await store.device_infos(sync.space_id)).values()}
 
@@ -102,7 +71,7 @@ async def test_future_epoch_waits_for_the_log_that_explains_it(
     store: Store, tmp_path: Path
 ) -> None:
     w = make_world()
-    sync = await make_sync(store, tmp_path, w.member, w.before)
+    sync = await make_sync(store, tmp_path / "folder", w.member, w.before)
     waiting = asyncio.Event()
     original = sync._await_new_keyring
 
@@ -126,7 +95,7 @@ async def test_unexplained_future_epoch_is_quarantined_and_waited_for_once(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     w = make_world()
-    sync = await make_sync(store, tmp_path, w.member, w.before)
+    sync = await make_sync(store, tmp_path / "folder", w.member, w.before)
     monkeypatch.setattr(space_mod, "MEMBERSHIP_WAIT_S", 0.2)
     await asyncio.wait_for(sync.handle_remote([(1, w.info(w.admin, 1, "x"))]), 5)
     assert sync.stats.quarantined == 1 and sync.cursor == 1
@@ -140,7 +109,7 @@ async def test_unknown_sender_is_quarantined_after_the_wait(
     store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     w = make_world()
-    sync = await make_sync(store, tmp_path, w.member, w.before)
+    sync = await make_sync(store, tmp_path / "folder", w.member, w.before)
     monkeypatch.setattr(space_mod, "MEMBERSHIP_WAIT_S", 0.2)
     stranger = DeviceIdentity.generate()
     await asyncio.wait_for(sync.handle_remote([(1, w.info(stranger, 0, "stranger"))]), 5)
@@ -150,7 +119,7 @@ async def test_unknown_sender_is_quarantined_after_the_wait(
 
 async def test_removed_device_is_accepted_until_the_fence(store: Store, tmp_path: Path) -> None:
     w = make_world()
-    sync = await make_sync(store, tmp_path, w.member, w.after)
+    sync = await make_sync(store, tmp_path / "folder", w.member, w.after)
     # Sealed before its removal (epoch 0) and delivered before any epoch-1 envelope: accepted
     # (a device catching up, or joining later, must still get what it wrote as a member).
     await sync.handle_remote([(1, w.info(w.gone, 0, "gone-before"))])
@@ -163,13 +132,13 @@ async def test_removed_device_is_accepted_until_the_fence(store: Store, tmp_path
     assert sync.stats.quarantined == 2
     assert await names(store, sync) == {"gone-before", "admin"}
     # It can never seal a new-epoch envelope (no key); and the fence survives a restart.
-    again = await make_sync(store, tmp_path, w.member, w.after)
+    again = await make_sync(store, tmp_path / "folder", w.member, w.after)
     assert again.epoch_fence == 1
 
 
 async def test_content_from_a_reader_is_quarantined(store: Store, tmp_path: Path) -> None:
     w = make_world()
-    sync = await make_sync(store, tmp_path, w.member, w.before)
+    sync = await make_sync(store, tmp_path / "folder", w.member, w.before)
     await sync.handle_remote([(1, w.info(w.reader, 0, "reader")), (2, w.edit(w.reader, 0))])
     assert sync.stats.quarantined == 1
     assert await names(store, sync) == {"reader"}  # its announcement is harmless
@@ -183,7 +152,7 @@ async def test_a_device_that_may_not_send_never_seals(
 ) -> None:
     w = make_world()
     me = w.reader if who == "reader" else w.gone
-    sync = await make_sync(store, tmp_path, me, w.after)
+    sync = await make_sync(store, tmp_path / "folder", me, w.after)
     (sync.root / "local.txt").write_text("my own edit\n")
     await sync.rescan()
     await sync.handle_local({"local.txt"})

@@ -8,48 +8,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from local_space import make_sync
 
 from qmoi_sync.agent import space as space_mod
-from qmoi_sync.agent.keyring import Keyring
-from qmoi_sync.agent.space import SpaceSync
-from qmoi_sync.agent.store import SpaceRecord, Store
+from qmoi_sync.agent.store import Store
 from qmoi_sync.protocol.identity import DeviceIdentity
 from qmoi_sync.protocol.membership import MembershipLog
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    st = await Store.open(tmp_path / "state.db")
-    try:
-        yield st
-    finally:
-        await st.close()
-
-
-async def make_sync(
-    store: Store, folder: Path, me: DeviceIdentity, log: MembershipLog
-) -> SpaceSync:
-    record = SpaceRecord(
-        space_id=log.space_id.hex(),
-        name="notes",
-        folder=folder,
-        relay_url=None,
-        insecure=False,
-        created_at=time.time(),
-        seeded=True,
-        paused=False,
-    )
-    if not [r for r in await store.spaces() if r.space_id == record.space_id]:
-        async with store.transaction():
-            await store.add_space(record)
-            await store.save_membership(record.space_id, log.to_bytes())
-    sync = SpaceSync(store, me, record, Keyring.build(log, me))
-    await sync.load()
-    return sync
 
 
 def write(folder: Path, n: int, prefix: str) -> dict[str, bytes]:
