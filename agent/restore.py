@@ -49,6 +49,7 @@ from qmoi_sync.agent.materialize import (
     TEMP_PREFIX,
     UnsafePathError,
     _open_parent,
+    make_dir,
     write_file_atomic,
 )
 from qmoi_sync.agent.snapshot_format import (
@@ -457,6 +458,21 @@ async def restore_export(
                 on_file(f.path)
 
     await _all_or_cancel([one(f) for f in todo])
+    # The documents no file needed (the index, settings, deleted files' histories) are checked
+    # too: a restore that reports success has verified every object the manifest lists.
+    used = {f.fid for f in todo}
+
+    async def check(ref: DocRef) -> None:
+        async with sem:
+            await fetch.state(ref, f"document {ref.doc_id.hex()[:8]}")
+
+    await _all_or_cancel([check(d) for d in m.docs if d.doc_id not in used])
+    for folder in m.folders():
+        try:
+            validate_relpath(folder)
+        except PathError as exc:
+            raise IntegrityError("malformed", f"snapshot holds a refused path: {exc}") from None
+        await asyncio.to_thread(make_dir, dest, folder)
     progress.phase = "done"
     return RestoreResult(
         f"{m.seq}-{sel.loaded.entry.tag}",
@@ -543,7 +559,7 @@ async def restore_into(
     progress.phase = "done"
     return RestoreResult(
         f"{m.seq}-{sel.loaded.entry.tag}",
-        len(m.files),
+        sum(1 for f in m.files if f.kind != "dir"),
         sum(f.size for f in m.files),
         round(time.monotonic() - t0, 3),
         sel.warnings,

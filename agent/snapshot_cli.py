@@ -484,7 +484,7 @@ def _list(home: Home, args: argparse.Namespace) -> int:
                         "id": e.id,
                         "seq": m.seq,
                         "created_at": iso(m.created_at),
-                        "files": len(m.files),
+                        "files": sum(1 for f in m.files if f.kind != "dir"),
                         "bytes": sum(f.size for f in m.files),
                         "stored_bytes": m.total_bytes(),
                         "device": pub.short_id if pub is not None else m.signer.hex()[:8],

@@ -387,10 +387,16 @@ class Manifest:
         return sum(d.size for d in self.all_docs()) + sum(self.chunk_sizes().values())
 
     def file_at(self, path: str) -> FileRef | None:
+        """The file (not folder) at ``path`` in this snapshot."""
         for f in self.files:
-            if f.path == path:
+            if f.path == path and f.kind != "dir":
                 return f
         return None
+
+    def folders(self) -> list[str]:
+        """Every folder of the tree, empty ones included (none in snapshots before folders
+        were index entries: there, folders are only the parents of files)."""
+        return [f.path for f in self.files if f.kind == "dir"]
 
     def doc(self, doc_id: bytes) -> DocRef | None:
         for d in self.docs:

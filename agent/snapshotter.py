@@ -564,6 +564,10 @@ async def take_snapshot(
             if b is not None:
                 files.append(FileRef(path, fid, entry.kind, entry.mode, b.size, b.hash))
             continue
+        if entry.kind == "dir":
+            # Folders are part of the tree (empty ones too): restore makes them.
+            files.append(FileRef(path, fid, "dir", entry.mode, 0, EMPTY_SHA256))
+            continue
         if entry.kind != "text":
             continue
         out = docs_out.get(fid)
@@ -622,7 +626,7 @@ async def take_snapshot(
         uploaded_objects=stats["up_objects"] + 1,
         reused_objects=stats["reused"],
         total_bytes=total,
-        files=len(files),
+        files=sum(1 for f in files if f.kind != "dir"),
         cursor=view.cursor,
         duration_s=round(time.monotonic() - t0, 3),
         hash=digest.hex(),
