@@ -30,6 +30,7 @@ from qmoi_sync.agent.blob_transfer import CONNECT_TIMEOUT_S, BlobLink
 from qmoi_sync.agent.chunk_store import ACK_TRUST_S
 from qmoi_sync.agent.control import EXTRA_REQUESTS
 from qmoi_sync.agent.home import UserError
+from qmoi_sync.agent.relay_link import RelayRefused, recv_frame
 from qmoi_sync.protocol import frames as F
 from qmoi_sync.protocol.chunks import Manifest
 from qmoi_sync.protocol.errors import ProtocolError
@@ -158,14 +159,12 @@ async def _request(ws: ClientConnection, frame: F.Frame, want: type[T]) -> T:
     await ws.send(F.encode_frame(frame))
     async with asyncio.timeout(REPLY_TIMEOUT_S):
         while True:
-            data = await ws.recv()
-            if isinstance(data, str):
-                raise ProtocolError("malformed", "relay sent a text frame")
-            reply = F.decode_frame(data)
+            try:
+                reply = await recv_frame(ws, REPLY_TIMEOUT_S)
+            except RelayRefused as exc:
+                raise GcError(f"relay refused: {exc}") from exc
             if isinstance(reply, want):
                 return reply
-            if isinstance(reply, F.Error):
-                raise GcError(f"relay refused: {reply.code}: {reply.message}")
             # anything else (Presence, ...) is not for us
 
 

@@ -27,7 +27,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from qmoi_sync.agent.rate import SpaceRates
-from qmoi_sync.agent.relay_link import BACKOFF_MAX, BACKOFF_MIN, RelayRefused
+from qmoi_sync.agent.relay_link import BACKOFF_MAX, BACKOFF_MIN, RelayRefused, recv_frame
 from qmoi_sync.protocol import frames as F
 from qmoi_sync.protocol.errors import ProtocolError
 from qmoi_sync.protocol.identity import DeviceIdentity
@@ -283,13 +283,7 @@ class BlobLink:
             raise ProtocolError("malformed", f"expected welcome, got {type(welcome).__name__}")
 
     async def _recv(self, ws: ClientConnection) -> F.Frame:
-        data = await asyncio.wait_for(ws.recv(), timeout=30)
-        if isinstance(data, str):
-            raise ProtocolError("malformed", "relay sent a text frame")
-        frame = F.decode_frame(data)
-        if isinstance(frame, F.Error):
-            raise RelayRefused(frame.code, frame.message)
-        return frame
+        return await recv_frame(ws)
 
     async def _reader(self, ws: ClientConnection) -> None:
         async for data in ws:

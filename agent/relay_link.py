@@ -66,6 +66,18 @@ MembershipHandler = Callable[[bytes], Awaitable[None]]
 JoinHandler = Callable[[int, bytes], Awaitable[F.JoinReply | None]]
 
 
+async def recv_frame(ws: ClientConnection, timeout: float = 30) -> F.Frame:
+    """The relay's next frame; an ``Error`` frame raises RelayRefused, a text frame or bytes
+    that do not decode raise ProtocolError."""
+    data = await asyncio.wait_for(ws.recv(), timeout=timeout)
+    if isinstance(data, str):
+        raise ProtocolError("malformed", "relay sent a text frame")
+    frame = F.decode_frame(data)
+    if isinstance(frame, F.Error):
+        raise RelayRefused(frame.code, frame.message)
+    return frame
+
+
 class RelayLink:
     def __init__(
         self,
@@ -258,13 +270,7 @@ class RelayLink:
             await self.on_membership(welcome.log)
 
     async def _recv(self, ws: ClientConnection) -> F.Frame:
-        data = await asyncio.wait_for(ws.recv(), timeout=30)
-        if isinstance(data, str):
-            raise ProtocolError("malformed", "relay sent a text frame")
-        frame = F.decode_frame(data)
-        if isinstance(frame, F.Error):
-            raise RelayRefused(frame.code, frame.message)
-        return frame
+        return await recv_frame(ws)
 
     async def _reader(
         self,

@@ -59,6 +59,13 @@ def control_status(sock: Path, timeout: float = 30) -> dict[str, Any] | None:
     return report
 
 
+def port_open(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        return True
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,9 +136,7 @@ class Relay:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"relay exited early:\n{self.log()}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
-            return True
-        return False
+        return port_open(self.port)
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import free_port, wait_until
+from harness import free_port, port_open, wait_until
 
 CREDS = {
     "AWS_ACCESS_KEY_ID": "testing-key",
@@ -55,9 +55,7 @@ class MotoServer:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"moto exited: {self.log_path.read_text()[-2000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
-            return True
-        return False
+        return port_open(self.port)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
