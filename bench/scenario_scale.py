@@ -361,6 +361,18 @@ def _syncthing(tmp: Path, n: int) -> dict[str, Any]:
         s1.stop()
 
 
+def _ensure_syncthing() -> bool:
+    """The yardstick: Debian's syncthing package, installed on first use (root, apt-get)."""
+    if shutil.which("syncthing") is None and shutil.which("apt-get") and os.geteuid() == 0:
+        print("installing syncthing (apt-get) for the comparison …", flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "syncthing"], check=False)
+    if shutil.which("syncthing") is None:
+        print("syncthing is not installed: the comparison is skipped", flush=True)
+        return False
+    return True
+
+
 def run(
     quick: bool, keep: bool = False, files: int | None = None, syncthing: bool = True
 ) -> dict[str, Any]:
@@ -368,7 +380,7 @@ def run(
     result: dict[str, Any] = {"files": n, "file_size": FILE_SIZE}
     with workdir("scale", keep) as tmp:
         result["qmoi"] = _qmoi(tmp, n)
-    if syncthing and shutil.which("syncthing"):
+    if syncthing and _ensure_syncthing():
         with workdir("scale-st", keep) as tmp:
             result["syncthing"] = _syncthing(tmp, n)
     else:
