@@ -58,6 +58,7 @@ from qmoi_sync.agent.chunker import (
     read_range,
     verified_prefix,
 )
+from qmoi_sync.agent.crashpoint import crashpoint
 from qmoi_sync.agent.index import FileEntry, derive_file_id
 from qmoi_sync.agent.layout import compute_layout, strip_conflict_marker
 from qmoi_sync.agent.materialize import DiskStat, UnsafePathError, delete_file, stat_file
@@ -944,6 +945,7 @@ def _read_verified(
 def _prepare(tmp: TempFile, mode: int) -> None:
     os.fchmod(tmp.fd, mode)
     os.fsync(tmp.fd)
+    crashpoint("chunk.install")
 
 
 def _rename_into_place(tmp: TempFile, path: str) -> DiskStat:
@@ -955,6 +957,7 @@ def _rename_into_place(tmp: TempFile, path: str) -> DiskStat:
         if not stat_mod.S_ISREG(st.st_mode):
             raise UnsafePathError(f"{path!r} exists and is not a regular file")
     os.rename(tmp.name, final, src_dir_fd=tmp.dfd, dst_dir_fd=tmp.dfd)
+    crashpoint("chunk.installed")
     st = os.stat(final, dir_fd=tmp.dfd, follow_symlinks=False)
     return DiskStat(st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode & 0o7777)
 

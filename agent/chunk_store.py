@@ -21,10 +21,10 @@ Writes go through ``Store.transaction()`` so they never interleave with a space'
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from qmoi_sync.agent.clock import wall
 from qmoi_sync.agent.store import Store
 
 _SCHEMA = """
@@ -79,7 +79,7 @@ class ChunkStore:
         """Which of ``ids`` the relay has acknowledged within ``ACK_TRUST_S``."""
         want = list(dict.fromkeys(ids))
         out: set[bytes] = set()
-        since = time.time() - ACK_TRUST_S
+        since = wall() - ACK_TRUST_S
         for i in range(0, len(want), 500):
             part = want[i : i + 500]
             rows = await self.store.db.execute_fetchall(
@@ -91,7 +91,7 @@ class ChunkStore:
         return out
 
     async def add_acked(self, ids: Iterable[bytes]) -> None:
-        now = time.time()
+        now = wall()
         rows = [(self.space_id, i, now) for i in ids]
         if rows:
             async with self.store.transaction():

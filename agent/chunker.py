@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from qmoi_sync.agent.crashpoint import crashpoint
 from qmoi_sync.agent.materialize import TEMP_PREFIX, DiskStat, UnsafePathError, _open_parent
 from qmoi_sync.protocol.chunks import MAX_CHUNK, ChunkKeys
 
@@ -278,6 +279,8 @@ def verified_prefix(tmp: TempFile, keys: ChunkKeys, chunks: list[tuple[bytes, in
         done += 1
     os.ftruncate(tmp.fd, offset)
     os.lseek(tmp.fd, offset, os.SEEK_SET)
+    if done:
+        crashpoint("chunk.resumed")
     return done
 
 
@@ -298,6 +301,7 @@ def pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view = view[n:]
         at += n
     start_writeback(fd, offset, len(data))
+    crashpoint("chunk.written")
 
 
 _SYNC_FILE_RANGE_WRITE = 2
@@ -328,6 +332,7 @@ def install_download(tmp: TempFile, relpath: str, mode: int) -> DiskStat:
     """fsync the temp file and rename it over ``relpath`` (same folder: atomic)."""
     os.fchmod(tmp.fd, mode)
     os.fsync(tmp.fd)
+    crashpoint("chunk.install")
     final = relpath.rsplit("/", 1)[-1]
     with contextlib.suppress(FileNotFoundError):
         st = os.stat(final, dir_fd=tmp.dfd, follow_symlinks=False)

@@ -13,11 +13,11 @@ import os
 import re
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from qmoi_sync.agent.clock import wall
 from qmoi_sync.agent.home import AgentLock, Home, UserError, resolve_home
 from qmoi_sync.protocol.version import __version__
 
@@ -467,7 +467,7 @@ def _join(home: Home, args: argparse.Namespace) -> int:
             folder=folder,
             relay_url=joined.invite.relay_url,
             insecure=args.insecure,
-            created_at=time.time(),
+            created_at=wall(),
             seeded=False,
             paused=False,
         )

@@ -27,6 +27,7 @@ from qmoi_sync.agent import (
     snapshot_control,  # noqa: F401 - registers its control requests
 )
 from qmoi_sync.agent.binary_sync import BinarySync, attach, status_fields
+from qmoi_sync.agent.clock import wall
 from qmoi_sync.agent.control import ControlServer
 from qmoi_sync.agent.home import AgentLock, Home, UserError
 from qmoi_sync.agent.keyring import Keyring
@@ -374,7 +375,7 @@ class SpaceRuntime:
             if pk != me:
                 # When it last published its info (by its clock, which is capped at ours).
                 at = (caps or {}).get("measured_at") or seen.get(pk)
-                last_seen = _iso(min(at, time.time())) if at else None
+                last_seen = _iso(min(at, wall())) if at else None
             devices.append(
                 MemberStatus(
                     id=device_id(pk),
@@ -438,7 +439,7 @@ class Agent:
         self.spaces: dict[str, SpaceRuntime] = {}
         self.control: ControlServer | None = None
         self.stop = asyncio.Event()
-        self.started_at = time.time()
+        self.started_at = wall()
         self.policy = Policy(make_probe(headless), PolicyConfig.load(home.root / POLICY_FILE))
         self.monitor = PolicyMonitor(
             self.policy,

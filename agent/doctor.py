@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+from qmoi_sync.agent.clock import wall
 from qmoi_sync.agent.home import Home, UserError
 
 Status = Literal["ok", "warn", "fail"]
@@ -296,7 +297,7 @@ async def probe_relay(url: str, timeout: float) -> RelayProbe:
                 pass
         probe.rtt_s = min(rtts)
         ctx = ssl.create_default_context() if parsed.scheme == "wss" else None
-        wall0, t0 = time.time(), time.perf_counter()
+        wall0, t0 = wall(), time.perf_counter()
         async with connect(
             url, ssl=ctx, open_timeout=timeout, proxy=None, compression=None, close_timeout=2
         ) as ws:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
 from pydantic import BaseModel, Field
 
+from qmoi_sync.agent.clock import wall
 from qmoi_sync.protocol.identity import DeviceIdentity
 
 APP_NAME = "qmoi-sync"
@@ -82,7 +82,7 @@ class Home:
         os.chmod(self.root, 0o700)
         identity = DeviceIdentity.generate()
         _write_private(self.key_path, identity.to_private_bytes())
-        config = DeviceConfig(name=name, created_at=time.time())
+        config = DeviceConfig(name=name, created_at=wall())
         self.config_path.write_text(config.model_dump_json(indent=2) + "\n")
         return identity
 

@@ -15,12 +15,12 @@ import asyncio
 import contextlib
 import errno
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
+from qmoi_sync.agent.clock import wall
 from qmoi_sync.agent.lan_config import DeviceSettings, lan_killed, load_settings
 from qmoi_sync.agent.peer_link import (
     HANDSHAKE_TIMEOUT_S,
@@ -151,7 +151,7 @@ class LanService:
         space = self.spaces.get(space_id)
         if space is None or self.discovery is None or self.port is None:
             return
-        tag = space.current_tag(time.time()) if space.active else None
+        tag = space.current_tag(wall()) if space.active else None
         if tag is None:
             if self._advertised.pop(space_id, None) is not None:
                 await self.discovery.withdraw(f"space:{space_id}")
@@ -164,12 +164,12 @@ class LanService:
     async def _rotate_loop(self) -> None:
         """Re-publish tags when the window turns or a space's epoch changes; re-match what was
         discovered (our set of accepted tags moves with the window)."""
-        window = L.tag_window(time.time())
+        window = L.tag_window(wall())
         while True:
             await asyncio.sleep(ROTATE_CHECK_S)
             for space_id in list(self.spaces):
                 await self._advertise(space_id)
-            now_window = L.tag_window(time.time())
+            now_window = L.tag_window(wall())
             if now_window != window:
                 window = now_window
                 for found in list(self._found.values()):
@@ -191,7 +191,7 @@ class LanService:
     async def _refresh_invites(self) -> None:
         """Advertise every open invite this device issued for a LAN-enabled space."""
         assert self.discovery is not None and self.port is not None
-        now = time.time()
+        now = wall()
         wanted: dict[bytes, str] = {}
         store = self.agent.store
         for space_id in list(self.spaces):
@@ -216,7 +216,7 @@ class LanService:
         self._match(found)
 
     def _match(self, found: Found) -> None:
-        now = time.time()
+        now = wall()
         for space in self.spaces.values():
             if found.advert.tag in space.accepted_tags(now):
                 space.found(Target(found.instance, found.addresses, found.port, found.advert.tag))
@@ -229,7 +229,7 @@ class LanService:
             space.lost(instance)
 
     def resolve_tag(self, tag: bytes) -> SpaceLan | None:
-        now = time.time()
+        now = wall()
         for space in self.spaces.values():
             if space.active and tag in space.accepted_tags(now):
                 return space

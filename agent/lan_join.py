@@ -17,17 +17,17 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import time
 from collections.abc import Coroutine
 from typing import Any
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
+from qmoi_sync.agent.clock import wall
 from qmoi_sync.agent.home import Home, UserError
 from qmoi_sync.agent.lan_config import lan_killed, load_settings
 from qmoi_sync.agent.lan_discovery import Discovery, Found
-from qmoi_sync.agent.membership_ops import Joined, join_via_relay
+from qmoi_sync.agent.membership_ops import Joined, invite_expired_message, join_via_relay
 from qmoi_sync.agent.peer_link import CONNECT_TIMEOUT_S, Refused, recv_frame, ws_log
 from qmoi_sync.protocol import lan as L
 from qmoi_sync.protocol.errors import InviteError, ProtocolError
@@ -116,8 +116,8 @@ async def join_any(
         invite = decode_invite(token)
     except InviteError as exc:
         raise UserError(f"cannot use this invite: {exc}") from exc
-    if invite.is_expired(time.time()):
-        raise UserError("this invite has expired; ask for a new one")
+    if invite.is_expired(now := wall()):
+        raise UserError(invite_expired_message(invite.expires_at, now))
     settings = load_settings(home.root)
     lan = settings.lan.enabled and not lan_killed()
     attempts: list[Coroutine[Any, Any, Joined]] = []

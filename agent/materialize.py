@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+from qmoi_sync.agent.crashpoint import crashpoint
 from qmoi_sync.protocol.errors import PathError
 from qmoi_sync.protocol.paths import validate_relpath
 
@@ -163,10 +164,14 @@ def write_files_atomic(
                 results[i] = UnsafePathError(str(exc))
             except (OSError, UnsafePathError) as exc:
                 results[i] = exc
+        if staged:
+            crashpoint("materialize.written")
         _start_writeback([s.fd for s in staged])
         for s, err in zip(staged, _fsync_all([s.fd for s in staged]), strict=True):
             if err is not None:
                 results[s.index] = err
+        if staged:
+            crashpoint("materialize.fsynced")
         for s in staged:
             if results[s.index] is not None:
                 continue
@@ -177,6 +182,7 @@ def write_files_atomic(
                 results[s.index] = exc
                 continue
             s.tmp = ""  # renamed: nothing to clean up
+            crashpoint("materialize.renamed")
             results[s.index] = DiskStat(st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode & 0o7777)
     finally:
         for s in staged:

@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
 from pydantic import BaseModel
 from websockets.asyncio.client import connect
 
+from qmoi_sync.agent.clock import wall
 from qmoi_sync.agent.home import UserError
 from qmoi_sync.agent.store import InviteRecord, SpaceRecord, Store
 from qmoi_sync.protocol import frames as F
@@ -32,6 +33,19 @@ from qmoi_sync.protocol.membership import MembershipLog, Role
 log = logging.getLogger("qmoi_sync.membership")
 
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+
+def invite_expired_message(expires_at: float, now: float) -> str:
+    """Why an invite is refused as expired, with both times: a device whose clock is wrong
+    refuses good invites, and the times show it."""
+
+    def utc(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    return (
+        f"this invite expired at {utc(expires_at)} and this device's clock says {utc(now)}; "
+        "ask for a new invite (or, if this clock is wrong, correct it)"
+    )
 
 
 def check_relay_url(url: str, insecure: bool) -> str:
@@ -77,14 +91,14 @@ async def create_space(
     if relay_url:
         check_relay_url(relay_url, insecure)
     folder = check_folder(folder, home, spaces)
-    mlog, _secret = MembershipLog.create(identity, time.time())
+    mlog, _secret = MembershipLog.create(identity, wall())
     record = SpaceRecord(
         space_id=mlog.space_id.hex(),
         name=name,
         folder=folder,
         relay_url=relay_url,
         insecure=insecure,
-        created_at=time.time(),
+        created_at=wall(),
         seeded=True,
         paused=False,
     )
@@ -105,7 +119,7 @@ async def create_invite(
     if mlog.role_of(identity.public.sign_pk) is not Role.admin:
         raise UserError("only an admin device of this space can invite")
     secret = os.urandom(32)
-    expires_at = int(time.time() + expires_s)
+    expires_at = int(wall() + expires_s)
     invite = Invite(
         space_id=mlog.space_id,
         relay_url=record.relay_url,
@@ -165,8 +179,8 @@ async def answer_join(
         return refuse("invite_invalid: unknown invite")
     if inv.used_at is not None:
         return refuse("invite_used: this invite was already used")
-    if inv.expires_at < time.time():
-        return refuse("invite_expired: this invite has expired")
+    if inv.expires_at < (now := wall()):
+        return refuse(f"invite_expired: {invite_expired_message(inv.expires_at, now)}")
     if body.space_id != mlog.space_id:
         return refuse("invite_invalid: join request is for another space")
     try:
@@ -177,7 +191,7 @@ async def answer_join(
         return refuse("device is already a member")
     new = mlog.copy()
     secrets = new.unwrap_epoch_secrets(identity)
-    new.add_member(identity, body.joiner, Role(inv.role), secrets, time.time())
+    new.add_member(identity, body.joiner, Role(inv.role), secrets, wall())
     async with store.transaction():
         await store.mark_invite_used(record.space_id, body.invite_id)
         await store.save_membership(record.space_id, new.to_bytes())
@@ -206,8 +220,8 @@ async def join_via_relay(
         invite = decode_invite(token)
     except InviteError as exc:
         raise UserError(f"cannot use this invite: {exc}") from exc
-    if invite.is_expired(time.time()):
-        raise UserError("this invite has expired; ask for a new one")
+    if invite.is_expired(now := wall()):
+        raise UserError(invite_expired_message(invite.expires_at, now))
     if not invite.relay_url:
         raise UserError("this invite names no relay; LAN joining is not available yet")
     request = build_join_request(invite, identity.public, device_name)
@@ -364,7 +378,7 @@ async def revoke_device(
         )
     new = mlog.copy()
     try:
-        new.remove_member(identity, subject, time.time())
+        new.remove_member(identity, subject, wall())
     except ProtocolError as exc:
         raise UserError(f"cannot revoke {row.name or row.short_id}: {exc}") from exc
     async with store.transaction():

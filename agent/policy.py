@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from qmoi_sync.agent.clock import wall
 from qmoi_sync.agent.home import UserError
 from qmoi_sync.agent.resources import ProcessUsage, ResourceProbe, filesystem_of
 from qmoi_sync.agent.status import AgentStatus, PolicyState, PolicyStatus
@@ -267,7 +268,7 @@ class Policy:
                 None if self.battery_percent is None else min(max(self.battery_percent, 0.0), 100.0)
             ),
             headless=self.probe.headless,
-            measured_at=int(now if now is not None else time.time()),
+            measured_at=int(now if now is not None else wall()),
         )
 
 

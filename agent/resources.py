@@ -19,12 +19,13 @@ import logging
 import os
 import platform as _platform
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
+
+from qmoi_sync.agent.clock import wall
 
 log = logging.getLogger("qmoi_sync.resources")
 
@@ -234,7 +235,7 @@ class ProcessUsage:
     def __post_init__(self) -> None:
         self._proc = psutil.Process(self.pid)
         self._proc.cpu_percent(interval=None)  # prime
-        self.started_at = self.started_at or time.time()
+        self.started_at = self.started_at or wall()
         self.sample()
 
     def sample(self) -> None:
@@ -248,4 +249,4 @@ class ProcessUsage:
 
     @property
     def uptime_s(self) -> float:
-        return max(0.0, time.time() - self.started_at)
+        return max(0.0, wall() - self.started_at)

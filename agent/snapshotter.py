@@ -42,6 +42,8 @@ from pycrdt import Doc, Snapshot
 
 from qmoi_sync.agent.binary_sync import choose, manifest_heads
 from qmoi_sync.agent.causal import decode_snapshot
+from qmoi_sync.agent.clock import wall
+from qmoi_sync.agent.crashpoint import crashpoint
 from qmoi_sync.agent.index import IndexDoc
 from qmoi_sync.agent.keyring import Keyring
 from qmoi_sync.agent.layout import compute_layout
@@ -428,6 +430,7 @@ async def _store_binaries(
             else:
                 body = await _sealed_chunk(sync, ckeys, ref, path)
                 await bucket.put(key, body)
+                crashpoint("snapshot.object")
                 stats["up_bytes"] += len(body)
                 stats["up_objects"] += 1
                 progress.uploaded_bytes += len(body)
@@ -508,6 +511,7 @@ async def take_snapshot(
                     return
         async with up_sem:
             await bucket.put(key, body)
+        crashpoint("snapshot.object")
         uploaded_names.add(name)
         stats["up_bytes"] += len(body)
         stats["up_objects"] += 1
@@ -611,7 +615,9 @@ async def take_snapshot(
     )
     body = seal_manifest(ctx.identity, keys, manifest)
     mkey = manifest_key(bucket.prefix, seq, keys.signer_tag(ctx.identity.public.sign_pk))
+    crashpoint("snapshot.manifest")
     await bucket.put(mkey, body)
+    crashpoint("snapshot.manifest_stored")
     digest = manifest_hash(body)
     await ctx.local.add_known(target, uploaded_names | manifest.object_names())
     await ctx.local.set_doc_raw(ctx.space_id, target, raw_now, mkey)
@@ -684,7 +690,7 @@ async def apply_retention(
     older than ``gc_grace_s`` (an object that young may belong to a snapshot still uploading
     on another device: objects are written before their manifest). Nothing is deleted while
     any manifest cannot be read (its references are unknown)."""
-    now = time.time() if now is None else now
+    now = wall() if now is None else now
     entries = await list_manifests(bucket)
     loaded: list[LoadedManifest] = []
     unreadable = 0

@@ -21,7 +21,6 @@ import errno
 import logging
 import os
 import re
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ from pycrdt import Doc, merge_updates
 
 from qmoi_sync.agent import memtrim
 from qmoi_sync.agent.causal import UpdateDecodeError, missing_dependencies
+from qmoi_sync.agent.clock import wall
+from qmoi_sync.agent.crashpoint import crashpoint
 from qmoi_sync.agent.ignore import IgnoreRules
 from qmoi_sync.agent.index import FileEntry, IndexDoc, derive_file_id
 from qmoi_sync.agent.keyring import Keyring
@@ -177,7 +178,7 @@ class SpaceSync:
         identity: DeviceIdentity,
         record: SpaceRecord,
         keyring: Keyring,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = wall,
     ) -> None:
         self.store = store
         self.identity = identity
@@ -1421,6 +1422,7 @@ class SpaceSync:
                 continue
             if st is not None:
                 staged.append((fid, old, tmp, p))
+                crashpoint("move.staged")
         for fid, old, tmp, new in staged:
             rec = self.files[old]
             target = new

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
+from qmoi_sync.agent.clock import wall
+from qmoi_sync.agent.crashpoint import crashpoint
 
 SCHEMA_VERSION = 1
 
@@ -164,9 +166,12 @@ class Store:
             if self.db.in_transaction:
                 await asyncio.shield(self.db.execute("ROLLBACK"))
             await asyncio.shield(self.db.execute("BEGIN IMMEDIATE"))
+            crashpoint("sqlite.begin")
             try:
                 yield
+                crashpoint("sqlite.commit")
                 await asyncio.shield(self.db.execute("COMMIT"))
+                crashpoint("sqlite.committed")
             except BaseException:
                 if self.db.in_transaction:
                     # A shielded COMMIT may still be finishing: then there is nothing to undo.
@@ -429,7 +434,7 @@ class Store:
         await self.db.execute(
             "INSERT INTO invites(space_id, invite_id, secret, role, expires_at, created_at,"
             " used_at) VALUES (?,?,?,?,?,?,NULL)",
-            (rec.space_id, rec.invite_id, rec.secret, rec.role, rec.expires_at, time.time()),
+            (rec.space_id, rec.invite_id, rec.secret, rec.role, rec.expires_at, wall()),
         )
 
     async def get_invite(self, space_id: str, invite_id: bytes) -> InviteRecord | None:
@@ -446,7 +451,7 @@ class Store:
     async def mark_invite_used(self, space_id: str, invite_id: bytes) -> None:
         await self.db.execute(
             "UPDATE invites SET used_at=? WHERE space_id=? AND invite_id=?",
-            (time.time(), space_id, invite_id),
+            (wall(), space_id, invite_id),
         )
 
     # -- documents committed but not yet written to disk (crash repair) ------------------------
@@ -488,7 +493,7 @@ class Store:
     ) -> None:
         await self.db.execute(
             "INSERT INTO quarantine(space_id, sender, reason, at, envelope) VALUES (?,?,?,?,?)",
-            (space_id, sender, reason[:500], time.time(), envelope),
+            (space_id, sender, reason[:500], wall(), envelope),
         )
 
     async def quarantine_count(self, space_id: str) -> int:
@@ -504,7 +509,7 @@ class Store:
             "INSERT INTO device_info(space_id, sign_pk, info, seen_at) VALUES (?,?,?,?)"
             " ON CONFLICT(space_id, sign_pk) DO UPDATE SET info=excluded.info,"
             " seen_at=excluded.seen_at",
-            (space_id, sign_pk, json.dumps(info), time.time()),
+            (space_id, sign_pk, json.dumps(info), wall()),
         )
 
     async def device_seen(self, space_id: str) -> dict[bytes, float]:
