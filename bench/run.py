@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             kwargs["method"] = args.latency_method
         if name == "scale":
             kwargs["files"] = args.files
-            kwargs["syncthing"] = not args.no_syncthing
+            kwargs["with_syncthing"] = not args.no_syncthing
         if args.profile:
             stamp = time.strftime("%Y%m%dT%H%M%S")
             prof_dir = benchlib.RESULTS_DIR / f"profile-{name}-{stamp}"

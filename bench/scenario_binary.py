@@ -79,18 +79,21 @@ def _cpu(pid: int) -> float:
     return float(t.user + t.system)
 
 
-def _transfer(
-    a: Device, b: Device, relay_pid: int, name: str, size: int, seed: int
+def transfer(
+    src_dir: Path, dst_dir: Path, pids: dict[str, int], name: str, size: int, seed: int
 ) -> dict[str, Any]:
+    """Write a random file of `size` bytes into `src_dir`; time until `dst_dir` has all of it.
+
+    `pids` (role -> pid) are the processes whose CPU seconds are reported.
+    """
     # The random data is generated ahead (not timed): a write of pre-made blocks.
     rng = random.Random(seed)
     blocks = [rng.randbytes(min(BLOCK, size - i)) for i in range(0, size, BLOCK)]
     digest = hashlib.sha256(b"".join(blocks)).hexdigest()
-    dst = b.folder / name
-    pids = {"a": a.pid, "relay": relay_pid, "b": b.pid}
+    dst = dst_dir / name
     cpu0 = {k: _cpu(p) for k, p in pids.items()}
     t0 = time.perf_counter()
-    with open(a.folder / name, "wb") as f:
+    with open(src_dir / name, "wb") as f:
         for block in blocks:
             f.write(block)
     t_written = time.perf_counter()
@@ -127,7 +130,8 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
         assert c.relay.proc is not None
         relay_pid = c.relay.proc.pid
         for i in range(runs):
-            samples.append(_transfer(a, b, relay_pid, f"random-{i}.bin", 200 * MiB, i))
+            pids = {"a": a.pid, "relay": relay_pid, "b": b.pid}
+            samples.append(transfer(a.folder, b.folder, pids, f"random-{i}.bin", 200 * MiB, i))
             a.wait_idle()
             b.wait_idle()
         # RSS while a 2 GiB file goes through

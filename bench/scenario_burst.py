@@ -37,43 +37,60 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
-def _one(rep: int, keep: bool) -> dict[str, Any]:
-    expected = {_name(i): _content(i) for i in range(FILES)}
-    with workdir(f"burst{rep}", keep) as tmp, cluster(tmp) as c, Inotify(c.b.folder) as ino:
+def write_and_wait(
+    src: Path, dst: Path, expected: dict[str, bytes], timeout: float
+) -> dict[str, Any]:
+    """Write `expected` (name -> bytes) flat into `src`; return when all are in `dst` intact.
+
+    Seconds are from before the first write; `first_file_s` is when the first one matched.
+    """
+    with Inotify(dst) as ino:
         t0 = time.perf_counter()
         for name, data in expected.items():
-            with open(c.a.folder / name, "wb") as f:
+            with open(src / name, "wb") as f:
                 f.write(data)
         t_written = time.perf_counter()
         missing = set(expected)
         first_seen: float | None = None
-        deadline = t0 + TIMEOUT_S
+        deadline = t0 + timeout
         while missing:
             left_ms = (deadline - time.perf_counter()) * 1000
             if left_ms <= 0:
-                raise TimeoutError(f"{len(missing)} files missing on b after {TIMEOUT_S}s")
+                raise TimeoutError(f"{len(missing)} files missing after {timeout}s")
             names = ino.read(min(left_ms, 100))
             for name in names:
-                if name in missing and _read(c.b.folder / name) == expected[name]:
+                if name in missing and _read(dst / name) == expected[name]:
                     missing.discard(name)
                     first_seen = first_seen or time.perf_counter()
             if not names:
                 # Quiet for 100 ms (or an inotify queue overflow): re-check what is left.
                 for name in list(missing):
-                    if _read(c.b.folder / name) == expected[name]:
+                    if _read(dst / name) == expected[name]:
                         missing.discard(name)
         t_done = time.perf_counter()
-        wait_until(c.a.idle, timeout=60, what="a idle")
-        wait_until(c.b.idle, timeout=60, what="b idle")
-        a_sent = c.a.space_status()
     seconds = t_done - t0
     return {
         "seconds": round(seconds, 3),
-        "files_per_s": round(FILES / seconds, 1),
+        "files_per_s": round(len(expected) / seconds, 1),
         "write_s": round(t_written - t0, 3),
-        "first_file_on_b_s": round((first_seen or t_done) - t0, 3),
+        "first_file_s": round((first_seen or t_done) - t0, 3),
+    }
+
+
+def _one(rep: int, keep: bool) -> dict[str, Any]:
+    expected = {_name(i): _content(i) for i in range(FILES)}
+    with workdir(f"burst{rep}", keep) as tmp, cluster(tmp) as c:
+        r = write_and_wait(c.a.folder, c.b.folder, expected, TIMEOUT_S)
+        wait_until(c.a.idle, timeout=60, what="a idle")
+        wait_until(c.b.idle, timeout=60, what="b idle")
+        a_sent = c.a.space_status()
+    return {
+        "seconds": r["seconds"],
+        "files_per_s": r["files_per_s"],
+        "write_s": r["write_s"],
+        "first_file_on_b_s": r["first_file_s"],
         "a_files_tracked": a_sent["files"],
-        "verdict": verdict(seconds, TARGET_S),
+        "verdict": verdict(r["seconds"], TARGET_S),
     }
 
 

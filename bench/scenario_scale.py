@@ -10,9 +10,9 @@
 3. **Sync to a second device**: b joins and starts; time until b's folder holds all N files
    with the right content (every file compared), b's peak RSS.
 4. **Syncthing** (if `syncthing` is installed; `--no-syncthing` skips it): two instances on
-   loopback with generated config.xml (no global/local discovery, no relays, no NAT, no usage
-   reporting, the default rescan interval and file watcher), devices introduced to each other
-   by static `tcp://127.0.0.1:<port>` addresses. s1 starts on a copy of the same files: time
+   loopback, set up by bench/syncthing.py (no global/local discovery, no relays, no NAT, no
+   usage reporting, file watcher at its minimum delay; s2 dials s1's static
+   `tcp://127.0.0.1:<port>` address). s1 starts on a copy of the same files: time
    until its REST API reports the folder idle with N local files (its first scan); then s2
    starts with an empty folder: time until s2 holds all N files with the right content.
 
@@ -29,15 +29,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psutil
-from benchlib import Device, Inotify, Relay, free_port, verdict, wait_until, workdir
+import syncthing
+from benchlib import Device, Inotify, Relay, verdict, wait_until, workdir
 
 TARGET_INDEX_S = 60.0
 TARGET_RSS_MB = 300.0
@@ -221,113 +219,10 @@ def _qmoi(tmp: Path, n: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- Syncthing
 
-_CONFIG = """<configuration version="36">
-    <folder id="bench" label="bench" path="{folder}" type="sendreceive" rescanIntervalS="3600"
-            fsWatcherEnabled="true" fsWatcherDelayS="10" ignorePerms="false" autoNormalize="true">
-        <filesystemType>basic</filesystemType>
-        <device id="{me}"></device>
-        <device id="{peer}"></device>
-    </folder>
-    <device id="{me}" name="self" compression="metadata" introducer="false">
-        <address>dynamic</address>
-    </device>
-    <device id="{peer}" name="peer" compression="metadata" introducer="false">
-        <address>tcp://127.0.0.1:{peer_port}</address>
-    </device>
-    <gui enabled="true" tls="false">
-        <address>127.0.0.1:{gui_port}</address>
-        <apikey>{apikey}</apikey>
-    </gui>
-    <options>
-        <listenAddress>tcp://127.0.0.1:{port}</listenAddress>
-        <globalAnnounceEnabled>false</globalAnnounceEnabled>
-        <localAnnounceEnabled>false</localAnnounceEnabled>
-        <relaysEnabled>false</relaysEnabled>
-        <natEnabled>false</natEnabled>
-        <urAccepted>-1</urAccepted>
-        <autoUpgradeIntervalH>0</autoUpgradeIntervalH>
-        <startBrowser>false</startBrowser>
-        <crashReportingEnabled>false</crashReportingEnabled>
-        <setLowPriority>false</setLowPriority>
-    </options>
-</configuration>
-"""
-
-
-class _Syncthing:
-    def __init__(self, home: Path, folder: Path) -> None:
-        self.home = home
-        self.folder = folder
-        self.port = free_port()
-        self.gui_port = free_port()
-        self.apikey = "bench-" + os.urandom(8).hex()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started_at = 0.0
-        home.mkdir(parents=True, exist_ok=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        out = subprocess.run(
-            ["syncthing", "generate", f"--home={home}", "--no-default-folder"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        m = re.search(r"Device ID: ([A-Z0-9-]{63})", out.stdout + out.stderr)
-        if m is None:
-            raise RuntimeError(f"no device id from syncthing generate: {out.stdout}{out.stderr}")
-        self.device_id = m[1]
-
-    def configure(self, peer: _Syncthing) -> None:
-        (self.home / "config.xml").write_text(
-            _CONFIG.format(
-                folder=self.folder,
-                me=self.device_id,
-                peer=peer.device_id,
-                peer_port=peer.port,
-                gui_port=self.gui_port,
-                apikey=self.apikey,
-                port=self.port,
-            )
-        )
-
-    def start(self) -> None:
-        env = {**os.environ, "STNOUPGRADE": "1", "STNODEFAULTFOLDER": "1"}
-        with open(self.home / "syncthing.log", "ab") as logf:
-            self.started_at = time.perf_counter()
-            self.proc = subprocess.Popen(
-                ["syncthing", "serve", f"--home={self.home}", "--no-browser", "--no-restart"],
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-
-    def rest(self, path: str) -> Any:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.gui_port}{path}", headers={"X-API-Key": self.apikey}
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return json.loads(resp.read())
-        except OSError:
-            return None
-
-    def folder_status(self) -> dict[str, Any]:
-        return self.rest("/rest/db/status?folder=bench") or {}
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
 
 def _syncthing(tmp: Path, n: int) -> dict[str, Any]:
-    s1 = _Syncthing(tmp / "st1-home", tmp / "st1-folder")
-    s2 = _Syncthing(tmp / "st2-home", tmp / "st2-folder")
-    s1.configure(s2)
-    s2.configure(s1)
+    # s2 dials s1: it starts after s1 has scanned, so its first dial finds s1 listening
+    s1, s2 = syncthing.pair(tmp, tmp / "st1-folder", tmp / "st2-folder", dialer="b")
     _populate(s1.folder, n)
     try:
         s1.start()
@@ -345,9 +240,7 @@ def _syncthing(tmp: Path, n: int) -> dict[str, Any]:
         t_synced = _wait_synced(s2.folder, n, timeout=3600, what="files on syncthing s2")
         assert s1.proc is not None and s2.proc is not None
         return {
-            "version": subprocess.run(
-                ["syncthing", "--version"], capture_output=True, text=True
-            ).stdout.strip(),
+            "version": syncthing.version(),
             "first_scan_s": round(t_scan, 2),
             "s1_peak_rss_mb": _mem(s1.proc.pid).get("peak_rss_mb"),
             "sync_to_s2_s": round(t_synced - s2.started_at, 2),
@@ -361,29 +254,18 @@ def _syncthing(tmp: Path, n: int) -> dict[str, Any]:
         s1.stop()
 
 
-def _ensure_syncthing() -> bool:
-    """The yardstick: Debian's syncthing package, installed on first use (root, apt-get)."""
-    if shutil.which("syncthing") is None and shutil.which("apt-get") and os.geteuid() == 0:
-        print("installing syncthing (apt-get) for the comparison …", flush=True)
-        subprocess.run(["apt-get", "update", "-qq"], check=False)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "syncthing"], check=False)
-    if shutil.which("syncthing") is None:
-        print("syncthing is not installed: the comparison is skipped", flush=True)
-        return False
-    return True
-
-
 def run(
-    quick: bool, keep: bool = False, files: int | None = None, syncthing: bool = True
+    quick: bool, keep: bool = False, files: int | None = None, with_syncthing: bool = True
 ) -> dict[str, Any]:
     n = files or (5_000 if quick else 100_000)
     result: dict[str, Any] = {"files": n, "file_size": FILE_SIZE}
     with workdir("scale", keep) as tmp:
         result["qmoi"] = _qmoi(tmp, n)
-    if syncthing and _ensure_syncthing():
+    if with_syncthing and syncthing.ensure_installed():
         with workdir("scale-st", keep) as tmp:
             result["syncthing"] = _syncthing(tmp, n)
     else:
+        print("syncthing is not installed: the comparison is skipped", flush=True)
         result["syncthing"] = None
     q = result["qmoi"]
     index_s = q["first_index"]["all_files_tracked_s"]
