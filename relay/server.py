@@ -104,6 +104,10 @@ __all__ = ["RelayConfig", "RelayServer", "run_relay"]
 log = logging.getLogger("qmoi_sync.relay")
 
 MAILBOX_LIMIT = 256
+#: Presence announcements are coalesced for PRESENCE_DELAY_S * (1 + connections / 50), at
+#: most PRESENCE_DELAY_MAX_S (see _Space.announce_presence).
+PRESENCE_DELAY_S = 0.05
+PRESENCE_DELAY_MAX_S = 1.0
 BACKLOG_PAGE_COUNT = 256
 BACKLOG_PAGE_BYTES = 4 * 1024 * 1024
 
@@ -221,19 +225,48 @@ class _Space:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The devices last announced as connected (Presence frames).
     presence: tuple[bytes, ...] = ()
+    # Connections that authenticated since the last announcement: they get the current set
+    # even if it did not change (another connection of the same device was already there).
+    presence_waiting: set[_Conn] = field(default_factory=set)
+    presence_timer: asyncio.TimerHandle | None = None
 
     def online(self) -> tuple[bytes, ...]:
         return tuple(sorted({c.sign_pk for c in self.conns if c.sign_pk is not None}))
 
-    def announce_presence(self) -> None:
-        """Send Presence to every connection of the space if the set of devices changed."""
+    def announce_presence(self, newcomer: _Conn | None = None) -> None:
+        """Schedule a Presence announcement (coalesced).
+
+        A Presence frame lists every connected device and goes to every connection: one per
+        connect or disconnect costs O(devices²) bytes for a space whose devices come and go
+        together (1,000 devices reconnecting after a relay restart: ~8 GB of frames queued in
+        the mailboxes, the relay's loop too busy to finish opening handshakes). So changes are
+        gathered for a short delay that grows with the space (50 ms for a few devices, ~1 s
+        for a thousand) and announced once, to everyone if the set changed and otherwise only
+        to the connections that arrived meanwhile.
+        """
+        if newcomer is not None:
+            self.presence_waiting.add(newcomer)
+        if self.presence_timer is None:
+            delay = min(PRESENCE_DELAY_MAX_S, PRESENCE_DELAY_S * (1 + len(self.conns) / 50))
+            self.presence_timer = asyncio.get_running_loop().call_later(delay, self._announce_now)
+
+    def _announce_now(self) -> None:
+        self.presence_timer = None
         online = self.online()
-        if online == self.presence:
-            return
+        # changed: everyone; unchanged: only the connections that have not been told yet
+        targets = set(self.conns) if online != self.presence else self.presence_waiting & self.conns
         self.presence = online
+        self.presence_waiting.clear()
+        if not targets:
+            return
         frame = F.Presence(online[: F.MAX_PRESENCE])
-        for conn in list(self.conns):
+        for conn in targets:
             conn.post(frame)
+
+    def cancel_presence(self) -> None:
+        if self.presence_timer is not None:
+            self.presence_timer.cancel()
+            self.presence_timer = None
 
 
 class _Subscription:
@@ -560,6 +593,7 @@ class _Conn:
         space = self.space
         if space is not None:
             space.conns.discard(self)
+            space.presence_waiting.discard(self)
             space.announce_presence()
         if self.sub is not None and self.sub.task is not None:
             self.sub.task.cancel()
@@ -607,10 +641,7 @@ class _Conn:
         self.sign_pk = hello.sign_pk
         space.conns.add(self)
         await self.send(F.Welcome(head_seq=head, log=space.log_bytes))
-        if space.online() != space.presence:
-            space.announce_presence()  # reaches this connection too
-        else:  # another connection of this device was there already
-            self.post(F.Presence(space.presence[: F.MAX_PRESENCE]))
+        space.announce_presence(newcomer=self)  # reaches this connection too
         _ev(
             logging.INFO,
             "auth_ok",
@@ -1063,6 +1094,8 @@ class RelayServer:
                 await self._server.wait_closed()
             self._server = None
         await self.ops.close()
+        for space in self._spaces.values():
+            space.cancel_presence()
         for task in list(self._background):
             task.cancel()
         if self._blobs is not None:
