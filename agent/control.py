@@ -87,6 +87,49 @@ _REQUESTS: dict[str, type[BaseModel]] = {
 EXTRA_REQUESTS: dict[str, tuple[type[BaseModel], Callable[[Agent, Any], Awaitable[Any]]]] = {}
 
 
+class RequestError(ValueError):
+    """A request line that is not a valid request (the message is the reply's ``error``)."""
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def parse_request(line: bytes) -> BaseModel:
+    """Parse one request line (any bytes a local client sent) into its request model.
+
+    Raises :class:`RequestError` with a readable message on anything else, never another
+    exception: the line is size-checked, must be UTF-8 JSON (nesting depth included: the json
+    module raises RecursionError, not ValueError, on deeply nested arrays), an object with
+    ``"v": 1`` and a known ``cmd`` whose model validates it.
+    """
+    if len(line) > MAX_REQUEST:
+        raise RequestError(f"request too large (limit {MAX_REQUEST} bytes)")
+    try:
+        raw = json.loads(line)
+    except RecursionError:
+        raise RequestError("bad request: JSON nested too deeply") from None
+    except ValueError as exc:
+        raise RequestError(f"bad request: not JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise RequestError("bad request: request must be a JSON object")
+    version = raw.get("v")
+    # `True == 1` in Python: a boolean is not a version number
+    if isinstance(version, bool) or version != CONTROL_VERSION:
+        raise RequestError(f"unsupported control version {_brief(version)}")
+    cmd = raw.get("cmd")
+    model = None
+    if isinstance(cmd, str):
+        model = _REQUESTS.get(cmd) or EXTRA_REQUESTS.get(cmd, (None, None))[0]
+    if model is None:
+        raise RequestError(f"unknown command {_brief(cmd)}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise RequestError(f"bad request: {exc}") from None
+
+
 class ControlServer:
     def __init__(self, path: Path, agent: Agent) -> None:
         self.path = path
@@ -116,27 +159,20 @@ class ControlServer:
             reply = await self._dispatch(line)
         except TimeoutError:
             reply = {"ok": False, "error": "request timed out"}
+        except ValueError:
+            # readline() past the stream's limit (a line of more than MAX_REQUEST bytes): the
+            # client gets an answer instead of a dropped connection.
+            reply = {"ok": False, "error": f"request too large (limit {MAX_REQUEST} bytes)"}
         writer.write(json.dumps(reply).encode() + b"\n")
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         writer.close()
 
     async def _dispatch(self, line: bytes) -> dict[str, Any]:
-        if len(line) > MAX_REQUEST:
-            return {"ok": False, "error": "request too large"}
         try:
-            raw = json.loads(line)
-            if not isinstance(raw, dict):
-                raise ValueError("request must be a JSON object")
-            if raw.get("v") != CONTROL_VERSION:
-                return {"ok": False, "error": f"unsupported control version {raw.get('v')!r}"}
-            cmd = str(raw.get("cmd"))
-            model = _REQUESTS.get(cmd) or EXTRA_REQUESTS.get(cmd, (None, None))[0]
-            if model is None:
-                return {"ok": False, "error": f"unknown command {raw.get('cmd')!r}"}
-            req = model.model_validate(raw)
-        except (ValueError, ValidationError) as exc:
-            return {"ok": False, "error": f"bad request: {exc}"}
+            req = parse_request(line)
+        except RequestError as exc:
+            return {"ok": False, "error": str(exc)}
         try:
             return {"ok": True, "result": await self._handle(req)}
         except UserError as exc:

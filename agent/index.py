@@ -310,7 +310,7 @@ class IndexDoc:
             if isinstance(raw, str):
                 try:
                     out[name] = json.loads(raw)
-                except ValueError:
+                except (ValueError, RecursionError):  # another device's junk (deep nesting)
                     continue
         return out
 
@@ -400,7 +400,7 @@ class IndexDoc:
             return None
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # another device's junk (deep nesting included)
             return None
 
     def _set(self, fid: str, name: str, value: Any) -> None:

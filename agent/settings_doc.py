@@ -130,7 +130,7 @@ def _parse_entry(device: str, raw: Any) -> Entry | None:
         return None
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # json raises RecursionError on deep nesting
         return None
     if not isinstance(data, dict):
         return None
@@ -315,7 +315,7 @@ def read_registry(index_doc: Doc[Any]) -> dict[str, DocInfo]:
             continue
         try:
             fields.setdefault(name, {})[fname] = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # another device's junk (deep nesting included)
             continue
     out: dict[str, DocInfo] = {}
     for name, f in sorted(fields.items()):

@@ -150,7 +150,7 @@ def _base_from_json(text: str) -> dict[KeyPath, BaseKey]:
     out: dict[KeyPath, BaseKey] = {}
     try:
         raw = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # json raises RecursionError on deep nesting
         return out
     if not isinstance(raw, dict):
         return out

@@ -106,7 +106,7 @@ def _get(m: Map[Any], key: str) -> Any:
         return None
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # another device's junk (deep nesting included)
         return None
 
 

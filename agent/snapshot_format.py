@@ -645,6 +645,8 @@ def open_manifest(
         raw = json.loads(text)
         header = _Header(h.space_id, h.epoch, h.signer, h.seq, h.created_ms, salt)
         return _from_json(raw, header)
+    except RecursionError:  # json.loads on deeply nested content
+        raise IntegrityError("malformed", f"{label}: content nested too deeply", label) from None
     except (zlib.error, ValueError, TypeError, KeyError, _Bad) as exc:
         raise IntegrityError("malformed", f"{label}: undecodable content ({exc})", label) from None
 
