@@ -23,11 +23,10 @@ from typing import Any
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
-from qmoi_sync.agent.clock import wall
 from qmoi_sync.agent.home import Home, UserError
 from qmoi_sync.agent.lan_config import lan_killed, load_settings
 from qmoi_sync.agent.lan_discovery import Discovery, Found
-from qmoi_sync.agent.membership_ops import Joined, invite_expired_message, join_via_relay
+from qmoi_sync.agent.membership_ops import Joined, join_via_relay, local_expiry_note
 from qmoi_sync.agent.peer_link import CONNECT_TIMEOUT_S, Refused, recv_frame, ws_log
 from qmoi_sync.protocol import lan as L
 from qmoi_sync.protocol.errors import InviteError, ProtocolError
@@ -96,7 +95,7 @@ async def _ask(address: str, port: int, tag: bytes, request: bytes) -> L.JoinAns
 def _accept(answer: L.JoinAnswer, invite: Invite, identity: DeviceIdentity) -> Joined:
     """The same checks as the relay path (membership_ops.join_via_relay)."""
     if not answer.ok:
-        raise UserError(f"join refused: {answer.reason}")
+        raise UserError(f"join refused: {answer.reason}{local_expiry_note(invite.expires_at)}")
     try:
         mlog = MembershipLog.from_bytes(answer.log, expected_space_id=invite.space_id)
     except ProtocolError as exc:
@@ -116,8 +115,7 @@ async def join_any(
         invite = decode_invite(token)
     except InviteError as exc:
         raise UserError(f"cannot use this invite: {exc}") from exc
-    if invite.is_expired(now := wall()):
-        raise UserError(invite_expired_message(invite.expires_at, now))
+    # No refusal on this device's clock: the admin's decides (see membership_ops.join_via_relay).
     settings = load_settings(home.root)
     lan = settings.lan.enabled and not lan_killed()
     attempts: list[Coroutine[Any, Any, Joined]] = []

@@ -47,8 +47,8 @@ EXTERNAL_KILLS = 4
 def test_crash_points_then_everything_converges(tmp_path: Path) -> None:
     # Readings pinned to an idle machine: the real load of a busy CI machine would defer the
     # binary downloads (bulk work) whose chunk points the plan needs.
-    with resource_cluster(tmp_path, {"a": {}, "b": {}}) as (_relay, (a, b), _r):
-        c = Cycles(a, b, random.Random(1))
+    with resource_cluster(tmp_path, {"a": {}, "b": {}}) as (relay, (a, b), _r):
+        c = Cycles(relay, a, b, random.Random(1))
         c.text(a)
         for target, spec, kind, writer in PLAN:
             c.planned(target, spec, kind, writer)
