@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import random
+import sqlite3
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,6 +35,18 @@ BACKOFF_MIN = 0.2
 BACKOFF_MAX = 30.0
 # Relay refusals that mean "the relay's membership log does not list this device".
 REFUSED_MEMBERSHIP = frozenset({"revoked", "not_a_member"})
+
+
+DISK_FULL_ERROR = (
+    "cannot save sync state: the disk holding this device's qmoi-sync home is full; "
+    "nothing received is lost, syncing resumes by itself once space is freed"
+)
+
+
+def _disk_full(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_FULL ("database or disk is full"), or the I/O error an ENOSPC can surface as."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
 
 
 class LogTruncated(Exception):
@@ -180,6 +193,16 @@ class RelayLink:
                     delay = BACKOFF_MAX
                     self.state.refused = str(exc)
                     self.sync.refused = "this device was removed from the space"
+            except sqlite3.OperationalError as exc:
+                if not _disk_full(exc):
+                    self.state.last_error = f"relay link error: {type(exc).__name__}: {exc}"
+                    log.exception("relay link for %s failed; reconnecting", self.sync.space_id[:8])
+                else:
+                    # Nothing was lost (the transaction rolled back; the relay resends what was
+                    # not acknowledged): say so plainly rather than with a traceback per retry.
+                    self.state.last_error = DISK_FULL_ERROR
+                    log.warning("space %s: %s", self.sync.space_id[:8], DISK_FULL_ERROR)
+                delay = max(delay, 1.0)
             except (OSError, websockets.WebSocketException, ProtocolError, TimeoutError) as exc:
                 self.state.last_error = f"relay unreachable: {exc}"
                 log.info("relay link for %s down: %s", self.sync.space_id[:8], exc)
