@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=20 * 1024,
         help="per-space quota on stored file chunks (binary/large files), MiB",
     )
+    # Per-connection envelope rate limit (relay/limits.py defaults: 1000 msgs/s, burst 2000).
+    s.add_argument("--rate-msgs", type=float, default=1000.0, help="messages/s per connection")
+    s.add_argument("--rate-burst", type=int, default=2000, help="messages above the rate")
     # Same as `python -m qmoi_sync.relay` (relay/__main__.py); not imported from there because
     # importing qmoi_sync.relay loads the whole server for every CLI command.
     s.add_argument(
@@ -707,6 +710,8 @@ def _relay_serve(args: argparse.Namespace) -> int:
         tls_key=Path(args.tls_key) if args.tls_key else None,
         space_quota_bytes=args.quota_mb * 1024 * 1024,
         blob_quota_bytes=args.blob_quota_mb * 1024 * 1024,
+        rate_msgs_per_s=args.rate_msgs,
+        rate_burst=args.rate_burst,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         metrics_space_label=args.metrics_space_label,

@@ -32,6 +32,7 @@ from qmoi_sync.agent.control import ControlServer
 from qmoi_sync.agent.home import AgentLock, Home, UserError
 from qmoi_sync.agent.keyring import Keyring
 from qmoi_sync.agent.lan import LanService, lan_status, path_fields
+from qmoi_sync.agent.offenders import LAN, RELAY
 from qmoi_sync.agent.peer_sync import SpaceLan
 from qmoi_sync.agent.policy import POLICY_FILE, Policy, PolicyConfig, PolicyMonitor, wait_for_scan
 from qmoi_sync.agent.relay_link import RelayLink
@@ -42,7 +43,9 @@ from qmoi_sync.agent.space import SpaceSync
 from qmoi_sync.agent.status import (
     CapabilitiesStatus,
     DeviceStatus,
+    GapStatus,
     MemberStatus,
+    OffenderStatus,
     RelayStatus,
     SpaceState,
     SpaceStatus,
@@ -421,8 +424,40 @@ class SpaceRuntime:
             duplicates=self.sync.stats.duplicates,
             settings=self.settings.status_items(),
             snapshot=self.snapshots.status(),
+            offenders=self._offenders(infos),
+            gaps=self._gaps(infos),
             **status_fields(self.binary),
         )
+
+    def _offenders(self, infos: dict[bytes, dict[str, Any]]) -> list[OffenderStatus]:
+        out = []
+        for e in self.sync.offenders.entries():
+            if e.offender in (RELAY, LAN):
+                ids: dict[str, Any] = {"id": e.offender.decode()}
+            else:
+                ids = {
+                    "id": device_id(e.offender),
+                    "short_id": device_id(e.offender)[:7],
+                    "name": infos.get(e.offender, {}).get("name"),
+                }
+            out.append(OffenderStatus(**ids, what=e.what, count=e.count, last=_iso(e.last) or ""))
+        return out
+
+    def _gaps(self, infos: dict[bytes, dict[str, Any]]) -> list[GapStatus]:
+        return [
+            GapStatus(
+                id=device_id(g.sender),
+                short_id=device_id(g.sender)[:7],
+                name=infos.get(g.sender, {}).get("name"),
+                first_missing=g.first_missing,
+                missing=g.missing,
+                held=g.held,
+                since=_iso(g.since) or "",
+                repairs=g.repairs,
+            )
+            for g in self.sync.order.gaps(self.sync.windows)
+            if g.reported
+        ]
 
 
 def _iso(ts: float | None) -> str | None:

@@ -131,6 +131,7 @@ class SpaceLan:
         self._outbox_dirty = asyncio.Event()
         self._drain_task: asyncio.Task[None] | None = None
         self.sync.on_sealed = self._on_sealed
+        self.sync.on_stream_gap = self._relay_gap
 
     # -- SpaceAuth (peer_link) -------------------------------------------------------------------
     def is_member(self, sign_pk: bytes) -> bool:
@@ -196,6 +197,8 @@ class SpaceLan:
         self._closed = True
         if self.sync.on_sealed == self._on_sealed:
             self.sync.on_sealed = None
+        if self.sync.on_stream_gap == self._relay_gap:
+            self.sync.on_stream_gap = None
         for s in list(self.sessions.values()):
             s.stop("closing", CLOSE_GONE)
         for t in self._all_tasks():
@@ -288,9 +291,25 @@ class SpaceLan:
             session.side[:0] = items[done:]
             await session.request_resync("missing dependency", gap=True)
 
+    async def _relay_gap(self, sender: bytes) -> bool:
+        """A gap in ``sender``'s relay stream (agent/relay_order.py): resync with that device if
+        it is a peer (its reply covers its whole stream), else with any peer that can answer
+        (it may hold the missing updates). False when no peer can."""
+        sessions = [self.sessions[sender]] if sender in self.sessions else []
+        sessions += [s for p, s in self.sessions.items() if p != sender]
+        for session in sessions:
+            if session.peer_can_write:
+                await session.request_resync("relay sequence gap", gap=True)
+                return True
+        return False
+
     async def release_after_reply(self, session: PeerSession, covered: int) -> None:
         sender = session.peer_pk
         self.covered[sender] = max(self.covered.get(sender, 0), covered)
+        # The relay path's order follows what the reply covered too (held envelopes, gaps).
+        order = self.sync.order.covered
+        order[sender] = max(order.get(sender, 0), covered)
+        await self.sync.release_held()
         released = self.buffer.set_next(sender, self._baseline(sender))
         if released:
             await self.apply_released(session, [(r.seq, bytes(r.update)) for r in released])

@@ -32,6 +32,8 @@ RESEND_CODES = frozenset({"quota_exceeded", "rate_limited", "store_unavailable"}
 RESEND_MIN = 0.5
 RESEND_MAX = 30.0
 BACKOFF_MIN = 0.2
+# How often open sequence gaps are looked at (agent/relay_order.py decides when to act).
+GAP_TICK_S = 0.5
 BACKOFF_MAX = 30.0
 # Relay refusals that mean "the relay's membership log does not list this device".
 REFUSED_MEMBERSHIP = frozenset({"revoked", "not_a_member"})
@@ -241,7 +243,7 @@ class RelayLink:
             self._ws = ws
             self.state.connected = True
             self.state.last_error = None
-            await ws.send(F.encode_frame(F.Subscribe(from_seq=self.sync.cursor)))
+            await ws.send(F.encode_frame(F.Subscribe(from_seq=self.sync.subscribe_from())))
             deliveries: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
             acks: asyncio.Queue[int] = asyncio.Queue()
             tasks = [
@@ -249,6 +251,7 @@ class RelayLink:
                 asyncio.create_task(self._acker(acks)),
                 asyncio.create_task(self._applier(deliveries)),
                 asyncio.create_task(self._writer(ws)),
+                asyncio.create_task(self._gap_watch()),
                 asyncio.create_task(stop.wait()),
             ]
             try:
@@ -343,6 +346,19 @@ class RelayLink:
                 )
                 if frame.fatal:
                     raise RelayRefused(frame.code, frame.message)
+
+    async def _gap_watch(self) -> None:
+        """Repair sequence gaps (agent/relay_order.py). Returns — ending the session, which
+        reconnects at once — when a repair wants the relay's log again from before a gap: a
+        new connection, so nothing of the old subscription is still in flight."""
+        while self.sync.order.resubscribe_from is None:
+            await asyncio.sleep(GAP_TICK_S)
+            await self.sync.repair_gaps()
+        log.info(
+            "space %s: sequence gap; subscribing again from relay seq %d",
+            self.sync.space_id[:8],
+            self.sync.order.resubscribe_from,
+        )
 
     async def _acker(self, acks: asyncio.Queue[int]) -> None:
         """Delete acknowledged envelopes from the outbox, many per transaction under load."""

@@ -61,8 +61,10 @@ from qmoi_sync.agent.materialize import (
     stat_file,
     write_files_atomic,
 )
+from qmoi_sync.agent.offenders import LAN, RELAY, Offenders
 from qmoi_sync.agent.rate import SpaceRates
 from qmoi_sync.agent.read_retry import ReadRetry
+from qmoi_sync.agent.relay_order import RelayOrder
 from qmoi_sync.agent.store import FileRecord, SpaceRecord, Store
 from qmoi_sync.agent.textdoc import (
     adopt_text_doc,
@@ -71,7 +73,13 @@ from qmoi_sync.agent.textdoc import (
     new_text_doc,
     text_of,
 )
-from qmoi_sync.protocol.envelope import open_envelope, parse_header, seal
+from qmoi_sync.protocol.envelope import (
+    EnvelopeHeader,
+    open_envelope,
+    parse_header,
+    seal,
+    verify_envelope_signature,
+)
 from qmoi_sync.protocol.errors import PathError, ProtocolError
 from qmoi_sync.protocol.identity import DeviceIdentity
 from qmoi_sync.protocol.lan import direct_seq, is_direct_seq
@@ -122,6 +130,10 @@ READ_GROUP = 64
 # A start-up scan of more files than this is ingested and committed in slices of this many
 # paths (bounds its memory: each slice's file contents are held until it is ingested).
 RESCAN_SLICE = 5000
+# Gap repairs through the relay (subscribing again from before the gap, which gets everything
+# after it again) per gap: a gap still open after these is left to LAN peers, and reported.
+RELAY_REPAIRS = 4
+UNREPAIRED_GAP = "unrepaired sequence gap (withheld by the relay, or skipped by its sender)"
 # How long a delivered envelope from an unknown sender or of a future epoch waits for the
 # membership log that explains it (the relay sends that log just before, on another task).
 MEMBERSHIP_WAIT_S = 5.0
@@ -205,6 +217,13 @@ class SpaceSync:
         # transaction that commits the document updates they belong to (_write_file_records).
         self._file_ops: dict[str, FileRecord | None] = {}
         self.windows: dict[bytes, ReplayWindow] = {}
+        # Per-sender order, gaps and their repair on the relay path (agent/relay_order.py).
+        self.order = RelayOrder()
+        # Who sent what this device refused (agent/offenders.py): `status` names them.
+        self.offenders = Offenders()
+        # Asked (by the relay-order repair) to resync with a LAN peer about a sender's gap;
+        # returns False when no LAN peer can answer. Set by agent/peer_sync.py.
+        self.on_stream_gap: Callable[[bytes], Awaitable[bool]] | None = None
         self.lock = asyncio.Lock()
         self.outbox_changed = asyncio.Event()
         self.stats = SpaceStats()
@@ -289,6 +308,8 @@ class SpaceSync:
         self.cursor = await self.store.get_counter(self.space_id, "relay_cursor")
         self.epoch_fence = await self.store.get_counter(self.space_id, "epoch_fence")
         self.stats.quarantined = await self.store.quarantine_count(self.space_id)
+        for sender, what, count, last in await self.store.quarantine_by_sender(self.space_id):
+            self.offenders.note(sender, _what(what), count, at=last)
         last = await self.store.get_counter(self.space_id, "last_sync_ms", 0)
         self.stats.last_sync = last / 1000 if last else None
         self.unwritten = set(await self.store.get_pending(self.space_id))
@@ -1009,12 +1030,18 @@ class SpaceSync:
                 for relay_seq, envelope in pending:
                     if len(dirty) >= REMOTE_SLICE_DOCS:
                         break  # write these to disk before applying more
-                    if not await self._apply_envelope(envelope, batch, dirty, final):
+                    regressed = self.order.regressed(relay_seq)
+                    if not await self._apply_envelope(
+                        envelope, batch, dirty, final, relay_seq=relay_seq, regressed=regressed
+                    ):
                         waiting = True
                         break
+                    self.order.delivered(relay_seq)
                     self.cursor = max(self.cursor, relay_seq)
                     self._skip_own()
                     done.append((relay_seq, envelope))
+                await self._release_held(batch, dirty)
+                self.order.refresh(self.windows)
                 await self._finish(batch, dirty=dirty, delivered=done)
             pending = pending[len(done) :]
             if waiting:
@@ -1043,14 +1070,19 @@ class SpaceSync:
         dirty: set[bytes],
         final: bool = True,
         peer: bool = False,
+        relay_seq: int = 0,
+        regressed: bool = False,
     ) -> bool:
-        """Apply (or quarantine, or drop as a replay) one envelope. Returns False, changing
-        nothing, if it should wait for a longer membership log (see handle_remote) or, for an
-        envelope from a LAN peer (``peer``), if its updates lack a dependency (handle_peer)."""
+        """Apply (or quarantine, or drop as a replay, or hold until its sender's gap fills)
+        one envelope. Returns False, changing nothing, if it should wait for a longer
+        membership log (see handle_remote) or, for an envelope from a LAN peer (``peer``), if
+        its updates lack a dependency (handle_peer). ``relay_seq`` / ``regressed``: where the
+        relay delivered it, and whether that went backwards in the subscription
+        (agent/relay_order.py)."""
         try:
             header = parse_header(envelope)
         except ProtocolError as exc:
-            await self._quarantine(None, f"{exc.code}: {exc}", envelope)
+            await self._quarantine(None, f"{exc.code}: {exc}", envelope, peer=peer)
             return True
         ring = self.keyring
         if (
@@ -1075,7 +1107,13 @@ class SpaceSync:
                 is_member=lambda _sender: role is not None,
             )
         except ProtocolError as exc:
-            await self._quarantine(None, f"{exc.code}: {exc}", envelope)
+            await self._quarantine(
+                None,
+                f"{exc.code}: {exc}",
+                envelope,
+                peer=peer,
+                signer=self._verified_member(header, envelope),
+            )
             return True
         sender = opened.header.sender
         seq = opened.header.seq
@@ -1087,33 +1125,50 @@ class SpaceSync:
         # sender's stream: they never enter its replay window (a scratch one stands in).
         direct = peer and is_direct_seq(seq)
         window = ReplayWindow() if direct else self.windows.setdefault(sender, ReplayWindow())
+
+        def consumed() -> bool:
+            window.mark(seq)
+            if not peer and not direct and window.watermark >= seq:
+                self.order.advanced(sender, relay_seq)
+            return True
+
         if window.seen(seq):
             self.stats.duplicates += 1
+            if regressed:
+                # Within one subscription an honest relay never goes back: this is a replay.
+                self.offenders.note(RELAY, "replayed an envelope (dropped)")
             return True
+        if not peer and self.order.is_held(sender, seq):
+            return True  # delivered again while held: the held copy waits for the gap
+        if regressed:
+            self.offenders.note(RELAY, "delivered out of order")
+        # A relay envelope past a gap in its sender's seqs (the relay dropped, withheld or
+        # reordered): applied at once unless its updates lack a dependency, then held.
+        out_of_order = not peer and not direct and seq > self.order.baseline(sender, window)
         try:
             payload = decode_payload(opened.plaintext)
         except ProtocolError as exc:
             await self._quarantine(sender, f"{exc.code}: {exc}", envelope)
-            window.mark(seq)
-            return True
+            return consumed()
         if isinstance(payload, Updates) or (direct and isinstance(payload, StateReply)):
             if role is Role.reader:
                 # The relay refuses publishes from readers; this is the second line of defence.
                 await self._quarantine(sender, "content change from a read-only member", envelope)
-                window.mark(seq)
-                return True
+                return consumed()
             scratches = _scratch_apply(payload.items)
             if scratches is None:
                 await self._quarantine(sender, "malformed CRDT update", envelope)
-                window.mark(seq)
-                return True
-            if peer:
+                return consumed()
+            if peer or out_of_order:
                 try:
-                    if await self._lacks_dependencies(payload.items):
-                        return False
+                    lacks = await self._lacks_dependencies(payload.items)
                 except UpdateDecodeError:
                     await self._quarantine(sender, "malformed CRDT update", envelope)
-                    window.mark(seq)
+                    return consumed()
+                if lacks and peer:
+                    return False
+                if lacks and self.order.can_hold():
+                    self.order.hold(sender, seq, relay_seq, envelope)
                     return True
             # Before a remote change lands on a document, make sure any edit the user already
             # saved to that file is in the CRDT; otherwise materializing would overwrite it.
@@ -1150,9 +1205,83 @@ class SpaceSync:
             if payload.capabilities is not None:
                 info["capabilities"] = dataclasses.asdict(payload.capabilities)
             await self.store.put_device_info(self.space_id, sender, info)
-        window.mark(seq)
         self.stats.applied_envelopes += 1
-        return True
+        return consumed()
+
+    async def _release_held(self, batch: _Batch, dirty: set[bytes]) -> None:
+        """Apply the held relay envelopes that are next in their sender's order now."""
+        progress = True
+        while progress and self.order.held:
+            progress = False
+            for sender in list(self.order.held):
+                window = self.windows.setdefault(sender, ReplayWindow())
+                nxt = self.order.take_next(sender, window)
+                if nxt is not None:
+                    _seq, relay_seq, envelope = nxt
+                    await self._apply_envelope(envelope, batch, dirty, relay_seq=relay_seq)
+                    progress = True
+
+    async def release_held(self) -> None:
+        """After a LAN state reply covered part of a sender's stream (peer_sync): held relay
+        envelopes that now follow what is covered are applied."""
+        async with self.lock:
+            if not self.order.held:
+                self.order.refresh(self.windows)
+                return
+            self._begin_batch()
+            batch = _Batch()
+            dirty: set[bytes] = set()
+            await self._release_held(batch, dirty)
+            self.order.refresh(self.windows)
+            await self._finish(batch, dirty=dirty, delivered=[(0, b"")])
+
+    @property
+    def applied_cursor(self) -> int:
+        """The relay cursor as committed: "every relay seq up to here is applied" — so never
+        past an envelope held for a gap (a restart gets it from the relay again)."""
+        limit = self.order.cursor_limit()
+        return self.cursor if limit is None else min(self.cursor, limit)
+
+    def subscribe_from(self) -> int:
+        """Where the relay link subscribes: the applied cursor, or earlier when a gap repair
+        asked to hear the relay again from before a gap."""
+        start = self.applied_cursor
+        if self.order.resubscribe_from is not None:
+            start = min(start, self.order.resubscribe_from)
+            self.order.resubscribe_from = None
+        self.order.begin_subscription(start)
+        return start
+
+    def _verified_member(self, header: EnvelopeHeader, envelope: bytes) -> bytes | None:
+        """The sender of an envelope that failed to open, if it is a device of the space and its
+        signature verifies (that device signed it); None if anyone could have written it."""
+        if header.space_id != self.space_bytes or not self.keyring.ever_member(header.sender):
+            return None
+        try:
+            verify_envelope_signature(envelope)
+        except ProtocolError:
+            return None
+        return header.sender
+
+    async def repair_gaps(self) -> None:
+        """Called periodically by the relay link: each gap open for GAP_REPORT_S gets a repair
+        attempt (backing off) — a LAN resync when a peer can answer, else a new subscription
+        from before the gap. Gaps that stay open are charged to the relay in `offenders`."""
+        due = self.order.due_repairs()
+        if not due:
+            return
+        by_relay = []
+        for sender in due:
+            attempt = self.order.repairs_of(sender)
+            if attempt > 1:
+                # An honest relay stores every seq of an honest sender (which resends what was
+                # refused): the relay withheld it — or the sender skipped seqs on purpose.
+                self.offenders.note(RELAY, UNREPAIRED_GAP)
+            hook = self.on_stream_gap
+            if (hook is None or not await hook(sender)) and attempt <= RELAY_REPAIRS:
+                by_relay.append(sender)
+        if by_relay:
+            self.order.request_resubscribe(by_relay)
 
     async def _lacks_dependencies(self, items: list[DocUpdate]) -> bool:
         """True if an update refers to items its document does not have yet: pycrdt would hold
@@ -1191,6 +1320,9 @@ class SpaceSync:
                 if not await self._apply_envelope(envelope, batch, dirty, peer=True):
                     break
                 done += 1
+            # What a peer brought may be the gap relay envelopes were held for.
+            await self._release_held(batch, dirty)
+            self.order.refresh(self.windows)
             await self._finish(batch, dirty=dirty, delivered=[(0, e) for e in envelopes[:done]])
         return done
 
@@ -1290,9 +1422,22 @@ class SpaceSync:
         else:
             self._docs.pop(doc_id, None)
 
-    async def _quarantine(self, sender: bytes | None, reason: str, envelope: bytes) -> None:
+    async def _quarantine(
+        self,
+        sender: bytes | None,
+        reason: str,
+        envelope: bytes,
+        *,
+        peer: bool = False,
+        signer: bytes | None = None,
+    ) -> None:
+        """Keep a refused envelope. ``sender``: the verified member whose payload is refused;
+        None when the envelope did not open — then a ``signer`` whose signature verifies is
+        charged with it, else the path it came by (see agent/offenders.py)."""
         log.warning("quarantined an envelope in space %s: %s", self.space_id[:8], reason)
         self.stats.quarantined += 1
+        culprit = sender or signer or (LAN if peer else RELAY)
+        self.offenders.note(culprit, _what(reason))
         await self.store.quarantine(self.space_id, sender, reason, envelope)
 
     # -- commit + materialize -----------------------------------------------------------------
@@ -1686,7 +1831,7 @@ class SpaceSync:
                     sealed.append((self.seq, envelope))
                 await self.store.set_counter(self.space_id, "seq", self.seq)
             if delivered:
-                await self.store.set_counter(self.space_id, "relay_cursor", self.cursor)
+                await self.store.set_counter(self.space_id, "relay_cursor", self.applied_cursor)
                 await self.store.set_counter(self.space_id, "epoch_fence", self.epoch_fence)
                 for sender, window in self.windows.items():
                     await self.store.save_replay(self.space_id, sender, window.to_bytes())
@@ -1873,7 +2018,7 @@ class SpaceSync:
         async with self.lock:
             return SnapshotView(
                 index_state=self.index.state(),
-                cursor=self.cursor,
+                cursor=self.applied_cursor,
                 epoch_fence=self.epoch_fence,
                 windows={s: w.to_bytes() for s, w in self.windows.items()},
                 seq=self.seq,
@@ -1928,6 +2073,13 @@ class SpaceSync:
             await self._finish(batch, dirty=dirty, delivered=[])
             for doc_id in due:
                 await self._compact(doc_id)
+
+
+def _what(reason: str) -> str:
+    """A quarantine reason as an `offenders` category: the protocol error code ("malformed",
+    "bad_signature", ...) or the fixed sentence before any detail."""
+    head = reason.split(":", 1)[0].strip()
+    return head[:80] or "refused"
 
 
 def _tracked_under(files: Iterable[str], folders: set[str]) -> list[str]:

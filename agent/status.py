@@ -105,6 +105,34 @@ class SnapshotStatus(BaseModel):
     retention_note: str | None = None
 
 
+class OffenderStatus(BaseModel):
+    """Who sent what this device refused (agent/offenders.py). ``id`` is a device id, or
+    "relay" / "lan" when what was refused proves nothing about the device it names (bad
+    signature, unknown sender...) and is charged to the path it came by, or when the relay
+    replayed, reordered or withheld envelopes."""
+
+    id: str
+    short_id: str | None = None  # device offenders only
+    name: str | None = None  # the device's published name, if known
+    what: str  # e.g. "malformed CRDT update", "bad_signature", "replayed an envelope (dropped)"
+    count: int
+    last: str  # ISO 8601 UTC
+
+
+class GapStatus(BaseModel):
+    """A hole in one sender's relay stream (agent/relay_order.py): seqs below the highest one
+    received that never arrived."""
+
+    id: str
+    short_id: str
+    name: str | None = None
+    first_missing: int  # the sender's first seq not received
+    missing: int  # seqs missing below the highest received
+    held: int  # envelopes received after the gap, held until it fills
+    since: str  # ISO 8601 UTC
+    repairs: int  # repair attempts (LAN resync / subscribing to the relay again)
+
+
 class SpaceStatus(BaseModel):
     id: str
     name: str
@@ -144,6 +172,10 @@ class SpaceStatus(BaseModel):
     # the LAN plus binary chunks, up = sent by this device, down = received.
     rate_up_bps: float = 0.0
     rate_down_bps: float = 0.0
+    # Refusals by offender (most recent first), and sequence gaps open for a few seconds;
+    # both empty when the agent is not running.
+    offenders: list[OffenderStatus] = []
+    gaps: list[GapStatus] = []
 
 
 class PolicyStatus(BaseModel):

@@ -152,6 +152,23 @@ def _render_plain(report: StatusReport) -> None:
             print(f"  {printable(line)}")
         for w in s.warnings:
             print(f"  warning: {printable(w)}")
+        for line in refusal_lines(s):
+            print(f"  {printable(line)}")
+
+
+def refusal_lines(s: SpaceStatus) -> list[str]:
+    """One line per offender and per open sequence gap (names came from other devices: the
+    callers make them printable)."""
+    out = []
+    for o in s.offenders:
+        who = o.id if o.short_id is None else f"{o.short_id} {o.name or '?'}"
+        out.append(f"offender: {who}: {o.what} x{o.count} (last {o.last})")
+    for g in s.gaps:
+        out.append(
+            f"gap: {g.short_id} {g.name or '?'}: {g.missing} envelope(s) missing from seq "
+            f"{g.first_missing}, {g.held} held, since {g.since}, {g.repairs} repair attempt(s)"
+        )
+    return out
 
 
 def chunk_paths_line(s: SpaceStatus) -> str | None:
@@ -213,3 +230,5 @@ def _render_rich(report: StatusReport) -> None:
             console.print(f"  [dim]{_rich(line)}[/]")
         for w in s.warnings:
             console.print(f"  [yellow]warning:[/] {_rich(w)}")
+        for line in refusal_lines(s):
+            console.print(f"  [red]{_rich(line)}[/]")

@@ -503,6 +503,16 @@ class Store:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    async def quarantine_by_sender(self, space_id: str) -> list[tuple[bytes, str, int, float]]:
+        """(sender, reason, count, last time) of the quarantined envelopes of verified senders."""
+        async with self.db.execute(
+            "SELECT sender, reason, COUNT(*), MAX(at) FROM quarantine"
+            " WHERE space_id=? AND sender IS NOT NULL GROUP BY sender, reason",
+            (space_id,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [(bytes(r[0]), str(r[1]), int(r[2]), float(r[3])) for r in rows]
+
     # -- device info (names travel encrypted, so they are only known from the space) ----------
     async def put_device_info(self, space_id: str, sign_pk: bytes, info: dict[str, Any]) -> None:
         await self.db.execute(

@@ -50,6 +50,10 @@ class ReplayWindow:
         """How many seqs are marked above the watermark (i.e. out of order)."""
         return len(self._sparse)
 
+    def above(self) -> list[int]:
+        """The seqs marked above the watermark, ascending (the seqs between are missing)."""
+        return sorted(self._sparse)
+
     def seen(self, seq: int) -> bool:
         """True if ``seq`` was already marked (or is invalid: 0, negative, not an int)."""
         if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1 or seq > c.U64_MAX:

@@ -54,6 +54,8 @@ def _check_schema(report: dict[str, Any], dev: Device, running: bool) -> dict[st
         "pending_out": int,
         "conflicts": int,
         "warnings": list,
+        "offenders": list,
+        "gaps": list,
     }.items():
         assert isinstance(space.get(key), typ), f"{key}: {space.get(key)!r}"
     assert "last_sync" in space

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -442,6 +442,11 @@ class InjectingProxy:
         self._live: list[tuple[ServerConnection, asyncio.Lock]] = []
         #: connections the agent opened through the proxy so far.
         self.connections = 0
+        #: A misbehaving relay: each message from the relay to the agent goes through this
+        #: (in the proxy's thread) and what it returns is sent instead — nothing (drop,
+        #: withhold), several (duplicate, or held ones released in another order), or others.
+        #: None: forward as is.
+        self.rewrite: Callable[[bytes | str], list[bytes | str]] | None = None
 
     @property
     def url(self) -> str:
@@ -495,8 +500,11 @@ class InjectingProxy:
 
             async def to_agent() -> None:
                 async for msg in up:
+                    rewrite = self.rewrite
+                    out = [msg] if rewrite is None else rewrite(msg)
                     async with lock:
-                        await down.send(msg)
+                        for m in out:
+                            await down.send(m)
 
             async def to_relay() -> None:
                 async for msg in down:
@@ -598,7 +606,8 @@ class World:
 
 @contextlib.contextmanager
 def world_of(tmp: Path) -> Iterator[World]:
-    relay = Relay(tmp / "relay-data").start()
+    # Low per-connection rate limits, so a flood is cut quickly (the agents send far less).
+    relay = Relay(tmp / "relay-data").start(("--rate-msgs", "50", "--rate-burst", "100"))
     proxy = InjectingProxy(relay.url).start()
     a = Device(tmp / "home-a", tmp / "folder-a", "a").init()
     b = Device(tmp / "home-b", tmp / "folder-b", "b").init()

@@ -13,16 +13,26 @@ normal edit still propagates both ways.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import random
 import time
 from pathlib import Path
 
 import pytest
-from harness import wait_until
-from security.sec_helpers import SYNC_TIMEOUT, World, cli_in_pty, create_files_payload
+from harness import Device, wait_until
+from security.sec_helpers import (
+    SYNC_TIMEOUT,
+    World,
+    assert_readable,
+    cli_in_pty,
+    create_files_payload,
+)
+from websockets.exceptions import ConnectionClosed
 
 from qmoi_sync.agent.textdoc import ingest_disk_text
+from qmoi_sync.protocol import frames as F
 from qmoi_sync.protocol.payload import INDEX_DOC_ID, DeviceInfo, DocUpdate, Updates, encode_payload
 
 pytestmark = pytest.mark.timeout(120)
@@ -90,9 +100,17 @@ async def test_malformed_crdt_updates_are_quarantined(world: World) -> None:
     wait_quarantined(world, before, len(bad_updates))
     world.sync_goes_on()
     assert world.trees() == before_trees, "existing files must be untouched, nothing added"
+    m_id = world.m_dev.public.device_id
     for dev in (world.a, world.b):
         st = world.status(dev)
         assert any("quarantined" in w for w in st["warnings"]), st["warnings"]  # type: ignore[attr-defined]
+        # `status` names the member that signed them (its signature verified: it is proven).
+        mine = [o for o in st["offenders"] if o["id"] == m_id]
+        assert sum(o["count"] for o in mine) >= len(bad_updates), st["offenders"]
+        assert any(o["what"] == "malformed CRDT update" for o in mine), mine
+        assert mine[0]["short_id"] == m_id[:7] and mine[0]["last"], mine
+    text = world.b.cli("status").stdout
+    assert f"offender: {m_id[:7]}" in text and "malformed CRDT update" in text, text
 
 
 @pytest.mark.parametrize(
@@ -232,3 +250,56 @@ async def test_hostile_device_name_is_shown_inert(world: World) -> None:
     assert rc == 0 and "Traceback" not in out and short in out, out
     assert "\x1b]0;" not in out and "\x1b[2J" not in out, repr(out)
     world.sync_goes_on()
+
+
+# -- (d) a flood -----------------------------------------------------------------------------
+async def test_flood_is_rate_limited_and_sync_goes_on(world: World) -> None:
+    """m publishes as fast as it can (validly signed envelopes with a garbage payload). The
+    relay (50 msgs/s, burst 100 per connection in this world) drops what does not fit with a
+    readable ``rate_limited`` error; an edit made during the flood still arrives; what got
+    through is quarantined and ``status`` names m."""
+    m_id = world.m_dev.public.device_id
+    before = {d.name: _count_of(world, d, m_id) for d in (world.a, world.b)}
+    w = await world.wire_as()
+    envelopes = [world.space.seal(world.m_dev, b"\x09flood") for _ in range(1500)]
+    answers: dict[str, int] = {"ack": 0, "rate_limited": 0, "other": 0}
+    errors: list[F.Error] = []
+
+    async def flood() -> None:
+        with contextlib.suppress(ConnectionClosed):
+            for env in envelopes:
+                await w.send(F.Publish(envelope=env))
+
+    async def read() -> None:
+        with contextlib.suppress(ConnectionClosed, TimeoutError):
+            while sum(answers.values()) < len(envelopes):
+                frame = await w.recv_skipping(timeout=SYNC_TIMEOUT)
+                if isinstance(frame, F.Ack):
+                    answers["ack"] += 1
+                elif isinstance(frame, F.Error) and frame.code == "rate_limited":
+                    answers["rate_limited"] += 1
+                    errors.append(frame)
+                else:
+                    answers["other"] += 1
+
+    reader = asyncio.create_task(read())
+    flooding = asyncio.create_task(flood())
+    # During the flood, an honest edit still goes through (measured as "arrives").
+    await asyncio.to_thread(world.a_to_b, "during-flood.txt", "still syncing\n")
+    await flooding
+    await reader
+    assert answers["rate_limited"] > 0, answers
+    assert answers["ack"] < len(envelopes), answers
+    assert not errors[0].fatal and "slow down" in errors[0].message, errors[0]
+    assert_readable(errors[0])
+    for dev in (world.a, world.b):
+        wait_until(
+            lambda dev=dev: _count_of(world, dev, m_id) >= before[dev.name] + 1,
+            SYNC_TIMEOUT,
+            f"{dev.name} names m as an offender",
+        )
+    world.sync_goes_on()
+
+
+def _count_of(world: World, dev: Device, dev_id: str) -> int:
+    return sum(o["count"] for o in world.status(dev)["offenders"] if o["id"] == dev_id)

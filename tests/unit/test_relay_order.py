@@ -1,0 +1,160 @@
+"""A relay that reorders, replays, drops or withholds: SpaceSync applies each sender's envelopes
+once and in that sender's order, holds what depends on a missing one, keeps the relay cursor
+below what it holds, reports the gap and asks for a repair (agent/relay_order.py). Real SQLite
+store and protocol objects; envelopes are handed to `handle_remote` as a relay link would."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from local_space import make_sync
+from pycrdt import Doc
+
+from qmoi_sync.agent.offenders import RELAY
+from qmoi_sync.agent.relay_order import GAP_REPORT_S, RelayOrder
+from qmoi_sync.agent.store import Store
+from qmoi_sync.agent.textdoc import ingest_disk_text, new_text_doc, text_of
+from qmoi_sync.protocol.envelope import seal
+from qmoi_sync.protocol.identity import DeviceIdentity
+from qmoi_sync.protocol.keys import derive_epoch_keys
+from qmoi_sync.protocol.membership import MembershipLog, Role
+from qmoi_sync.protocol.payload import DocUpdate, Updates, encode_payload
+
+DOC = b"\x07" * 16
+OTHER = b"\x08" * 16
+
+
+class Writer:
+    """Another member editing documents, sealing each edit as its next stream envelope."""
+
+    def __init__(self) -> None:
+        self.admin = DeviceIdentity.generate()
+        self.me = DeviceIdentity.generate()
+        self.log, secret = MembershipLog.create(self.admin, time.time())
+        self.log.add_member(self.admin, self.me.public, Role.member, {0: secret}, time.time())
+        self.key = derive_epoch_keys(self.log.space_id, 0, secret).msg
+        self.docs: dict[bytes, Doc[Any]] = {}
+        self.seq = 0
+
+    def edit(self, doc_id: bytes, text: str) -> bytes:
+        doc = self.docs.setdefault(doc_id, new_text_doc())
+        update = ingest_disk_text(doc, text)
+        assert update is not None
+        self.seq += 1
+        payload = encode_payload(Updates(items=[DocUpdate(doc_id=doc_id, update=update)]))
+        return seal(self.admin, self.log.space_id, 0, self.key, self.seq, payload)
+
+
+async def text(sync: Any, doc_id: bytes) -> str:
+    return text_of(await sync.doc(doc_id))
+
+
+async def test_reordered_and_replayed_deliveries(store: Store, tmp_path: Path) -> None:
+    w = Writer()
+    sync = await make_sync(store, tmp_path / "f", w.me, w.log)
+    e1, e2 = w.edit(DOC, "one\n"), w.edit(DOC, "one\ntwo\n")
+    sync.subscribe_from()
+
+    # e2 first: it depends on e1, so it is held; the cursor stays below it.
+    await sync.handle_remote([(2, e2)])
+    assert sync.order.held and await text(sync, DOC) == ""
+    assert sync.cursor == 2 and sync.applied_cursor == 1
+    assert await store.get_counter(sync.space_id, "relay_cursor") == 1
+
+    # Then e1, with a relay seq that goes backwards: applied, and e2 released after it.
+    await sync.handle_remote([(1, e1)])
+    assert await text(sync, DOC) == "one\ntwo\n"
+    assert not sync.order.held and sync.applied_cursor == 2
+    assert sync.offenders.count(RELAY, "delivered out of order") == 1
+
+    # e1 replayed: dropped, never applied twice, charged to the relay.
+    dups = sync.stats.duplicates
+    await sync.handle_remote([(1, e1)])
+    assert await text(sync, DOC) == "one\ntwo\n"
+    assert sync.stats.duplicates == dups + 1
+    assert sync.offenders.count(RELAY, "replayed an envelope (dropped)") == 1
+    assert sync.order.gaps(sync.windows) == []
+
+
+async def test_gap_is_reported_and_repaired_through_the_relay(store: Store, tmp_path: Path) -> None:
+    w = Writer()
+    sync = await make_sync(store, tmp_path / "f", w.me, w.log)
+    now = [1000.0]
+    sync.order = RelayOrder(clock=lambda: now[0])
+    e1, e2, e3 = w.edit(DOC, "a\n"), w.edit(DOC, "a\nb\n"), w.edit(DOC, "a\nb\nc\n")
+    e4 = w.edit(OTHER, "independent\n")
+    sync.subscribe_from()
+
+    # The relay drops e2: e3 is held (it needs e2), e4 (another document) applies at once.
+    await sync.handle_remote([(1, e1), (3, e3), (4, e4)])
+    assert await text(sync, DOC) == "a\n" and await text(sync, OTHER) == "independent\n"
+    [gap] = sync.order.gaps(sync.windows)
+    assert (gap.first_missing, gap.missing, gap.held, gap.reported) == (2, 1, 1, False)
+    assert sync.applied_cursor == 2  # below e3's relay seq
+
+    await sync.repair_gaps()
+    assert sync.order.resubscribe_from is None, "nothing is due before GAP_REPORT_S"
+    now[0] += GAP_REPORT_S
+    [gap] = sync.order.gaps(sync.windows)
+    assert gap.reported
+    await sync.repair_gaps()  # no LAN peer: subscribe again from where w's stream was whole
+    assert sync.order.resubscribe_from == 1
+    assert sync.subscribe_from() == 1 and sync.order.resubscribe_from is None
+
+    # The relay delivers everything again from there: e2 fills the gap, e3 follows.
+    await sync.handle_remote([(2, e2), (3, e3), (4, e4)])
+    assert await text(sync, DOC) == "a\nb\nc\n"
+    assert sync.order.gaps(sync.windows) == [] and not sync.order.held
+    assert sync.applied_cursor == 4
+    assert sync.offenders.count(RELAY) == 0, "an honest re-delivery is not an offence"
+
+
+async def test_a_gap_that_stays_open_is_charged_to_the_relay(store: Store, tmp_path: Path) -> None:
+    w = Writer()
+    sync = await make_sync(store, tmp_path / "f", w.me, w.log)
+    now = [1000.0]
+    sync.order = RelayOrder(clock=lambda: now[0])
+    e1, _e2, e3 = w.edit(DOC, "a\n"), w.edit(DOC, "a\nb\n"), w.edit(DOC, "a\nb\nc\n")
+    sync.subscribe_from()
+    await sync.handle_remote([(1, e1), (3, e3)])
+    attempts = 0
+    for _ in range(8):
+        now[0] += 200
+        await sync.repair_gaps()
+        if sync.order.resubscribe_from is not None:
+            attempts += 1
+            sync.subscribe_from()
+    # A few re-subscriptions (each gets the log again from the gap), then only reports.
+    assert 1 <= attempts <= 4
+    assert sync.offenders.count(RELAY) >= 1
+    [gap] = sync.order.gaps(sync.windows)
+    assert gap.repairs == 8 and gap.held == 1
+
+
+async def test_a_lan_peer_repairs_the_gap_instead_of_the_relay(
+    store: Store, tmp_path: Path
+) -> None:
+    """With a LAN peer that can answer (peer_sync's hook says so), a gap is not asked of the
+    relay again; what the peer brings fills it and releases the held envelope."""
+    w = Writer()
+    sync = await make_sync(store, tmp_path / "f", w.me, w.log)
+    now = [1000.0]
+    sync.order = RelayOrder(clock=lambda: now[0])
+    asked: list[bytes] = []
+
+    async def lan_can_answer(sender: bytes) -> bool:
+        asked.append(sender)
+        return True
+
+    sync.on_stream_gap = lan_can_answer
+    e1, e2, e3 = w.edit(DOC, "a\n"), w.edit(DOC, "a\nb\n"), w.edit(DOC, "a\nb\nc\n")
+    sync.subscribe_from()
+    await sync.handle_remote([(1, e1), (3, e3)])
+    now[0] += GAP_REPORT_S
+    await sync.repair_gaps()
+    assert asked == [w.admin.public.sign_pk] and sync.order.resubscribe_from is None
+    assert await sync.handle_peer([e2]) == 1  # the peer's copy of the missing envelope
+    assert await text(sync, DOC) == "a\nb\nc\n"
+    assert sync.order.gaps(sync.windows) == [] and sync.applied_cursor == 3
