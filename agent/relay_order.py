@@ -96,9 +96,12 @@ class RelayOrder:
 
     # -- per-sender order -------------------------------------------------------------------
     def baseline(self, sender: bytes, window: ReplayWindow) -> int:
-        """The sender's next expected seq: everything below is applied (or covered by a LAN
-        state reply from it)."""
-        return max(window.watermark, self.covered.get(sender, 0)) + 1
+        """The sender's next expected seq: everything below is applied, or covered (by a LAN
+        state reply from it, or its full state after a relay move) and applied after that."""
+        base = max(window.watermark, self.covered.get(sender, 0)) + 1
+        while window.seen(base):
+            base += 1
+        return base
 
     def can_hold(self) -> bool:
         return sum(len(h) for h in self.held.values()) < HELD_MAX

@@ -10,7 +10,9 @@ Relays do not share their logs, so a move is a handover:
 4. Seal this device's *full* state (the index and every document) into the stream, ahead of
    anything else sent to the new relay: the new relay has none of the history, and a device that
    reaches it later (or joins through it) gets everything from the stream. Updates every device
-   already has are deduplicated by the CRDT; a device that was offline while the others moved
+   already has are deduplicated by the CRDT; they are sealed as full-state Updates, which tell
+   receivers that this device's seqs below them (never on the new relay) are covered, not a
+   gap (agent/relay_order.py); a device that was offline while the others moved
    brings its own changes along the same way when it moves.
 5. Persist the new URL in the spaces table and start a link to it.
 
@@ -71,7 +73,7 @@ async def switch_relay(rt: SpaceRuntime, url: str) -> None:
                     add(doc_id, (await sync.doc(doc_id)).get_update())
             return None
 
-        await sync.run_local(produce)
+        await sync.run_local(produce, full_state=True)
 
     await rt.replace_relay(url, prepare)
     log.info("space %s moved from relay %s to %s", rt.record.name, old_url, url)

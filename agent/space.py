@@ -177,6 +177,8 @@ class _Batch:
     """Updates produced while handling one batch, sealed together at the end."""
 
     items: list[tuple[bytes, bytes]] = field(default_factory=list)
+    #: The items are this device's whole state (a relay move): sealed as full-state Updates.
+    full_state: bool = False
 
     def add(self, doc_id: bytes, update: bytes | None) -> None:
         if update:
@@ -1142,14 +1144,19 @@ class SpaceSync:
             return True  # delivered again while held: the held copy waits for the gap
         if regressed:
             self.offenders.note(RELAY, "delivered out of order")
-        # A relay envelope past a gap in its sender's seqs (the relay dropped, withheld or
-        # reordered): applied at once unless its updates lack a dependency, then held.
-        out_of_order = not peer and not direct and seq > self.order.baseline(sender, window)
         try:
             payload = decode_payload(opened.plaintext)
         except ProtocolError as exc:
             await self._quarantine(sender, f"{exc.code}: {exc}", envelope)
             return consumed()
+        if isinstance(payload, Updates) and payload.full_state and not direct:
+            # The sender's whole state, sealed when it moved relays: it covers its stream
+            # below this seq (which the new relay never had) — not a gap; late copies of those
+            # are replays (the window is persisted with the batch).
+            window.advance_to(seq - 1)
+        # A relay envelope past a gap in its sender's seqs (the relay dropped, withheld or
+        # reordered): applied at once unless its updates lack a dependency, then held.
+        out_of_order = not peer and not direct and seq > self.order.baseline(sender, window)
         if isinstance(payload, Updates) or (direct and isinstance(payload, StateReply)):
             if role is Role.reader:
                 # The relay refuses publishes from readers; this is the second line of defence.
@@ -1447,7 +1454,7 @@ class SpaceSync:
         remote = set(dirty)
         # Documents an earlier batch could not write (disk full) are retried with every batch.
         dirty = dirty | self.unwritten
-        await self._commit(batch.items, delivered, pending=dirty)
+        await self._commit(batch.items, delivered, pending=dirty, full_state=batch.full_state)
         committed = dirty
         for _attempt in range(4):
             extra = _Batch()
@@ -1788,6 +1795,7 @@ class SpaceSync:
         items: list[tuple[bytes, bytes]],
         delivered: list[tuple[int, bytes]],
         pending: set[bytes] | None,
+        full_state: bool = False,
     ) -> None:
         """One transaction: document updates, their sealed envelopes, the relay cursor, replay
         windows and the set of documents still to be written to disk."""
@@ -1814,10 +1822,15 @@ class SpaceSync:
         async with self.store.transaction():
             if items:
                 due = await self.store.append_doc_updates(self.space_id, items)
-                for chunk in _split(items):
+                for i, chunk in enumerate(_split(items)):
                     self.seq += 1
                     payload = encode_payload(
-                        Updates(items=[DocUpdate(doc_id=d, update=u) for d, u in chunk])
+                        Updates(
+                            items=[DocUpdate(doc_id=d, update=u) for d, u in chunk],
+                            # Only the first envelope of a full state is marked: it covers the
+                            # seqs below it; a hole among the rest is still a gap.
+                            full_state=full_state and i == 0,
+                        )
                     )
                     envelope = seal(
                         identity=self.identity,
@@ -1982,14 +1995,17 @@ class SpaceSync:
             [Callable[[bytes, bytes | None], None]],
             Awaitable[Callable[[], Awaitable[None]] | None],
         ],
+        full_state: bool = False,
     ) -> None:
         """A local change made under the owner's lock: ``produce(add)`` edits documents and
         hands each update to ``add(doc_id, update)``; they commit and are sealed like any local
         change (``produce`` must check ``send_block`` itself). What it returns runs after the
-        commit, still under the lock (e.g. writing a file that reflects the committed state)."""
+        commit, still under the lock (e.g. writing a file that reflects the committed state).
+        ``full_state``: ``produce`` adds this device's whole state (a relay move), sealed so
+        that receivers know it covers everything this device sealed before."""
         async with self.lock:
             self._begin_batch()
-            batch = _Batch()
+            batch = _Batch(full_state=full_state)
             after = await produce(batch.add)
             await self._finish(batch, dirty=set(), delivered=[])
             if after is not None:

@@ -8,6 +8,10 @@ kind    payload        body
 0x03    StateRequest   count u32 | (doc_id 16 | state_vector blob32)*   (sync step 1)
 0x04    StateReply     count u32 | (doc_id 16 | update blob32)*         (sync step 2)
 0x05    DeviceInfo v2  the 0x02 body | capabilities blob16 (<= 256)
+0x06    Updates        the 0x01 body, ``full_state``: the first envelope of the sender's whole
+        (full state)   state (this one and the next ones it sealed in the same commit), sealed
+                       when it moved to another relay: it covers the sender's stream below this
+                       seq, which the new relay never had (a receiver sees no gap there)
 ======  =============  ==================================================================
 
 The index document has the all-zero doc id (:data:`INDEX_DOC_ID`).
@@ -84,6 +88,8 @@ class DocUpdate:
 @dataclass(frozen=True)
 class Updates:
     items: list[DocUpdate] = field(default_factory=list)
+    #: Part of the sender's whole state (kind 0x06): everything it sealed before is included.
+    full_state: bool = False
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,7 @@ Payload = Updates | DeviceInfo | StateRequest | StateReply
 
 _UPDATES, _DEVICE_INFO, _STATE_REQUEST, _STATE_REPLY = 0x01, 0x02, 0x03, 0x04
 _DEVICE_INFO_V2 = 0x05
+_FULL_STATE = 0x06
 
 
 def _encode_caps(cap: Capabilities) -> bytes:
@@ -206,7 +213,9 @@ def _pairs(items: list[tuple[bytes, bytes]], what: str) -> list[bytes]:
 
 def encode_payload(p: Payload) -> bytes:
     if isinstance(p, Updates | StateReply):
-        kind = _UPDATES if isinstance(p, Updates) else _STATE_REPLY
+        kind = _STATE_REPLY
+        if isinstance(p, Updates):
+            kind = _FULL_STATE if p.full_state else _UPDATES
         for it in p.items:
             if not isinstance(it, DocUpdate):
                 raise MalformedError("items must be DocUpdate")
@@ -250,8 +259,8 @@ def decode_payload(b: bytes) -> Payload:
     r = c.Reader(b, "payload")
     kind = r.u8("kind")
     p: Payload
-    if kind == _UPDATES:
-        p = Updates([DocUpdate(d, u) for d, u in _read_pairs(r, "update")])
+    if kind in (_UPDATES, _FULL_STATE):
+        p = Updates([DocUpdate(d, u) for d, u in _read_pairs(r, "update")], kind == _FULL_STATE)
     elif kind == _STATE_REPLY:
         p = StateReply([DocUpdate(d, u) for d, u in _read_pairs(r, "update")])
     elif kind == _STATE_REQUEST:

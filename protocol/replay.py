@@ -76,6 +76,18 @@ class ReplayWindow:
                 self._absorb()
         return True
 
+    def advance_to(self, seq: int) -> None:
+        """Count every seq ``<= seq`` as seen (they are covered by something else, e.g. the
+        sender's full state)."""
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0 or seq > c.U64_MAX:
+            raise MalformedError("seq must be an integer within 0..2^64-1")
+        if seq <= self._watermark:
+            return
+        self._watermark = seq
+        self._sparse = {s for s in self._sparse if s > seq}
+        self._heap = sorted(self._sparse)
+        self._absorb()
+
     def accept(self, seq: int) -> None:
         """Mark ``seq``; raise :class:`ReplayError` if it was already seen."""
         if not self.mark(seq):

@@ -274,3 +274,18 @@ def test_replay_default_cap_bounded() -> None:
         w.mark(s)
     assert w.pending_gaps() <= MAX_SPARSE
     assert w.watermark > 0
+
+
+def test_replay_window_advance_to_covers_below_and_keeps_above() -> None:
+    w = ReplayWindow()
+    for s in (1, 2, 5, 9, 10, 12):
+        w.mark(s)
+    assert w.above() == [5, 9, 10, 12]
+    w.advance_to(8)  # 3..8 covered (a full state): 9, 10 follow contiguously, 11 is missing
+    assert (w.watermark, w.above()) == (10, [12])
+    assert w.seen(7) and not w.seen(11)
+    w.advance_to(4)  # below the watermark: nothing changes
+    assert (w.watermark, w.above()) == (10, [12])
+    assert ReplayWindow.from_bytes(w.to_bytes()).above() == [12]
+    with pytest.raises(MalformedError):
+        w.advance_to(-1)

@@ -20,7 +20,7 @@ from qmoi_sync.protocol.envelope import seal
 from qmoi_sync.protocol.identity import DeviceIdentity
 from qmoi_sync.protocol.keys import derive_epoch_keys
 from qmoi_sync.protocol.membership import MembershipLog, Role
-from qmoi_sync.protocol.payload import DocUpdate, Updates, encode_payload
+from qmoi_sync.protocol.payload import DocUpdate, Updates, decode_payload, encode_payload
 
 DOC = b"\x07" * 16
 OTHER = b"\x08" * 16
@@ -158,3 +158,29 @@ async def test_a_lan_peer_repairs_the_gap_instead_of_the_relay(
     assert await sync.handle_peer([e2]) == 1  # the peer's copy of the missing envelope
     assert await text(sync, DOC) == "a\nb\nc\n"
     assert sync.order.gaps(sync.windows) == [] and sync.applied_cursor == 3
+
+
+async def test_a_full_state_after_a_relay_move_is_not_a_gap(store: Store, tmp_path: Path) -> None:
+    """A device that moved relays seals its whole state (kind 6, first envelope marked) on the
+    new relay, whose log never had its earlier seqs: receivers see no gap below it. A hole
+    after it is still a gap."""
+    w = Writer()
+    sync = await make_sync(store, tmp_path / "f", w.me, w.log)
+    doc = new_text_doc()
+    update = ingest_disk_text(doc, "whole state\n")
+    assert update is not None
+    w.seq = 41  # seqs 1..41 went to the old relay
+    payload = Updates(items=[DocUpdate(DOC, update)], full_state=True)
+    assert decode_payload(encode_payload(payload)) == payload
+    assert encode_payload(payload)[0] == 6
+    first = seal(w.admin, w.log.space_id, 0, w.key, 42, encode_payload(payload))
+    sync.subscribe_from()
+    await sync.handle_remote([(1, first)])
+    assert await text(sync, DOC) == "whole state\n"
+    assert sync.order.gaps(sync.windows) == []
+    w.docs[DOC] = doc
+    w.seq = 42
+    _lost, after = w.edit(DOC, "whole state\nmore\n"), w.edit(DOC, "whole state\nmore\nand more\n")
+    await sync.handle_remote([(2, after)])
+    [gap] = sync.order.gaps(sync.windows)
+    assert (gap.first_missing, gap.missing) == (43, 1)
