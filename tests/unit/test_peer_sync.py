@@ -19,6 +19,7 @@ import pytest
 from qmoi_sync.agent import peer_sync
 from qmoi_sync.agent.keyring import Keyring
 from qmoi_sync.agent.peer_sync import SpaceLan
+from qmoi_sync.agent.relay_order import GAP_REPORT_S, RelayOrder
 from qmoi_sync.agent.space import SpaceSync
 from qmoi_sync.agent.store import SpaceRecord, Store
 from qmoi_sync.protocol import lan as L
@@ -81,6 +82,7 @@ class StubSession:
         self.side: list[tuple[int, bytes]] = []
         self.pending: int | None = None
         self.requests: list[str] = []
+        self.peer_can_write = True
 
     async def request_resync(self, why: str, gap: bool = False) -> None:
         if self.pending is None:
@@ -286,3 +288,30 @@ async def test_direct_envelopes_never_enter_replay_windows(
     # a replayed reply applies again harmlessly (CRDT updates are idempotent)
     assert await b.sync.handle_peer(replies) == 1
     assert b.read("f.txt") == "x\n"
+
+
+async def test_relay_gap_is_repaired_by_a_lan_resync(trio: tuple[Device, Device, Device]) -> None:
+    """The relay withholds A's first edit from B and delivers the next (which depends on it: B
+    holds it, agent/relay_order.py). Once the gap is due a repair and A is a LAN peer, B asks
+    A for a resync instead of the relay; A's reply covers A's stream, the held envelope is
+    dropped as covered, the gap closes and the relay cursor is no longer held back."""
+    a, b, _ = trio
+    first = await a.write("f.txt", "one\n")
+    second = await a.write("f.txt", "one\ntwo\n")
+    now = [1000.0]
+    b.sync.order = RelayOrder(clock=lambda: now[0])
+    b.sync.subscribe_from()
+    await b.sync.handle_remote([(2, second[0])])  # relay seq 1 (`first`) withheld
+    assert b.read("f.txt") is None and b.sync.order.held and b.sync.applied_cursor == 1
+    space = lan_for(b)
+    session = StubSession(space, a)
+    space.sessions[a.pk] = session  # type: ignore[assignment]
+    now[0] += GAP_REPORT_S
+    await b.sync.repair_gaps()
+    assert session.requests == ["relay sequence gap"]
+    assert b.sync.order.resubscribe_from is None, "the LAN answers: the relay is not asked"
+    await session.answer_resync(b)
+    assert b.read("f.txt") == "one\ntwo\n"
+    assert b.sync.order.gaps(b.sync.windows) == [] and not b.sync.order.held
+    assert b.sync.applied_cursor == 2
+    assert len(first) == 1
