@@ -18,6 +18,7 @@ from harness import wait_until
 from security.sec_helpers import (
     SYNC_TIMEOUT,
     Replica,
+    Space,
     World,
     create_files_payload,
     device_identity,
@@ -201,7 +202,8 @@ async def test_reordered_and_replayed_deliveries_apply_once_in_order(world: Worl
 async def test_forged_deliveries_are_refused_and_charged_to_the_relay(world: World) -> None:
     """Envelopes no member sealed as delivered — one naming a as its sender but signed by
     another key, one of a's captured envelopes with a flipped ciphertext bit — are quarantined
-    and charged to the relay: a, whose name they carry, is not named."""
+    and charged to the relay: a, whose name they carry, is not named. So is a validly signed
+    envelope m sealed for another space it belongs to, replayed into this one."""
     world.a_to_b("forgery-base.txt", "base\n")
     rep = await world.replica()
     a_key = device_identity(world.a)
@@ -214,13 +216,17 @@ async def test_forged_deliveries_are_refused_and_charged_to_the_relay(world: Wor
     )
     flipped = bytearray(captured)
     flipped[len(flipped) // 2] ^= 0x01
+    other_space = Space.create(n_members=0, extra=(world.m_dev,)).seal(world.m_dev, payload)
     q = world.quarantined(world.b)
-    bad_sig = relay_offences(world.status(world.b)).get("bad_signature", 0)
+    before = relay_offences(world.status(world.b))
     world.inject(claims_a)
     world.inject(bytes(flipped))
-    wait_until(lambda: world.quarantined(world.b) == q + 2, SYNC_TIMEOUT, "b quarantines both")
+    world.inject(other_space)
+    wait_until(lambda: world.quarantined(world.b) == q + 3, SYNC_TIMEOUT, "b quarantines all")
     st = world.status(world.b)
-    assert relay_offences(st).get("bad_signature", 0) == bad_sig + 2, st["offenders"]
+    after = relay_offences(st)
+    assert after.get("bad_signature", 0) == before.get("bad_signature", 0) + 2, st["offenders"]
+    assert after.get("wrong_space", 0) == before.get("wrong_space", 0) + 1, st["offenders"]
     assert not [o for o in st["offenders"] if o["id"] == a_key.public.device_id], st["offenders"]
     world.a_to_b("after-forgery.txt", "fine\n")
     assert world.b.read("forged.txt") is None and world.a.read("forged.txt") is None
