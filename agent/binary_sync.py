@@ -42,6 +42,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -276,11 +277,17 @@ class BinarySync:
         return out
 
     def reconcile(
-        self, desired: Mapping[bytes, str], entries: Mapping[str, FileEntry], batch: _Batch
+        self,
+        desired: Mapping[bytes, str],
+        entries: Mapping[str, FileEntry],
+        batch: _Batch,
+        scope: AbstractSet[bytes] | None = None,
     ) -> None:
         """Bring binary files towards the converged index: split concurrent versions into
         conflict entries (written into ``batch``), schedule downloads of versions not on disk,
-        and ingest untracked local files that stand where a remote file belongs."""
+        and ingest untracked local files that stand where a remote file belongs. ``scope``:
+        ``desired`` holds only these fids (a batch's scoped reconcile); downloads of others
+        are kept."""
         sync = self.sync
         wanted: dict[bytes, tuple[str, Head]] = {}
         split = False
@@ -315,7 +322,7 @@ class BinarySync:
                 mode = 0o755 if entries[fid.hex()].mode & 0o111 else 0o644
                 self.down[fid] = DownJob(fid, path, head, mode)
                 self._down_wake.set()
-        for fid in [f for f in self.down if f not in wanted]:
+        for fid in [f for f in self.down if f not in wanted and (scope is None or f in scope)]:
             del self.down[fid]
         self._note_pending()
 

@@ -39,7 +39,8 @@ import posixpath
 import re
 import time
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from qmoi_sync.protocol.errors import PathError
@@ -47,7 +48,13 @@ from qmoi_sync.protocol.paths import CONFLICT_MARKER, conflict_name
 
 from .index import FileEntry
 
-__all__ = ["CONFLICT_MARKER", "Layout", "compute_layout", "strip_conflict_marker"]
+__all__ = [
+    "CONFLICT_MARKER",
+    "Layout",
+    "LayoutCache",
+    "compute_layout",
+    "strip_conflict_marker",
+]
 
 ConflictNamer = Callable[[str, float, str], str]
 
@@ -119,7 +126,7 @@ class Layout:
     """fid hex -> relative path, for every alive entry."""
     conflicts: frozenset[str] = frozenset()
     """fids placed under a conflict name (the ``conflicts`` count shown by ``status``)."""
-    needed: frozenset[str] = frozenset()
+    needed: AbstractSet[str] = frozenset()
     """Every folder some placed entry lives in (ancestors of ``paths``): kept on disk even
     when no alive "dir" entry claims it."""
 
@@ -135,6 +142,31 @@ def fold_name(path: str, fold_case: bool = False) -> str:
     """The key under which two paths name the same file: NFC, and case-folded if asked."""
     nfc = unicodedata.normalize("NFC", path)
     return nfc.casefold() if fold_case else nfc
+
+
+def _place_group(group: list[FileEntry], needed: bool) -> tuple[list[FileEntry], list[FileEntry]]:
+    """(winners, losers) among the entries claiming one path (``group`` sorted by rank);
+    ``needed``: some other placed entry lives under the path, so it must be a folder."""
+    losers: list[FileEntry] = []
+    if any(e.kind != "symlink" for e in group):
+        # A symlink never takes a path from a file or folder (it may be a link a device
+        # keeps only for itself, e.g. pointing outside the space): links lose.
+        losers.extend(e for e in group if e.kind == "symlink")
+        group = [e for e in group if e.kind != "symlink"]
+    dirs = [e for e in group if e.kind == "dir"]
+    files = [e for e in group if e.kind != "dir"]
+    if needed:
+        # Something lives under this path: it must be a directory. Files lose.
+        return dirs, losers + files
+    if dirs and files:
+        # A directory and a file claim the path and nothing needs it as a directory:
+        # earliest creation wins, as for any other collision.
+        if _rank(dirs[0]) <= _rank(files[0]):
+            return dirs, losers + files
+        return [files[0]], losers + files[1:] + dirs
+    if dirs:
+        return dirs, losers
+    return [files[0]], losers + files[1:]
 
 
 def compute_layout(
@@ -184,27 +216,7 @@ def compute_layout(
     by_fid: dict[str, str] = {}
     losers: list[FileEntry] = list(respelled)
     for path, group in claims.items():  # sorted by path then rank, so group[0] is earliest
-        if any(e.kind != "symlink" for e in group):
-            # A symlink never takes a path from a file or folder (it may be a link a device
-            # keeps only for itself, e.g. pointing outside the space): links lose.
-            losers.extend(e for e in group if e.kind == "symlink")
-            group = [e for e in group if e.kind != "symlink"]
-        dirs = [e for e in group if e.kind == "dir"]
-        files = [e for e in group if e.kind != "dir"]
-        if path in needed_dirs:
-            # Something lives under this path: it must be a directory. Files lose.
-            winners, losers_here = dirs, files
-        elif dirs and files:
-            # A directory and a file claim the path and nothing needs it as a directory:
-            # earliest creation wins, as for any other collision.
-            if _rank(dirs[0]) <= _rank(files[0]):
-                winners, losers_here = dirs, files
-            else:
-                winners, losers_here = [files[0]], files[1:] + dirs
-        elif dirs:
-            winners, losers_here = dirs, []
-        else:
-            winners, losers_here = [files[0]], files[1:]
+        winners, losers_here = _place_group(group, path in needed_dirs)
         if winners:
             paths[path] = winners[0].fid
             for w in winners:  # several only for merged directories
@@ -235,3 +247,231 @@ def compute_layout(
         conflicts=frozenset(conflicts),
         needed=frozenset(needed),
     )
+
+
+class _Needed(AbstractSet[str]):
+    """``Layout.needed`` of a ``LayoutCache``: folders some claimed path lives in (counted,
+    so a removal is O(depth)) plus the folders of conflict names (fixed between full
+    computations). A live view: valid until the cache's next ``update``."""
+
+    __slots__ = ("_counts", "_extra")
+
+    def __init__(self, counts: dict[str, int], extra: frozenset[str]) -> None:
+        self._counts = counts
+        self._extra = extra
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._counts or item in self._extra
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._counts
+        yield from (p for p in self._extra if p not in self._counts)
+
+    def __len__(self) -> int:
+        return len(self._counts) + sum(1 for p in self._extra if p not in self._counts)
+
+
+class LayoutCache:
+    """``compute_layout`` kept up to date entry by entry, for the sync loop: a batch of remote
+    updates touches a few entries of a space that may hold 100,000, and laying out all of them
+    per batch made a big first sync quadratic.
+
+    ``update(entries, changed)`` re-places only the paths the changed entries claimed or now
+    claim, the other spellings of those names, and the claimed folders above them (a file at
+    a path that just became a folder's parent loses it). Whenever such a region holds, or
+    would hold, a conflict copy, or a changed name comes near one (a conflict name's numeric
+    suffix depends on every taken name), it falls back to ``compute_layout`` over everything:
+    the result is always exactly ``compute_layout(entries)``.
+
+    The returned ``Layout`` shares this cache's dicts: it is valid until the next ``update``.
+    """
+
+    def __init__(self, *, fold_case: bool = False, namer: ConflictNamer | None = None) -> None:
+        self.fold_case = fold_case
+        self._namer = namer
+        self._layout: Layout | None = None
+        self._claim: dict[str, str] = {}  # fid -> the path its alive entry claims
+        self._claims: dict[str, list[FileEntry]] = {}  # path -> claiming entries, by rank
+        self._spell: dict[str, set[str]] = {}  # fold_name -> claimed paths
+        self._below: dict[str, int] = {}  # folder -> claimed paths under it (needed_dirs)
+        self._extra: frozenset[str] = frozenset()  # folders of conflict names
+        self._hot: set[str] = set()  # folded names near a conflict copy: changes go full
+        self.paths: dict[str, str] = {}
+        self.by_fid: dict[str, str] = {}
+        self.dirs: dict[str, str] = {}  # placed "dir" entries: path -> fid
+        self.links: dict[str, str] = {}  # placed symlinks: path -> fid
+        self.full_runs = 0
+
+    @property
+    def layout(self) -> Layout | None:
+        return self._layout
+
+    def _fold(self, path: str) -> str:
+        return fold_name(path, self.fold_case)
+
+    def full(self, entries: Mapping[str, FileEntry]) -> Layout:
+        """Lay out every entry (start-up, or a change near a conflict)."""
+        self.full_runs += 1
+        out = compute_layout(entries, namer=self._namer, fold_case=self.fold_case)
+        self._claim = {}
+        self._claims = {}
+        self._spell = {}
+        for e in sorted((e for e in entries.values() if e.alive and e.path is not None), key=_rank):
+            assert e.path is not None
+            self._claim[e.fid] = e.path
+            self._claims.setdefault(e.path, []).append(e)
+        for p in self._claims:
+            self._spell.setdefault(self._fold(p), set()).add(p)
+        respelled: set[str] = set()
+        for spelled in self._spell.values():
+            if len(spelled) > 1 and not all(
+                e.kind == "dir" for p in spelled for e in self._claims[p]
+            ):
+                keep = min(spelled, key=lambda p: (_rank(self._claims[p][0]), p))
+                respelled.update(p for p in spelled if p != keep)
+        self._below = {}
+        for p in self._claims:
+            if p not in respelled:
+                for d in _ancestors(p):
+                    self._below[d] = self._below.get(d, 0) + 1
+        extra: set[str] = set()
+        hot: set[str] = set()
+        name_of = self._namer or _safe_conflict_name
+        for fid in out.conflicts:
+            final = out.by_fid[fid]
+            extra.update(_ancestors(final))
+            e = entries[fid]
+            assert e.path is not None
+            # The loser's own name (a change there or below it may let it win again) and every
+            # name its suffix search passed (freeing one renames it).
+            hot.add(self._fold(e.path))
+            hot.add(self._fold(final))
+            candidate = name_of(strip_conflict_marker(e.path), e.created_ts, e.created_dev)
+            name, n = candidate, 1
+            while n < 100_000 and self._fold(name) != self._fold(final):
+                hot.add(self._fold(name))
+                n += 1
+                name = _with_suffix(candidate, n)
+        self._extra = frozenset(d for d in extra if d not in self._below)
+        self._hot = hot
+        self.paths = dict(out.paths)
+        self.by_fid = dict(out.by_fid)
+        self.dirs = {p: f for p, f in self.paths.items() if entries[f].kind == "dir"}
+        self.links = {p: f for p, f in self.paths.items() if entries[f].kind == "symlink"}
+        self._layout = Layout(
+            paths=self.paths,
+            by_fid=self.by_fid,
+            conflicts=out.conflicts,
+            needed=_Needed(self._below, self._extra),
+        )
+        return self._layout
+
+    def update(
+        self, entries: Mapping[str, FileEntry], changed: Iterable[str]
+    ) -> tuple[Layout, dict[str, str | None] | None]:
+        """The layout after the entries ``changed`` (fid hex) changed, and every fid whose
+        place may have changed with the path it had before (None: it had none). The second
+        value is None when everything was laid out again (nothing known about what moved)."""
+        if self._layout is None:
+            return self.full(entries), None
+        changed = set(changed)
+        news: dict[str, str | None] = {}
+        for fid in changed:
+            e = entries.get(fid)
+            news[fid] = e.path if e is not None and e.alive and e.path is not None else None
+            for p in (self._claim.get(fid), news[fid]):
+                if p is None:
+                    continue
+                if self._fold(p) in self._hot or any(
+                    self._fold(d) in self._hot for d in _ancestors(p)
+                ):
+                    return self.full(entries), None
+        before: dict[str, str | None] = {}
+        touched: set[str] = set()
+
+        def note(fid: str) -> None:
+            if fid not in before:
+                before[fid] = self.by_fid.get(fid)
+
+        for fid in changed:
+            note(fid)
+            old = self._claim.pop(fid, None)
+            if old is not None:
+                touched.add(old)
+                rest = [e for e in self._claims.get(old, ()) if e.fid != fid]
+                if rest:
+                    self._claims[old] = rest
+                else:
+                    self._unclaim(old, touched)
+            new = news[fid]
+            if new is None:
+                self.by_fid.pop(fid, None)
+                continue
+            e = entries[fid]
+            touched.add(new)
+            self._claim[fid] = new
+            claimants = self._claims.get(new)
+            if claimants is None:
+                self._claims[new] = [e]
+                self._spell.setdefault(self._fold(new), set()).add(new)
+                for d in _ancestors(new):
+                    n = self._below.get(d, 0)
+                    self._below[d] = n + 1
+                    if n == 0:
+                        touched.add(d)  # a file claiming d now loses it to the folder
+            else:
+                claimants.append(e)
+                claimants.sort(key=_rank)
+        for p in list(touched):
+            touched.update(self._spell.get(self._fold(p), ()))
+        for p in touched:
+            at = self._claims.get(p)
+            if at is None:
+                fid_at = self.paths.pop(p, None)
+                self.dirs.pop(p, None)
+                self.links.pop(p, None)
+                if fid_at is not None:
+                    note(fid_at)
+                continue
+            spelled = self._spell[self._fold(p)]
+            if len(spelled) > 1 and not all(
+                e.kind == "dir" for q in spelled for e in self._claims[q]
+            ):
+                return self.full(entries), None
+            winners, losers = _place_group(at, p in self._below)
+            if losers:
+                return self.full(entries), None
+            for e in at:
+                note(e.fid)
+            if p in self.paths:
+                note(self.paths[p])
+            self.paths[p] = winners[0].fid
+            for w in winners:
+                self.by_fid[w.fid] = p
+            kind = winners[0].kind
+            if kind == "dir":
+                self.dirs[p] = winners[0].fid
+            else:
+                self.dirs.pop(p, None)
+            if kind == "symlink":
+                self.links[p] = winners[0].fid
+            else:
+                self.links.pop(p, None)
+        assert self._layout is not None
+        return self._layout, before
+
+    def _unclaim(self, path: str, touched: set[str]) -> None:
+        del self._claims[path]
+        fold = self._fold(path)
+        spelled = self._spell.get(fold)
+        if spelled is not None:
+            spelled.discard(path)
+            if not spelled:
+                del self._spell[fold]
+        for d in _ancestors(path):
+            n = self._below.get(d, 0) - 1
+            if n <= 0:
+                self._below.pop(d, None)
+                touched.add(d)  # a file may claim the folder's path now
+            else:
+                self._below[d] = n

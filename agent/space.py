@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import math
 import os
 import re
 from collections import OrderedDict
@@ -36,7 +37,7 @@ from qmoi_sync.agent.crashpoint import crashpoint
 from qmoi_sync.agent.ignore import IgnoreRules
 from qmoi_sync.agent.index import FileEntry, IndexDoc, derive_file_id
 from qmoi_sync.agent.keyring import Keyring
-from qmoi_sync.agent.layout import Layout, compute_layout
+from qmoi_sync.agent.layout import Layout, LayoutCache
 from qmoi_sync.agent.materialize import (
     TEMP_PREFIX,
     DiskStat,
@@ -134,6 +135,12 @@ RESCAN_SLICE = 5000
 # after it again) per gap: a gap still open after these is left to LAN peers, and reported.
 RELAY_REPAIRS = 4
 UNREPAIRED_GAP = "unrepaired sequence gap (withheld by the relay, or skipped by its sender)"
+# A batch reconciles only the entries it touched (agent/layout.py LayoutCache); every entry is
+# reconciled again at most this often, and never more than 1/20 of the time (at 100,000 files
+# one full pass costs about a second): it retries what a scoped pass does not revisit (a move
+# that failed, a record left where its entry no longer is).
+FULL_RECONCILE_EVERY_S = 60.0
+FULL_RECONCILE_SHARE = 20.0
 # How long a delivered envelope from an unknown sender or of a future epoch waits for the
 # membership log that explains it (the relay sends that log just before, on another task).
 MEMBERSHIP_WAIT_S = 5.0
@@ -233,6 +240,11 @@ class SpaceSync:
         self.rates = SpaceRates()
         self.warnings: dict[str, str] = {}
         self.conflicts = 0
+        # The layout, kept up to date per changed entry (rebuilt when the index is replaced).
+        self._layouts: LayoutCache | None = None
+        self._layouts_of: IndexDoc | None = None
+        self._full_at = -math.inf  # time.monotonic() of the last reconcile of every entry
+        self._full_cost = 0.0
         self.seq = 0
         self.cursor = 0
         # Relay sequences of this device's own envelopes above the cursor (the relay never
@@ -812,16 +824,25 @@ class SpaceSync:
         await self._record_stat(path, fid, content_hash(link[0].encode()), link[1])
 
     async def _reconcile_links(
-        self, entries: dict[str, FileEntry], layout: Layout, create: bool
+        self,
+        entries: dict[str, FileEntry],
+        layout: Layout,
+        cache: LayoutCache,
+        create: bool,
+        records: dict[str, FileRecord],
+        scope: set[bytes] | None = None,
+        gone_from: Iterable[str] = (),
     ) -> None:
         """Symlinks: (re)create those whose target stays inside the space, remove the ones we
         made that are no longer wanted. A link whose target leaves the space (absolute, or
         ``..`` above the root) is recorded and synced but never created: a status warning.
         Removal runs before files are placed (``create`` False), creation after them."""
         placed: dict[bytes, tuple[str, str]] = {}
-        for path, fid_hex in layout.paths.items():
+        for path, fid_hex in cache.links.items():
             e = entries[fid_hex]
-            if e.kind != "symlink" or e.target is None:
+            if e.target is None:
+                continue
+            if scope is not None and bytes.fromhex(fid_hex) not in scope:
                 continue
             try:
                 validate_relpath(path)
@@ -829,7 +850,7 @@ class SpaceSync:
                 self.warnings[f"remote:{fid_hex}"] = f"refused a remote path: {exc}"
                 continue
             placed[bytes.fromhex(fid_hex)] = (path, e.target)
-        for path, rec in list(self.files.items()):
+        for path, rec in list(records.items()):
             if not self._is_link(rec.fid):
                 continue
             where = placed.get(rec.fid)
@@ -854,7 +875,14 @@ class SpaceSync:
         if not create:
             return
         stale = {k for k in self.warnings if k.startswith("link:")}
-        kept = {rec.fid for rec in self.files.values() if self._is_link(rec.fid)}
+        if scope is not None:
+            # A scoped pass settles only the links it looks at: other warnings stay.
+            stale &= (
+                {f"link:{p}" for p, _ in placed.values()}
+                | {f"link:{p}" for p, rec in records.items() if rec.fid in scope}
+                | {f"link:{p}" for p in gone_from}
+            )
+        kept = {rec.fid for rec in records.values() if self._is_link(rec.fid)}
         for fid, (path, target) in placed.items():
             have = self.files.get(path)
             if (have is not None and have.fid == fid) or fid in kept:
@@ -1481,16 +1509,67 @@ class SpaceSync:
     async def _pending_materialize(self) -> set[bytes]:
         return set(await self.store.get_pending(self.space_id))
 
+    def _layout_for(
+        self, entries: dict[str, FileEntry], changed: set[str]
+    ) -> tuple[Layout, LayoutCache, dict[str, str | None] | None]:
+        cache = self._layouts
+        if (
+            cache is None
+            or self._layouts_of is not self.index
+            or cache.fold_case != self.case_insensitive
+        ):
+            cache = self._layouts = LayoutCache(fold_case=self.case_insensitive)
+            self._layouts_of = self.index
+            return cache.full(entries), cache, None
+        layout, before = cache.update(entries, changed)
+        return layout, cache, before
+
+    def _full_reconcile_due(self) -> bool:
+        if any(k.startswith(("move:", "write:")) for k in self.warnings):
+            return True  # retried with every batch, as before scoped passes
+        since = time.monotonic() - self._full_at
+        return since >= max(FULL_RECONCILE_EVERY_S, FULL_RECONCILE_SHARE * self._full_cost)
+
+    def _records_of(
+        self, fids: set[bytes], layout: Layout, before: dict[str, str | None]
+    ) -> dict[str, FileRecord]:
+        """path -> record of the files these fids had or have (where the layout placed them
+        before this batch, or places them now): what a scoped pass looks at."""
+        out: dict[str, FileRecord] = {}
+        for fid in fids:
+            h = fid.hex()
+            for p in (before.get(h), layout.by_fid.get(h)):
+                rec = self.files.get(p) if p is not None else None
+                if rec is not None and rec.fid == fid:
+                    out[p] = rec  # type: ignore[index]
+        return out
+
     async def _reconcile_once(self, dirty: set[bytes], batch: _Batch) -> list[str]:
         entries = self.index.entries()
-        layout = compute_layout(entries, fold_case=self.case_insensitive)
-        want_dirs = self._wanted_dirs(entries, layout)
+        changed = self.index.take_changed()
+        layout, cache, before = self._layout_for(entries, changed)
+        started = time.monotonic()
+        # None: every entry (start-up, a change near a conflict copy, or the periodic full
+        # pass); otherwise only the entries this batch touched (placed anew, content, fields).
+        scope: set[bytes] | None = None
+        if before is not None and not self._full_reconcile_due():
+            scope = {bytes.fromhex(h) for h in (*before, *changed)} | dirty | self.unwritten
+        want_dirs = self._wanted_dirs(cache)
         await self._move_dirs(entries, layout, want_dirs)
-        await self._reconcile_links(entries, layout, create=False)
+        records = self.files if scope is None else self._records_of(scope, layout, before or {})
+        await self._reconcile_links(entries, layout, cache, create=False, records=records)
         self.conflicts = len(layout.conflicts)
         desired: dict[bytes, str] = {}
         binary: dict[bytes, str] = {}
-        for path, fid_hex in layout.paths.items():
+        if scope is None:
+            placed: Iterable[tuple[str, str]] = layout.paths.items()
+        else:
+            placed = [
+                (p, h)
+                for h in (f.hex() for f in scope)
+                if (p := layout.by_fid.get(h)) is not None and layout.paths.get(p) == h
+            ]
+        for path, fid_hex in placed:
             entry = entries[fid_hex]
             if entry.kind == "binary" and self.binary is not None:
                 binary[bytes.fromhex(fid_hex)] = path
@@ -1504,7 +1583,9 @@ class SpaceSync:
             desired[bytes.fromhex(fid_hex)] = path
         binary = {f: p for f, p in binary.items() if f in desired}
         binary_at = {p: f for f, p in binary.items()}
-        current = {rec.fid: path for path, rec in self.files.items() if not self._is_link(rec.fid)}
+        if scope is not None:
+            records = self._records_of(scope, layout, before or {})
+        current = {rec.fid: path for path, rec in records.items() if not self._is_link(rec.fid)}
 
         # Files whose entry is no longer alive: delete, unless the user changed them since we
         # last saw them (then the change is an edit, and an edit beats a delete).
@@ -1600,10 +1681,13 @@ class SpaceSync:
             blocked += await self._make_dirs(want_dirs)
 
         # Content: new files and documents that changed.
-        current = {rec.fid: path for path, rec in self.files.items() if not self._is_link(rec.fid)}
+        if scope is not None:
+            records = self._records_of(scope, layout, before or {})
+        current = {rec.fid: path for path, rec in records.items() if not self._is_link(rec.fid)}
         # Modes (exec bit) of tracked files whose entry changed: a remote chmod touches no
         # document. The check after our own chmod sees the disk already matching (no echo).
-        for fid_hex in self.index.take_changed():
+        # (Changes this pass makes itself are taken by the next pass of _finish.)
+        for fid_hex in changed:
             fid = bytes.fromhex(fid_hex)
             at = current.get(fid)
             if at is not None and desired.get(fid) == at:
@@ -1632,18 +1716,32 @@ class SpaceSync:
         for i in range(0, len(todo), MATERIALIZE_GROUP):
             await self._materialize_texts(todo[i : i + MATERIALIZE_GROUP])
         if self.binary is not None:
-            self.binary.reconcile(binary, entries, batch)
-        self.unwritten.intersection_update(desired)
-        await self._reconcile_links(entries, layout, create=True)
+            self.binary.reconcile(binary, entries, batch, scope=scope)
+        if scope is None:
+            self.unwritten.intersection_update(desired)
+        else:
+            self.unwritten.difference_update([f for f in scope if f not in desired])
+        if scope is not None:
+            records = self._records_of(scope, layout, before or {})
+        await self._reconcile_links(
+            entries,
+            layout,
+            cache,
+            create=True,
+            records=records,
+            scope=scope,
+            gone_from=[p for p in (before or {}).values() if p is not None],
+        )
+        if scope is None:
+            self._full_at = time.monotonic()
+            self._full_cost = self._full_at - started
         return blocked
 
-    def _wanted_dirs(self, entries: dict[str, FileEntry], layout: Layout) -> dict[str, bytes]:
+    def _wanted_dirs(self, cache: LayoutCache) -> dict[str, bytes]:
         """Path -> fid of every folder an alive "dir" entry places (merged entries: the
         layout's winner)."""
         out: dict[str, bytes] = {}
-        for path, fid_hex in layout.paths.items():
-            if entries[fid_hex].kind != "dir":
-                continue
+        for path, fid_hex in cache.dirs.items():
             try:
                 validate_relpath(path)
             except PathError as exc:

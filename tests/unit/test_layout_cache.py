@@ -1,0 +1,134 @@
+"""LayoutCache: the layout kept up to date per changed entry is always exactly compute_layout.
+
+Random batches of changes (seeded hypothesis) over a small set of names chosen to collide:
+case and NFC/NFD spellings, a file and a folder of the same name, files under folders that
+come and go, symlinks, and names equal to the conflict names (and suffixed conflict names)
+the losers get.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, seed, settings
+from hypothesis import strategies as st
+
+from qmoi_sync.agent.index import DeleteRecord, FileEntry
+from qmoi_sync.agent.layout import Layout, LayoutCache, compute_layout
+from qmoi_sync.protocol.paths import conflict_name
+
+T0 = 1_764_000_000.0
+DEVS = ("AAAAAAA", "BBBBBBB")
+CONFLICT = conflict_name("a.txt", T0, "AAAAAAA")
+NAMES = (
+    "a.txt",
+    "A.txt",
+    "a",
+    "A",
+    "a/b.txt",
+    "a/c/d.txt",
+    "a/c",
+    "Café.txt",
+    "Cafe\u0301.txt",
+    "x/y.txt",
+    "x",
+    CONFLICT,
+    CONFLICT.replace(".txt", "-2.txt"),
+    "b.txt",
+)
+KINDS = ("text", "text", "binary", "dir", "symlink")
+FIDS = 10
+
+
+def make(fid: int, path: str, kind: str, ts_step: int, dev: str, alive: bool) -> FileEntry:
+    ts = T0 + ts_step  # the same second often: equal conflict names, suffixes
+    return FileEntry(
+        fid=f"{fid:032x}",
+        path=path,
+        kind=kind,
+        mode=0o644,
+        created_ts=ts,
+        created_dev=dev,
+        edits={dev: 1},
+        deleted=None if alive else DeleteRecord(ts + 1, dev, {dev: 1}),
+        alive=alive,
+        target="t" if kind == "symlink" else None,
+    )
+
+
+change = st.tuples(
+    st.integers(0, FIDS - 1),
+    st.sampled_from(NAMES),
+    st.sampled_from(KINDS),
+    st.integers(0, 2),
+    st.sampled_from(DEVS),
+    st.sampled_from((True, True, True, False)),
+)
+
+
+def same(got: Layout, want: Layout) -> None:
+    assert dict(got.paths) == dict(want.paths)
+    assert dict(got.by_fid) == dict(want.by_fid)
+    assert got.conflicts == want.conflicts
+    assert set(got.needed) == set(want.needed)
+    assert len(got.needed) == len(want.needed)
+
+
+def run(batches: list[list[tuple[int, str, str, int, str, bool]]], fold_case: bool) -> None:
+    entries: dict[str, FileEntry] = {}
+    cache = LayoutCache(fold_case=fold_case)
+    same(cache.full(entries), compute_layout(entries, fold_case=fold_case))
+    for ops in batches:
+        old = dict(cache.by_fid)
+        changed: set[str] = set()
+        for fid, path, kind, ts, dev, alive in ops:
+            e = make(fid, path, kind, ts, dev, alive)
+            entries[e.fid] = e
+            changed.add(e.fid)
+        got, before = cache.update(entries, changed)
+        want = compute_layout(entries, fold_case=fold_case)
+        same(got, want)
+        if before is not None:
+            # Every fid whose place changed is reported, with the place it had.
+            moved = {f for f in set(old) | set(want.by_fid) if old.get(f) != want.by_fid.get(f)}
+            assert moved <= set(before)
+            assert all(before[f] == old.get(f) for f in moved)
+        assert dict(cache.dirs) == {p: f for p, f in want.paths.items() if entries[f].kind == "dir"}
+        assert dict(cache.links) == {
+            p: f for p, f in want.paths.items() if entries[f].kind == "symlink"
+        }
+
+
+@seed(20261126)
+@settings(max_examples=300)
+@given(st.lists(st.lists(change, min_size=1, max_size=4), min_size=1, max_size=12), st.booleans())
+def test_incremental_layout_equals_full_layout(
+    batches: list[list[tuple[int, str, str, int, str, bool]]], fold_case: bool
+) -> None:
+    run(batches, fold_case)
+
+
+def test_changes_away_from_conflicts_are_not_laid_out_again() -> None:
+    """The point of the cache: a batch of new files in a big space re-places only those, even
+    when the space holds a conflict copy elsewhere."""
+    entries = {
+        e.fid: e
+        for e in (
+            make(1, "same.txt", "text", 0, "AAAAAAA", True),
+            make(2, "same.txt", "text", 1, "BBBBBBB", True),
+        )
+    }
+    cache = LayoutCache()
+    cache.full(entries)
+    assert cache.full_runs == 1
+    for i in range(3, 200):
+        e = make(i, f"d{i % 7}/f{i}.txt", "text", 0, "AAAAAAA", True)
+        entries[e.fid] = e
+        got, before = cache.update(entries, [e.fid])
+        assert before is not None and got.path_of(e.fid) == f"d{i % 7}/f{i}.txt"
+    assert cache.full_runs == 1
+    same(cache.layout or Layout(), compute_layout(entries))
+    # A change next to the conflict copy is laid out in full (and still right).
+    e = make(1, "other.txt", "text", 0, "AAAAAAA", True)
+    entries[e.fid] = e
+    got, before = cache.update(entries, [e.fid])
+    assert before is None and cache.full_runs == 2
+    same(got, compute_layout(entries))
