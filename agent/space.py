@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
