@@ -455,11 +455,19 @@ class RelayStore:
             row = await cur.fetchone()
         return max(1, int(row[0])) if row else 1
 
+    async def _has_envelope(self, space_id: bytes, sender: bytes, sender_seq: int) -> bool:
+        async with self._db.execute(
+            "SELECT 1 FROM envelopes WHERE space_id=? AND sender=? AND sender_seq=?",
+            (space_id, sender, sender_seq),
+        ) as cur:
+            return await cur.fetchone() is not None
+
     async def drop_before(self, space_id: bytes, before_seq: int) -> int:
         """Delete the envelopes of a space with ``relay_seq < before_seq``; returns bytes freed.
 
         Relay sequence numbers are never reused: the head is unchanged. Per-sender max sequences
-        are kept, so a resend of a dropped envelope is still recognised as a duplicate.
+        are kept. A resend of a dropped envelope (its Ack was lost) is stored again, as a late
+        envelope: receivers drop it as a replay, and nothing is ever acked without being stored.
         """
         self._check_open()
         await self._load_meta(space_id)
@@ -572,21 +580,31 @@ class RelayStore:
             decisions: list[tuple[_Pending, AppendStatus, int]] = []
             rows: list[tuple[bytes, int, bytes, int, int, bytes]] = []
             stored: dict[bytes, list[StoredEnvelope]] = {}
+            in_batch: set[tuple[bytes, bytes, int]] = set()
             for p in live:
                 w = work.get(p.space_id)
                 if w is None:
                     m = self._meta[p.space_id]
                     w = _SpaceMeta(m.head_seq, m.bytes_used, dict(m.sender_max))
                     work[p.space_id] = w
-                if p.sender_seq <= w.sender_max.get(p.sender, 0):
+                key = (p.space_id, p.sender, p.sender_seq)
+                if p.sender_seq <= w.sender_max.get(p.sender, 0) and (
+                    key in in_batch or await self._has_envelope(*key)
+                ):
                     decisions.append((p, AppendStatus.DUPLICATE, 0))
                     continue
+                # Below the sender's max but never stored is a *late* envelope, not a
+                # duplicate: one this relay dropped (rate limit, quota) or that was lost on the
+                # way while the sender's later ones got through. Acking it as a duplicate made
+                # the sender forget it: lost for every device. It is stored (receivers' replay
+                # windows take sender seqs in any order).
                 if w.bytes_used + len(p.data) > p.quota_bytes:
                     decisions.append((p, AppendStatus.QUOTA_EXCEEDED, 0))
                     continue
                 w.head_seq += 1
                 w.bytes_used += len(p.data)
-                w.sender_max[p.sender] = p.sender_seq
+                w.sender_max[p.sender] = max(p.sender_seq, w.sender_max.get(p.sender, 0))
+                in_batch.add(key)
                 rows.append((p.space_id, w.head_seq, p.sender, p.sender_seq, len(p.data), p.data))
                 stored.setdefault(p.space_id, []).append(
                     StoredEnvelope(p.space_id, w.head_seq, p.sender, p.sender_seq, p.data, p.origin)
@@ -595,8 +613,8 @@ class RelayStore:
 
             if rows:
                 senders: dict[tuple[bytes, bytes], int] = {}
-                for space_id, _rs, sender, sender_seq, _sz, _d in rows:
-                    senders[(space_id, sender)] = sender_seq
+                for space_id, _rs, sender, _ss, _sz, _d in rows:
+                    senders[(space_id, sender)] = work[space_id].sender_max[sender]
                 try:
                     await self._db.execute("BEGIN IMMEDIATE")
                     await self._db.executemany(
