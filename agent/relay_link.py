@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
+from qmoi_sync.agent.ack_watch import ACK_TIMEOUT_S, AckWatch
 from qmoi_sync.agent.space import SpaceSync
 from qmoi_sync.protocol import frames as F
 from qmoi_sync.protocol.errors import ProtocolError
@@ -58,6 +59,10 @@ class LogTruncated(Exception):
     def __init__(self, before_seq: int) -> None:
         super().__init__(f"the relay's log now starts at seq {before_seq}")
         self.before_seq = before_seq
+
+
+class PublishUnacknowledged(ConnectionError):
+    """A publish got no Ack on a live connection (agent/ack_watch.py): reconnect, resend."""
 
 
 class RelayRefused(Exception):
@@ -120,6 +125,7 @@ class RelayLink:
         self._relay_log_digest: bytes | None = None
         self._relay_log_changed = asyncio.Event()
         self._ws: ClientConnection | None = None
+        self._ack_watch = AckWatch()  # per session, replaced by _session
         # Log compaction after snapshots: a Truncate to send, and the relay's last answer.
         self._truncate_pending: int | None = None
         self.truncated_before: int | None = None
@@ -246,12 +252,14 @@ class RelayLink:
             await ws.send(F.encode_frame(F.Subscribe(from_seq=self.sync.subscribe_from())))
             deliveries: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue()
             acks: asyncio.Queue[int] = asyncio.Queue()
+            self._ack_watch = AckWatch()
             tasks = [
                 asyncio.create_task(self._reader(ws, deliveries, acks)),
                 asyncio.create_task(self._acker(acks)),
                 asyncio.create_task(self._applier(deliveries)),
                 asyncio.create_task(self._writer(ws)),
                 asyncio.create_task(self._gap_watch()),
+                asyncio.create_task(self._ack_watchdog()),
                 asyncio.create_task(stop.wait()),
             ]
             try:
@@ -315,6 +323,7 @@ class RelayLink:
                 deliveries.put_nowait((frame.relay_seq, frame.envelope))
             elif isinstance(frame, F.Ack):
                 acks.put_nowait(frame.sender_seq)
+                self._ack_watch.acked(frame.sender_seq)
                 self.sync.note_own_relay_seq(frame.relay_seq)
                 self.state.quota_exceeded = False
             elif isinstance(frame, F.LogTruncated):
@@ -339,6 +348,7 @@ class RelayLink:
                     # The relay dropped a publish; it has no per-envelope reference, so resend
                     # everything still unacknowledged after a growing pause (the relay acks
                     # already-stored ones as duplicates).
+                    self._ack_watch.dropped_by_relay()
                     self._schedule_resend()
                 self.state.last_error = f"{frame.code}: {frame.message}"
                 log.warning(
@@ -359,6 +369,16 @@ class RelayLink:
             self.sync.space_id[:8],
             self.sync.order.resubscribe_from,
         )
+
+    async def _ack_watchdog(self) -> None:
+        """End the session when a publish stays unacknowledged (agent/ack_watch.py): the
+        next one resends the outbox. A periodic look: "no Ack came" has no event."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(GAP_TICK_S)
+            if self._ack_watch.overdue(loop.time()):
+                break
+        raise PublishUnacknowledged(f"no Ack from the relay for {ACK_TIMEOUT_S:.0f} s")
 
     async def _acker(self, acks: asyncio.Queue[int]) -> None:
         """Delete acknowledged envelopes from the outbox, many per transaction under load."""
@@ -421,6 +441,7 @@ class RelayLink:
                 for seq, envelope in rows:
                     frame = F.encode_frame(F.Publish(envelope=envelope))
                     await ws.send(frame)
+                    self._ack_watch.sent(seq, loop.time())
                     self.sync.rates.up.add(len(frame))
                     sent_upto = seq
                 continue

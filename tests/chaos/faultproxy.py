@@ -29,6 +29,10 @@ Drop has two modes (``drop_mode``):
   is reliable and ordered); it is there to probe what an agent does when a message goes missing
   on a live link (bench and exploratory runs).
 
+``vanish_next(direction, count, frame_type)`` makes exactly the next ``count`` data frames whose
+first payload byte (the qmoi frame type, e.g. 0x83 Deliver, 0x04 Publish) is ``frame_type``
+vanish: a targeted loss for regression tests.
+
 Reordering holds one frame back and sends it right after the next data frame of that direction
 (or after 0.5 s if none comes). The proxy runs its own asyncio loop in a daemon thread;
 every method is safe to call from the test's thread. Randomness comes from ``seed`` only.
@@ -106,6 +110,16 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bool, bytes]:
     return opcode, fin, head + ext + rest
 
 
+def _frame_type(raw: bytes) -> int | None:
+    """The first payload byte of a raw websocket frame (unmasked), None if empty."""
+    n = raw[1] & 0x7F
+    off = 2 + (2 if n == 126 else 8 if n == 127 else 0)
+    if raw[1] & 0x80:
+        mask, off = raw[off : off + 4], off + 4
+        return raw[off] ^ mask[0] if len(raw) > off else None
+    return raw[off] if len(raw) > off else None
+
+
 class FaultProxy:
     def __init__(
         self,
@@ -127,6 +141,7 @@ class FaultProxy:
         self.counts: Counter[str] = Counter()
         self.connections_total = 0
         self._partitioned = False
+        self._vanish: dict[str, tuple[int, int]] = {}  # direction -> (frame type, how many)
         self._conns: set[_Conn] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
@@ -172,6 +187,9 @@ class FaultProxy:
             self.down = Rules(drop, dup, reorder, delay, throttle_bps)
         if not rules.clean:
             self.counts["rules"] += 1
+
+    def vanish_next(self, direction: Literal["up", "down"], count: int, frame_type: int) -> None:
+        self._vanish[direction] = (frame_type, count)
 
     def clear(self) -> None:
         self.up = Rules()
@@ -291,6 +309,13 @@ class FaultProxy:
                 data = opcode in (OP_TEXT, OP_BIN) and fin
                 if data:
                     data_frames += 1
+                target = self._vanish.get(direction)
+                if data and target is not None and _frame_type(raw) == target[0]:
+                    self._vanish[direction] = (target[0], target[1] - 1)
+                    if target[1] <= 1:
+                        del self._vanish[direction]
+                    self.counts[f"vanish_{direction}_{target[0]:#04x}"] += 1
+                    continue
                 if data and data_frames > self.spare_frames and not rules.clean:
                     r = self.rng.random
                     if rules.drop and r() < rules.drop:

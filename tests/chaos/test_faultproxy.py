@@ -62,7 +62,7 @@ def pair() -> Iterator[tuple[Recorder, FaultProxy]]:
 async def _exchange(url: str, msgs: list[bytes], expect: int, timeout: float = 10) -> list[bytes]:
     """Send ``msgs`` then collect up to ``expect`` echoes (fewer if the link dies or idles)."""
     got: list[bytes] = []
-    async with connect(url, proxy=None, open_timeout=10) as ws:
+    async with connect(url, proxy=None, open_timeout=10, compression=None) as ws:
         for m in msgs:
             await ws.send(m)
         try:
@@ -139,3 +139,11 @@ def test_cut_closes_live_connections(pair: tuple[Recorder, FaultProxy]) -> None:
         return True
 
     assert asyncio.run(go())
+
+
+def test_vanish_next_targets_one_frame_type(pair: tuple[Recorder, FaultProxy]) -> None:
+    rec, proxy = pair
+    proxy.vanish_next("up", 2, ord("m"))  # every MSGS payload starts with b"m"
+    asyncio.run(_exchange(proxy.url, [b"x1", *MSGS[:3]], 2, timeout=2))
+    assert rec.got == [b"x1", MSGS[2]]
+    assert proxy.counts["vanish_up_0x6d"] == 2
