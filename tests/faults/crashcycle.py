@@ -46,6 +46,8 @@ class Cycles:
     kills: list[str] = field(default_factory=list)  # "device:point #hit" per planned death
     external_kills: int = 0
     n: int = 0
+    iterations: int = 0  # bench/crash_soak.py's bookkeeping
+    checks: int = 0
 
     def dev(self, name: str) -> Device:
         return self.a if name == "a" else self.b
@@ -129,9 +131,15 @@ class Cycles:
             dev.stop()
         if start_armed(dev, spec):
             self.workload(kind, self.dev(writer))
-            hit = wait_planned_death(dev)
-        else:
-            hit = wait_planned_death(dev)  # died while starting: the death is already logged
+        return self.planned_death_logged(target)
+
+    def planned_death_logged(self, target: str, returncode: int | None = None) -> str:
+        """Wait for (or, with ``returncode``, check) ``target``'s death at its crash point and
+        record it; a death of any other kind fails."""
+        dev = self.dev(target)
+        if returncode is not None and returncode != -signal.SIGKILL:
+            raise AssertionError(f"{target} exited {returncode}:\n{dev.log()[-4000:]}")
+        hit = wait_planned_death(dev)
         self.kills.append(f"{target}:{hit}")
         self.ledger.fault(f"{target} killed at crash point {hit}")
         return hit
@@ -139,9 +147,10 @@ class Cycles:
     def external(self, target: str, files: int, rng_delay: Callable[[], float]) -> None:
         """A SIGKILL from outside at a random moment while ``target`` receives a burst."""
         dev = self.dev(target)
-        if dev.proc is None:
-            start_armed(dev, None)
         writer = self.other(dev)
+        for d in (dev, writer):
+            if d.proc is None or d.proc.poll() is not None:
+                assert start_armed(d, None)
         self.n += 1
         for i in range(files):
             self.new_text(writer, f"burst{self.n}/f{i}.txt")
