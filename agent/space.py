@@ -67,7 +67,7 @@ from qmoi_sync.agent.offenders import LAN, RELAY, Offenders
 from qmoi_sync.agent.rate import SpaceRates
 from qmoi_sync.agent.read_retry import ReadRetry
 from qmoi_sync.agent.relay_order import RelayOrder
-from qmoi_sync.agent.store import FileRecord, SpaceRecord, Store
+from qmoi_sync.agent.store import COMPACT_AFTER, FileRecord, SpaceRecord, Store
 from qmoi_sync.agent.textdoc import (
     adopt_text_doc,
     ingest_disk_text,
@@ -141,6 +141,8 @@ UNREPAIRED_GAP = "unrepaired sequence gap (withheld by the relay, or skipped by 
 # one full pass costs about a second): it retries what a scoped pass does not revisit (a move
 # that failed, a record left where its entry no longer is).
 FULL_RECONCILE_EVERY_S = 60.0
+# The index is compacted into merged parts of about this size, not one state (_compact).
+INDEX_PART_BYTES = 2 << 20
 FULL_RECONCILE_SHARE = 20.0
 # How long a delivered envelope from an unknown sender or of a future epoch waits for the
 # membership log that explains it (the relay sends that log just before, on another task).
@@ -1969,11 +1971,40 @@ class SpaceSync:
 
     async def _compact(self, doc_id: bytes) -> None:
         if doc_id == INDEX_DOC_ID:
+            if await self._compact_index_in_parts():
+                return
             state = self.index.state()
         else:
             state = (await self._doc(doc_id)).get_update()
         async with self.store.transaction():
             await self.store.compact_doc(self.space_id, doc_id, state)
+
+    async def _compact_index_in_parts(self) -> bool:
+        """Compact the index's appended updates by merging runs of them into parts of at most
+        INDEX_PART_BYTES, instead of one state of the whole index: applying (at start-up) or
+        encoding (here) a 100,000-file index in one piece took as much memory again as the
+        index itself (a restart peaked at 832 MB). False if the parts would still be too many
+        (an index of more than COMPACT_AFTER parts): then one state, as for any document."""
+        sizes = await self.store.doc_update_sizes(self.space_id, INDEX_DOC_ID)
+        groups: list[list[int]] = []
+        total = 0
+        for row_id, n in sizes:
+            if not groups or total + n > INDEX_PART_BYTES:
+                groups.append([])
+                total = 0
+            groups[-1].append(row_id)
+            total += n
+        if len(groups) >= COMPACT_AFTER:
+            return False
+        for ids in groups:
+            if len(ids) < 2:
+                continue
+            parts = await self.store.doc_updates_by_id(self.space_id, ids)
+            merged = merge_updates(*parts)
+            del parts
+            async with self.store.transaction():
+                await self.store.merge_doc_updates(self.space_id, ids, merged)
+        return True
 
     # -- resource policy (agent/policy.py) ------------------------------------------------------
     def _begin_batch(self) -> None:

@@ -320,6 +320,34 @@ class Store:
             due.extend(bytes(d) for d, n in counts if n >= COMPACT_AFTER)
         return due
 
+    async def doc_update_sizes(self, space_id: str, doc_id: bytes) -> list[tuple[int, int]]:
+        """(row id, byte length) of the updates appended since the compacted state, in order."""
+        rows = await self.db.execute_fetchall(
+            "SELECT id, length(data) FROM doc_updates WHERE space_id=? AND doc_id=? ORDER BY id",
+            (space_id, doc_id),
+        )
+        return [(int(r[0]), int(r[1])) for r in rows]
+
+    async def doc_updates_by_id(self, space_id: str, ids: list[int]) -> list[bytes]:
+        """The updates with these row ids, in id order."""
+        rows = await self.db.execute_fetchall(
+            f"SELECT data FROM doc_updates WHERE space_id=? AND id IN ({','.join('?' * len(ids))})"
+            " ORDER BY id",
+            (space_id, *ids),
+        )
+        return [bytes(r[0]) for r in rows]
+
+    async def merge_doc_updates(self, space_id: str, ids: list[int], merged: bytes) -> None:
+        """Replace consecutive update rows ``ids`` by ``merged`` (their merge), which keeps the
+        first row's id and so its place in the order."""
+        await self.db.execute(
+            "UPDATE doc_updates SET data=? WHERE space_id=? AND id=?", (merged, space_id, ids[0])
+        )
+        await self.db.execute(
+            f"DELETE FROM doc_updates WHERE space_id=? AND id IN ({','.join('?' * len(ids[1:]))})",
+            (space_id, *ids[1:]),
+        )
+
     async def compact_doc(self, space_id: str, doc_id: bytes, state: bytes) -> None:
         self._note_doc_ids(space_id, [doc_id])
         await self.db.execute(
