@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultlib import stray_temps
+from faultlib import start_armed, stray_temps, wait_planned_death
 from harness import Device, cluster, wait_until
 from s3faults import S3FaultProxy, is_get, is_manifest_put, is_object_put
 
@@ -177,3 +177,44 @@ def assert_no_partial(out: Path, source: Path) -> None:
     for rel, data in files_of(out).items():
         assert src.get(rel) == data, f"restore left a partial or wrong {rel}"
     assert not [p for p in os.listdir(out) if p.startswith(".qmoi-tmp")]
+
+
+def test_agent_killed_between_snapshot_objects_and_manifest(
+    tmp_path: Path, store: tuple[MotoServer, S3FaultProxy]
+) -> None:
+    """SIGKILL at the snapshot crash points: after an object, before the manifest, after the
+    manifest but before the agent recorded it. The bucket never holds a manifest whose objects
+    are missing; the restarted agent snapshots again and the result restores exactly."""
+    moto, proxy = store
+    with cluster(tmp_path, ("a",)) as (_relay, (a,)):
+        write_files(a, 0, 6)
+        a.cli(
+            "snapshot", "configure", a.space, f"s3://{BUCKET}/space1",
+            "--endpoint-url", proxy.url, "--path-style",
+        )  # fmt: skip
+        rc, _, err = snapshot_now(a)
+        assert rc == 0, err
+        good = manifests(moto)
+        n = 6
+        for spec in ("snapshot.object:2", "snapshot.manifest:1", "snapshot.manifest_stored:1"):
+            write_files(a, n, 2)
+            n += 2
+            a.stop()
+            assert start_armed(a, spec)
+            rc, _, err = snapshot_now(a)
+            assert rc != 0, f"snapshot survived {spec}"
+            assert wait_planned_death(a).startswith(spec.split(":")[0])
+            now = manifests(moto)
+            if spec.startswith("snapshot.manifest_stored"):
+                assert len(now - good) == 1, (spec, now - good)
+            else:
+                assert now == good, (spec, now - good)
+            good = now
+            assert_references_stored(a, moto)
+            assert start_armed(a, None)
+        rc, latest, err = snapshot_now(a)
+        assert rc == 0 and latest is not None and latest["files"] == n, err
+        assert_references_stored(a, moto)
+        out = tmp_path / "restored"
+        a.cli("restore", a.space, "--to", str(out), timeout=300)
+        assert files_of(out) == files_of(a.folder)
