@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,16 @@ class Ctx:
     #: perf_counter() by which the whole run should be done (the many-files budget uses it)
     deadline: float = float("inf")
     rng: random.Random = field(default_factory=lambda: random.Random(8))
+    #: temporary directories to remove once the results are written: deleting 100,000+ files
+    #: takes minutes on a machine busy with I/O, and is no part of any measurement
+    cleanup: list[Path] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def workdir(self, prefix: str) -> Iterator[Path]:
+        with workdir(prefix, keep=True) as tmp:
+            if not self.keep:
+                self.cleanup.append(tmp)
+            yield tmp
 
     def left_s(self) -> float:
         return self.deadline - time.perf_counter()
@@ -70,7 +81,7 @@ def per_system(
 
 
 def _in_workdir(ctx: Ctx, prefix: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    with workdir(prefix, ctx.keep) as tmp:
+    with ctx.workdir(prefix) as tmp:
         return fn(tmp)
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import scenario_idle_rss as sir
-from benchlib import workdir
 
 from .common import Ctx, Row, pair
 from .many_files import initial_sync
@@ -41,10 +40,10 @@ def run(ctx: Ctx) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         pairs: dict[str, Pair] = {}
         for system in ctx.systems:
-            tmp = stack.enter_context(workdir(f"idle-{system}", ctx.keep))
+            tmp = stack.enter_context(ctx.workdir(f"idle-{system}"))
             p = stack.enter_context(pair(system, tmp, dialer="a"))
             pairs[system] = p
-            sync = initial_sync(p, n, sir._populate, sir._count_files, _matches, cap_s=600)
+            sync = initial_sync(p, n, sir._populate, sir._count_files, _matches, lambda: 600.0)
             if "seconds" not in sync:
                 raise RuntimeError(f"{system}: {n} files not on b within 600 s: {sync}")
             p.wait_settled(timeout=300)

@@ -7,7 +7,8 @@ the right content. For Syncthing a is the dialing side here (it dials as soon as
 
 Time budget: the whole run should fit 15 minutes, and qmoi-sync needed ~946 s for 100,000
 files on this machine in the last full measurement (Syncthing ~232 s). So each system gets a
-cap (from the run's remaining budget, see cli.py); a system that has not finished is reported
+cap: its share of what is left of the run's budget when its clock starts (see `_measure`); a
+system that has not finished is reported
 as "timed out after X s with Y of N files" (Y counted on disk, content checked) — never an
 extrapolated figure.
 """
@@ -21,7 +22,7 @@ from typing import Any
 
 import scenario_scale as ssc
 
-from .common import Ctx, Row, pair, per_system
+from .common import Ctx, Row, pair, per_system, usage_rows
 from .procs import ProcWatch
 from .systems import Pair
 
@@ -35,39 +36,55 @@ def initial_sync(
     populate: Callable[[Path, int], None],
     count: Callable[[Path], int],
     matches: Callable[[Path, int], int],
-    cap_s: float,
+    cap: Callable[[], float],
+    phases: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Stop a, write n files into its folder, start a: until b holds all n intact (or cap_s).
+    """Stop a, write n files into its folder, start a: until b holds all n intact, or until
+    `cap()` seconds (asked when the clock starts) have passed.
 
     `count(folder)` counts files cheaply (polled); `matches(folder, n)` counts the intact ones.
     """
+    phases = {} if phases is None else phases
     p.stop_side("a")
     t = time.perf_counter()
     populate(p.a_folder, n)
     populate_s = time.perf_counter() - t
+    phases["populate_s"] = round(populate_s, 1)
+    cap_s = cap()
     # poll cheaply (a directory walk of 100,000 entries costs CPU on the measured machine)
-    interval = 0.1 if n <= 5_000 else 1.0
+    interval = 0.1 if n <= 5_000 else 0.25 if n <= 20_000 else 1.0
+    check_s = 0.0
     with ProcWatch(p.pids, interval=max(0.2, interval)) as watch:
         t0 = time.perf_counter()
         p.start_side("a")
         done = False
         while time.perf_counter() - t0 < cap_s:
             p.check_alive()
-            if count(p.b_folder) >= n and matches(p.b_folder, n) == n:
-                done = True
-                break
+            if count(p.b_folder) >= n:
+                t_check = time.perf_counter()
+                done = matches(p.b_folder, n) == n
+                check_s = time.perf_counter() - t_check
+                if done:
+                    break
             time.sleep(interval)  # polling interval of the wait loop above (deadline: cap_s)
         seconds = time.perf_counter() - t0
     out: dict[str, Any] = {
         "files": n,
         "populate_s": round(populate_s, 2),
         "usage": watch.result(),
+        # the end time is when the content check finished: it can be late by up to one poll
+        # interval plus the check itself
+        "poll_interval_s": interval,
+        "last_check_s": round(check_s, 2),
     }
+    out["cap_s"] = round(cap_s, 1)
     if done:
         out["seconds"] = round(seconds, 2)
         out["files_per_s"] = round(n / seconds, 1)
     else:
+        t = time.perf_counter()
         ok = matches(p.b_folder, n)
+        phases["final_count_s"] = round(time.perf_counter() - t, 1)
         out["timed_out_after_s"] = round(seconds, 1)
         out["files_on_b"] = ok
         out["files_per_s"] = round(ok / seconds, 1)
@@ -84,18 +101,26 @@ def _matches(folder: Path, n: int) -> int:
     return ok
 
 
-def cap_for(ctx: Ctx, systems_left: int) -> float:
-    """Seconds each remaining system may take: the run's remaining budget, shared."""
-    return max(MIN_CAP_S, ctx.left_s() / max(1, systems_left))
-
-
 def _measure(ctx: Ctx, system: str, tmp: Path, n: int) -> dict[str, Any]:
-    left = len(ctx.systems) - ctx.systems.index(system)
-    # populating and pairing cost time too: keep ~15 % of this system's share for them
-    cap = cap_for(ctx, left) * 0.85
-    with pair(system, tmp, dialer="a") as p:
-        r = initial_sync(p, n, ssc._populate, ssc._count_files, _matches, cap)
-    return {**r, "cap_s": round(cap, 1)}
+    later = len(ctx.systems) - ctx.systems.index(system) - 1  # systems still to run after this
+    phases: dict[str, float] = {}
+    t = time.perf_counter()
+    p = pair(system, tmp, dialer="a")
+    with p:
+        phases["pair_setup_s"] = round(time.perf_counter() - t, 1)
+
+        def cap() -> float:
+            # Asked once a's folder is populated: this system's share of what is left of the
+            # run's budget, after keeping for each later system what this one needed before
+            # its clock started (set-up + populating) twice over (set-up, tear-down).
+            before = phases["pair_setup_s"] + phases.get("populate_s", 0.0)
+            return max(MIN_CAP_S, (ctx.left_s() - 2 * before * (later + 1)) / (later + 1))
+
+        r = initial_sync(p, n, ssc._populate, ssc._count_files, _matches, cap, phases)
+        t = time.perf_counter()
+    phases["teardown_s"] = round(time.perf_counter() - t, 1)
+    print(f"   {system}: {fmt_outcome(r)}; phases {phases}", flush=True)
+    return {**r, "phases": phases}
 
 
 def run(ctx: Ctx, files: int | None = None) -> dict[str, Any]:
@@ -126,10 +151,5 @@ def rows(res: dict[str, Any]) -> list[Row]:
             {s: r["files_per_s"] for s, r in res.items()},
             lower_is_better=False,
         ),
-        *(
-            Row(f"{m} side {role}", u, {s: r["usage"].get(role, {}).get(k) for s, r in res.items()})
-            for role in ("a", "b", "relay")
-            for m, u, k in (("CPU", "s", "cpu_s"), ("peak RSS", "MB", "peak_rss_mb"))
-            if any(role in r["usage"] for r in res.values())
-        ),
+        *usage_rows(res),
     ]

@@ -27,12 +27,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
     return {"qmoi-sync": {"status": "ok", "duration_s": duration, "clients": runs}}
 
 
-def _pick(r: dict[str, Any], *names: str) -> float | None:
-    for name in names:
-        v = r.get(name)
-        if isinstance(v, int | float):
-            return float(v)
-    return None
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) else None
 
 
 def rows(res: dict[str, Any]) -> list[Row]:
@@ -41,26 +37,23 @@ def rows(res: dict[str, Any]) -> list[Row]:
         return [Row("envelopes delivered per second", "1/s", {"qmoi-sync": None}, note=q["status"])]
     out = []
     for n, r in q["clients"].items():
-        out.append(
+        lat = r.get("latency_ms") or {}
+        out += [
+            Row(
+                f"{n} clients: connections held", "", {"qmoi-sync": _num(r.get("connections_held"))}
+            ),
             Row(
                 f"{n} clients: envelopes delivered/s",
                 "1/s",
-                {"qmoi-sync": _pick(r, "envelopes_per_s", "delivered_per_s")},
+                {"qmoi-sync": _num(r.get("envelopes_per_s"))},
                 lower_is_better=False,
-            )
-        )
-        out.append(
+                note=f"{r.get('delivered_fraction')} of the expected deliveries arrived",
+            ),
             Row(
                 f"{n} clients: relay RSS per connection",
                 "KB",
-                {"qmoi-sync": _pick(r, "relay_rss_per_conn_kb", "rss_per_connection_kb")},
-            )
-        )
-        out.append(
-            Row(
-                f"{n} clients: p99 delivery latency",
-                "ms",
-                {"qmoi-sync": _pick(r, "p99_ms", "p99_latency_ms")},
-            )
-        )
+                {"qmoi-sync": _num(r.get("relay_rss_per_connection_kb"))},
+            ),
+            Row(f"{n} clients: p99 delivery latency", "ms", {"qmoi-sync": _num(lat.get("p99"))}),
+        ]
     return out
