@@ -243,6 +243,13 @@ def _snapshot_manifest(data: bytes) -> None:
     only(sf.peek_manifest_header, data, sf.IntegrityError)
 
 
+def _snapshot_object(data: bytes) -> None:
+    """An object body fetched from the bucket (hostile) under a name the manifest gave."""
+    name = _object_samples_named()[0]
+    only(lambda d: sf.open_object(SNAP_KEYS, name, d), data, sf.IntegrityError)
+    only(lambda d: sf.open_chunk(CHUNK_KEYS, _CHUNK_REF, d), data, sf.IntegrityError)
+
+
 def seal_raw_manifest(content: bytes, signer: DeviceIdentity = ALICE, seq: int = 3) -> bytes:
     """An authentic manifest (right keys, valid signature) around arbitrary content bytes:
     what a member device with a bug, or a malicious member, can upload to the bucket."""
@@ -514,6 +521,17 @@ def _snapshot_samples() -> list[bytes]:
     return [sf.seal_manifest(ALICE, SNAP_KEYS, m, salt=b"\x05" * 16)]
 
 
+_CHUNK_PLAIN = b"snapshot chunk " * 20
+_CHUNK_REF = sf.ChunkRef(CHUNK_KEYS.chunk_id(_CHUNK_PLAIN), len(_CHUNK_PLAIN))
+
+
+@cache
+def _object_samples_named() -> tuple[bytes, list[bytes]]:
+    name, body = sf.seal_object(SNAP_KEYS, b"an index document state" * 10)
+    chunk = sf.seal_chunk(CHUNK_KEYS.encrypt(_CHUNK_REF.chunk_id, _CHUNK_PLAIN))
+    return name, [body, chunk]
+
+
 def snapshot_content_samples() -> list[bytes]:
     body = _snapshot_samples()[0]
     # the content JSON of the sample manifest (the mutation seeds of the content target)
@@ -560,6 +578,7 @@ TARGETS: dict[str, Target] = {
         Target("settings_gitconfig", _settings("ini", ".gitconfig"), _settings_samples("ini")),
         Target("snapshot_manifest", _snapshot_manifest, _snapshot_samples),
         Target("snapshot_content", _snapshot_content, snapshot_content_samples),
+        Target("snapshot_object", _snapshot_object, lambda: _object_samples_named()[1]),
         Target("control_request", _control_request, _control_samples),
     ]
 }

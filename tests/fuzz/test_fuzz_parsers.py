@@ -247,3 +247,41 @@ def test_chunk_manifest_structured(manifest: object) -> None:
     import json
 
     TARGETS["chunk_manifest"].check(json.dumps(manifest).encode())
+
+
+# -- memory: a lying length or count field must not make a parser allocate for it -------------
+
+#: Python-level allocation allowed while parsing one input: a fixed allowance plus a multiple
+#: of the input's own size (copies of the input are fine; trusting a u32 length is not).
+_MEM_FIXED = 16 * 1024 * 1024
+_MEM_PER_INPUT_BYTE = 64
+
+
+def _length_lies(sample: bytes) -> list[bytes]:
+    """The sample with 0xFFFFFFFF / 0x7FFFFFFF / 0xFFFF written over every offset in turn
+    (capped at 40 offsets spread over the sample)."""
+    step = max(1, len(sample) // 40)
+    out = []
+    for pos in range(0, len(sample), step):
+        for lie in (b"\xff\xff\xff\xff", b"\x7f\xff\xff\xff", b"\xff\xff"):
+            out.append(sample[:pos] + lie + sample[pos + len(lie) :])
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_lying_lengths_do_not_allocate(name: str) -> None:
+    import tracemalloc
+
+    target = TARGETS[name]
+    inputs = [lie for s in target.samples() for lie in _length_lies(s)]
+    tracemalloc.start()
+    try:
+        for data in inputs:
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            target.check(data)
+            peak = tracemalloc.get_traced_memory()[1] - base
+            limit = _MEM_FIXED + _MEM_PER_INPUT_BYTE * len(data)
+            assert peak <= limit, f"{name}: {peak} bytes allocated for a {len(data)}-byte input"
+    finally:
+        tracemalloc.stop()
