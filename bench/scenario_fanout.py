@@ -668,7 +668,7 @@ def run(
             "connected_idle": round(rss_connected / 2**20, 1),
             "peak_publishing": round(rss_peak / 2**20, 1),
         },
-        "relay_rss_per_conn_kb": round((rss_connected - rss_base) / 1024 / clients, 1),
+        "relay_rss_per_connection_kb": round((rss_connected - rss_base) / 1024 / clients, 1),
         "relay_cpu_s_publishing": round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2),
         "relay_alive_at_end": relay_alive,
         "client_errors": [e for d in done for e in d["errors"]][:20],
@@ -709,7 +709,7 @@ def summary(r: dict[str, Any]) -> str:
         f"({r['spaces']} space(s) of {r['space_size']}), "
         f"{r['envelopes_per_s']} envelopes/s delivered "
         f"({r['delivered_fraction']} of expected), p50 {lat['p50']} ms p99 {lat['p99']} ms, "
-        f"relay RSS {r['relay_rss_per_conn_kb']} KB/connection "
+        f"relay RSS {r['relay_rss_per_connection_kb']} KB/connection "
         f"({r['relay_rss_mb']['baseline']} -> {r['relay_rss_mb']['connected_idle']} MB), "
         f"load {r['loadavg_1_5_15']}"
     )
