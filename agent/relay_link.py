@@ -258,7 +258,7 @@ class RelayLink:
                 asyncio.create_task(self._acker(acks)),
                 asyncio.create_task(self._applier(deliveries)),
                 asyncio.create_task(self._writer(ws)),
-                asyncio.create_task(self._gap_watch()),
+                asyncio.create_task(self._gap_watch(ws)),
                 asyncio.create_task(self._ack_watchdog()),
                 asyncio.create_task(stop.wait()),
             ]
@@ -357,18 +357,25 @@ class RelayLink:
                 if frame.fatal:
                     raise RelayRefused(frame.code, frame.message)
 
-    async def _gap_watch(self) -> None:
-        """Repair sequence gaps (agent/relay_order.py). Returns — ending the session, which
-        reconnects at once — when a repair wants the relay's log again from before a gap: a
-        new connection, so nothing of the old subscription is still in flight."""
-        while self.sync.order.resubscribe_from is None:
+    async def _gap_watch(self, ws: ClientConnection) -> None:
+        """Repair sequence gaps (agent/relay_order.py): when a repair wants the relay's log
+        again from before a gap, subscribe again on this connection (the relay replaces the
+        subscription). Only once caught up, so the next CaughtUp is the new subscription's:
+        until then relay seqs may go back (the old subscription's last frames, then the new
+        backlog) without that being taken for a replay."""
+        while True:
             await asyncio.sleep(GAP_TICK_S)
             await self.sync.repair_gaps()
-        log.info(
-            "space %s: sequence gap; subscribing again from relay seq %d",
-            self.sync.space_id[:8],
-            self.sync.order.resubscribe_from,
-        )
+            if self.sync.order.resubscribe_from is None or not self.state.caught_up:
+                continue
+            self.state.caught_up = False
+            start = self.sync.subscribe_from(resubscribe=True)
+            log.info(
+                "space %s: sequence gap; subscribing again from relay seq %d",
+                self.sync.space_id[:8],
+                start,
+            )
+            await ws.send(F.encode_frame(F.Subscribe(from_seq=start)))
 
     async def _ack_watchdog(self) -> None:
         """End the session when a publish stays unacknowledged (agent/ack_watch.py): the
@@ -406,6 +413,7 @@ class RelayLink:
                         0, self.pending_in_bytes - sum(len(e) for _, e in real)
                     )
             if len(real) != len(batch):
+                self.sync.order.settled()
                 self.state.caught_up = True
                 self.caught_up.set()
 

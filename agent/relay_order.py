@@ -17,10 +17,13 @@ may do wrong is visible to the receiver:
 * a gap still open after :data:`GAP_REPORT_S` is shown in ``status`` (``gaps``) and repaired:
   through a LAN peer when one is connected (its state-vector resync; a reply from the sender
   itself covers its stream), and through the relay by subscribing again from before the gap
-  (a relay that lost a delivery sends it again; a few times per gap, as that gets everything
-  after the gap again). Attempts back off up to :data:`REPAIR_MAX_S`. A relay that withholds
-  a sender's envelopes for good cannot be repaired through itself: the gap stays in ``status``
-  until a LAN peer (or another relay) brings the content.
+  (on the same connection; a relay that lost a delivery sends it again; a few times per gap,
+  as that gets everything after the gap again). Attempts back off up to
+  :data:`REPAIR_MAX_S`. A relay that withholds a sender's envelopes for good cannot be repaired
+  through itself: the gap stays in ``status`` until a LAN peer (or another relay) brings the
+  content. After a few more attempts it is
+  given up on (:meth:`RelayOrder.give_up`): what was held is applied, so the relay cursor is
+  not held back for good.
 
 Not detectable from sequence numbers: a relay withholding a sender's *latest* envelopes (no
 later seq arrives to show the hole) — until that sender publishes again. Not distinguishable:
@@ -77,19 +80,29 @@ class RelayOrder:
     covered: dict[bytes, int] = field(default_factory=dict)
     #: highest relay_seq delivered in the current subscription (it may only grow).
     sub_last: int = 0
+    settling: bool = False
     #: relay_seq at which each sender's contiguous part last grew (where a repair resubscribes).
     contiguous_at: dict[bytes, int] = field(default_factory=dict)
     #: a repair asks the relay link to subscribe again from here.
     resubscribe_from: int | None = None
+    #: senders whose gap was given up on: their envelopes are no longer held (see give_up).
+    unheld: set[bytes] = field(default_factory=set)
     _open: dict[bytes, _Open] = field(default_factory=dict)
 
     # -- subscription order ----------------------------------------------------------------
-    def begin_subscription(self, from_seq: int) -> None:
+    def begin_subscription(self, from_seq: int, settling: bool = False) -> None:
+        """A new subscription from ``from_seq``. ``settling``: it replaces one on the same
+        connection, whose last deliveries may still arrive before the new backlog, so relay
+        seqs may go back until the new subscription's CaughtUp (:meth:`settled`)."""
         self.sub_last = from_seq
+        self.settling = settling
+
+    def settled(self) -> None:
+        self.settling = False
 
     def regressed(self, relay_seq: int) -> bool:
         """The relay delivers ``relay_seq`` at or below one it already delivered."""
-        return relay_seq <= self.sub_last
+        return not self.settling and relay_seq <= self.sub_last
 
     def delivered(self, relay_seq: int) -> None:
         self.sub_last = max(self.sub_last, relay_seq)
@@ -121,6 +134,8 @@ class RelayOrder:
         base = self.baseline(sender, window)
         for seq in [s for s in h if s < base or window.seen(s)]:
             del h[seq]
+        if h and sender in self.unheld:
+            base = min(h)  # given up on the gap: the held ones go in their order
         item = h.pop(base, None) if h else None
         if not h:
             self.held.pop(sender, None)
@@ -155,6 +170,7 @@ class RelayOrder:
             window = windows.get(sender) or ReplayWindow()
             if self._summary(sender, window) is None:
                 self._open.pop(sender, None)
+                self.unheld.discard(sender)
             elif sender not in self._open:
                 self._open[sender] = _Open(now, wall, next_repair=now + GAP_REPORT_S)
 
@@ -181,6 +197,13 @@ class RelayOrder:
                 o.next_repair = now + min(REPAIR_MAX_S, GAP_REPORT_S * 2 ** (o.repairs - 1))
                 due.append(sender)
         return due
+
+    def give_up(self, sender: bytes) -> None:
+        """The gap will not be filled (repairs exhausted): stop holding this sender's
+        envelopes — apply the held ones in order, as before gaps were tracked (pycrdt may keep
+        an update pending; a LAN resync still repairs that) — so the relay cursor is not held
+        back for good. The gap stays listed until it closes."""
+        self.unheld.add(sender)
 
     def repairs_of(self, sender: bytes) -> int:
         o = self._open.get(sender)

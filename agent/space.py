@@ -83,7 +83,7 @@ from qmoi_sync.protocol.envelope import (
     verify_envelope_signature,
 )
 from qmoi_sync.protocol.errors import PathError, ProtocolError
-from qmoi_sync.protocol.identity import DeviceIdentity
+from qmoi_sync.protocol.identity import DeviceIdentity, device_id
 from qmoi_sync.protocol.lan import direct_seq, is_direct_seq
 from qmoi_sync.protocol.membership import Role
 from qmoi_sync.protocol.paths import conflict_name, validate_relpath
@@ -135,6 +135,9 @@ RESCAN_SLICE = 5000
 # Gap repairs through the relay (subscribing again from before the gap, which gets everything
 # after it again) per gap: a gap still open after these is left to LAN peers, and reported.
 RELAY_REPAIRS = 4
+# After this many attempts (about 100 s) a gap is given up on: envelopes held for it are applied
+# (agent/relay_order.py, give_up) so the relay cursor is not held back for good.
+GIVE_UP_REPAIRS = 6
 UNREPAIRED_GAP = "unrepaired sequence gap (withheld by the relay, or skipped by its sender)"
 # A batch reconciles only the entries it touched (agent/layout.py LayoutCache); every entry is
 # reconciled again at most this often, and never more than 1/20 of the time (at 100,000 files
@@ -1205,7 +1208,7 @@ class SpaceSync:
                     return consumed()
                 if lacks and peer:
                     return False
-                if lacks and self.order.can_hold():
+                if lacks and self.order.can_hold() and sender not in self.order.unheld:
                     self.order.hold(sender, seq, relay_seq, envelope)
                     return True
             # Before a remote change lands on a document, make sure any edit the user already
@@ -1280,14 +1283,15 @@ class SpaceSync:
         limit = self.order.cursor_limit()
         return self.cursor if limit is None else min(self.cursor, limit)
 
-    def subscribe_from(self) -> int:
+    def subscribe_from(self, resubscribe: bool = False) -> int:
         """Where the relay link subscribes: the applied cursor, or earlier when a gap repair
-        asked to hear the relay again from before a gap."""
+        asked to hear the relay again from before a gap. ``resubscribe``: on a connection that
+        already had a subscription (see RelayOrder.begin_subscription)."""
         start = self.applied_cursor
         if self.order.resubscribe_from is not None:
             start = min(start, self.order.resubscribe_from)
             self.order.resubscribe_from = None
-        self.order.begin_subscription(start)
+        self.order.begin_subscription(start, settling=resubscribe)
         return start
 
     def _verified_member(self, header: EnvelopeHeader, envelope: bytes) -> bytes | None:
@@ -1320,6 +1324,17 @@ class SpaceSync:
                 by_relay.append(sender)
         if by_relay:
             self.order.request_resubscribe(by_relay)
+        stuck = [s for s in due if self.order.repairs_of(s) >= GIVE_UP_REPAIRS]
+        for sender in stuck:
+            if sender not in self.order.unheld:
+                log.warning(
+                    "space %s: a sequence gap of %s was not repaired; applying what waited for it",
+                    self.space_id[:8],
+                    device_id(sender)[:9],
+                )
+                self.order.give_up(sender)
+        if stuck:
+            await self.release_held()
 
     async def _lacks_dependencies(self, items: list[DocUpdate]) -> bool:
         """True if an update refers to items its document does not have yet: pycrdt would hold

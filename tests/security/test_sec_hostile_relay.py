@@ -210,7 +210,7 @@ async def test_forged_deliveries_are_refused_and_charged_to_the_relay(world: Wor
     a_pk = a_key.public.sign_pk
     captured = rep.by_sender[a_pk][-1][1]
     payload = create_files_payload(Replica(world.space), ["forged.txt"], "EVIL\n")
-    mine = world.space.seal(world.m_dev, payload)
+    mine = world.space.seal(world.m_dev, payload, seq=1)  # no hole in m's stream
     claims_a = resign(
         world.m_dev, mine[:_SENDER_AT] + a_pk + mine[_SENDER_AT + 32 : -64] + bytes(64)
     )
