@@ -1,9 +1,11 @@
 """Per-sender order, gaps and their repair on the relay path (the relay is not trusted with it).
 
 Every envelope carries its sender's sequence number inside the signed header (1, 2, 3, ... per
-device and space; protocol/envelope.py), and an honest relay stores each sender's envelopes in
-that order without holes (it refuses a seq at or below the sender's highest). So what a relay
-may do wrong is visible to the receiver:
+device and space; protocol/envelope.py), and an honest relay stores every seq of an honest
+sender (which resends what was refused) exactly once — a late one (its first publish was
+rate-limited or lost) after higher ones, which the receiver sees as a gap that fills itself
+(it is reported only if still open after :data:`GAP_REPORT_S`). So what a relay may do wrong is
+visible to the receiver:
 
 * **replay / reorder**: within one subscription an honest relay's ``relay_seq`` only grows. A
   delivery whose ``relay_seq`` goes backwards is the relay's fault; if its envelope was seen
