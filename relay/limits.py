@@ -52,6 +52,9 @@ DEFAULT_BLOB_RATE_BYTES_PER_S = 1 * GiB
 DEFAULT_BLOB_RATE_MSGS_PER_S = 5_000.0
 #: Chunk uploads accepted from one connection but not yet acknowledged.
 DEFAULT_MAX_INFLIGHT_CHUNKS = 64
+#: Chunk downloads read from disk ahead of the one being sent, per connection (each up to a
+#: MiB in memory).
+BLOB_READ_AHEAD = 8
 
 
 class Verdict(Enum):

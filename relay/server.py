@@ -67,6 +67,7 @@ from qmoi_sync.protocol.membership import MembershipLog, Role
 
 from .blobs import BlobStore, PutStatus
 from .limits import (
+    BLOB_READ_AHEAD,
     DEFAULT_BLOB_QUOTA_BYTES,
     DEFAULT_BLOB_RATE_BYTES_PER_S,
     DEFAULT_BLOB_RATE_MSGS_PER_S,
@@ -399,6 +400,14 @@ class _Conn:
             asyncio.Queue(maxsize=max(1, cfg.max_inflight_chunks))
         )
         self.blob_acker: asyncio.Task[None] | None = None
+        # Downloads: reads started in order, answered in order by one sender task. A bounded
+        # queue: up to BLOB_READ_AHEAD chunks are read from disk while earlier ones are on the
+        # wire (answering each GetChunk inline made a download one disk read + one send at a
+        # time, whatever the downloader kept in flight).
+        self.blob_reads: asyncio.Queue[tuple[bytes, asyncio.Task[bytes | None]]] = asyncio.Queue(
+            maxsize=BLOB_READ_AHEAD
+        )
+        self.blob_sender: asyncio.Task[None] | None = None
         self.errors = 0
         self.space: _Space | None = None
         self.sign_pk: bytes | None = None
@@ -778,11 +787,33 @@ class _Conn:
 
     async def _get_chunk(self, frame: F.GetChunk) -> None:
         space, _me = self._authed()  # any member, readers included, may download
-        data = await self.server.blobs.get(space.space_id, frame.chunk_id, MAX_CHUNK_CIPHERTEXT)
-        if data is None:
-            await self.send(F.ChunkMissing(frame.chunk_id))
-        else:
-            await self.send(F.ChunkData(frame.chunk_id, data))
+        if self.blob_sender is None:
+            self._spawn(self._blob_send_loop(), "blob-send")
+            self.blob_sender = self.tasks[-1]
+        read = asyncio.create_task(
+            self.server.blobs.get(space.space_id, frame.chunk_id, MAX_CHUNK_CIPHERTEXT)
+        )
+        try:
+            # Full queue: the downloader asks faster than the socket drains; stop reading frames.
+            await self.blob_reads.put((frame.chunk_id, read))
+        except BaseException:
+            read.cancel()
+            raise
+
+    async def _blob_send_loop(self) -> None:
+        try:
+            while True:
+                chunk_id, read = await self.blob_reads.get()
+                data = await read
+                del read
+                if data is None:
+                    await self.send(F.ChunkMissing(chunk_id))
+                else:
+                    await self.send(F.ChunkData(chunk_id, data))
+                del data
+        finally:
+            while not self.blob_reads.empty():
+                self.blob_reads.get_nowait()[1].cancel()
 
     async def _list_chunks(self, frame: F.ListChunks) -> None:
         space, _me = self._authed()

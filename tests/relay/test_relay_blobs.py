@@ -57,6 +57,32 @@ async def test_pipelined_puts_acked_in_order_and_survive_restart(
     await c2.close()
 
 
+async def test_pipelined_gets_each_answered_once(relay: RelayServer, relay_url: str) -> None:
+    """Many downloads in flight (more than the relay reads ahead), present and missing mixed:
+    every request gets exactly its own answer (the relay reads ahead while it sends)."""
+    space = Space.create(0)
+    c = await authed(relay_url, space, space.admin)
+    chunks = {os.urandom(32): os.urandom(70_000 + i) for i in range(12)}
+    for cid, data in chunks.items():
+        await c.send(F.PutChunk(cid, data))
+    for _ in chunks:
+        await c.expect(F.ChunkAck)
+    missing = [os.urandom(32) for _ in range(6)]
+    asked = [*chunks, *missing, *chunks]  # 30 requests, the present ones twice
+    for cid in asked:
+        await c.send(F.GetChunk(cid))
+    got: dict[bytes, list[bytes | None]] = {}
+    for _ in asked:
+        frame = await c.recv()
+        assert isinstance(frame, F.ChunkData | F.ChunkMissing), frame
+        got.setdefault(frame.chunk_id, []).append(
+            frame.data if isinstance(frame, F.ChunkData) else None
+        )
+    assert {cid: got[cid] for cid in chunks} == {cid: [d, d] for cid, d in chunks.items()}
+    assert {cid: got[cid] for cid in missing} == {cid: [None] for cid in missing}
+    await c.close()
+
+
 async def test_quota_exceeded_then_room(relay_factory: RelayFactory) -> None:
     relay = await relay_factory(blob_quota_bytes=250_000)
     space = Space.create(0)
