@@ -179,6 +179,10 @@ class UpJob:
     # Published for LAN peers while the relay was unreachable: only the relay's copy of the
     # chunks is still owed (the next pass uploads what it lacks and publishes nothing new).
     relay_owed: bool = False
+    # Uploads a pass started and left running when it found the file changed under it (a file
+    # still being written): the next pass re-reads the file meanwhile and waits for the ones
+    # whose chunks it still has instead of sending them again.
+    puts: dict[bytes, tuple[asyncio.Task[bool], int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -479,8 +483,10 @@ class BinarySync:
             self._retry(job, "chunks owed to the relay, which is unreachable")
             return
         started = time.time()
+        log.debug("binary up %s: pass starts at %d bytes", job.path, st.size)
         try:
             result = await self._pass(job, st, keys, upload)
+            log.debug("binary up %s: pass ends, changed meanwhile: %s", job.path, result is None)
         except BlobQuotaExceeded as exc:
             self._quota_paths.add(job.path)
             sync.warnings["binary:quota"] = (
@@ -597,6 +603,12 @@ class BinarySync:
                 for it in fresh:
                     if it.chunk_id in known or it.chunk_id in sent:
                         continue
+                    earlier = job.puts.pop(it.chunk_id, None)
+                    if earlier is not None:  # on its way already: waited for, not sent again
+                        sent.add(it.chunk_id)
+                        inflight.append((earlier[0], earlier[1], it.chunk_id))
+                        inflight_bytes += earlier[1]
+                        continue
                     if it.ciphertext is None:
                         unsealed = True  # acked in an earlier pass, not any more: seal all again
                         continue
@@ -605,6 +617,7 @@ class BinarySync:
                     while inflight and inflight_bytes + n > UPLOAD_WINDOW_BYTES:
                         inflight_bytes -= await self._finish_put(inflight, acked)
                     put = asyncio.create_task(link.put(it.chunk_id, it.ciphertext))
+                    put.add_done_callback(_consume)
                     inflight.append((put, n, it.chunk_id))
                     inflight_bytes += n
                 del items, fresh
@@ -612,14 +625,19 @@ class BinarySync:
                     await self.chunks.add_acked(acked)
                     job.acked.update(acked)
                     acked.clear()
+            end = producer.final_stat
+            if end is None or end.st_size != st.size or end.st_mtime_ns != st.mtime_ns or unsealed:
+                # Changed while read (or must be sealed again): the next pass starts now and
+                # re-reads the file while these uploads finish (a file written while it was
+                # read had its re-read wait for the upload's tail, ~0.3 s per 200 MiB).
+                for task, n, cid in inflight:
+                    job.puts[cid] = (task, n)
+                inflight.clear()
+                if unsealed:
+                    job.acked.clear()
+                return None
             while inflight:
                 await self._finish_put(inflight, acked)
-            end = producer.final_stat
-            if end is None or end.st_size != st.size or end.st_mtime_ns != st.mtime_ns:
-                return None
-            if unsealed:
-                job.acked.clear()
-                return None
         finally:
             await producer.close()
             for task, _n, _cid in inflight:
@@ -742,7 +760,7 @@ class BinarySync:
             self._retry(job, str(exc))
             return
         installed = False
-        began = time.time()
+        began = fetched_at = time.time()
         fetched, local = self.stats.chunks_fetched, self.stats.chunks_local
         try:
             refs = [(c.id, c.size) for c in manifest.chunks]
@@ -751,6 +769,7 @@ class BinarySync:
             await self._fetch_into(job, keys, tmp, done)
             if os.fstat(tmp.fd).st_size != manifest.size:
                 raise OSError(f"{job.path}: assembled {os.fstat(tmp.fd).st_size} bytes")
+            fetched_at = time.time()
             await asyncio.to_thread(_prepare, tmp, job.mode)
             installed = await self._install(job, tmp)
         except TamperedChunk as exc:
@@ -766,12 +785,15 @@ class BinarySync:
                 tmp.close()
         if installed:
             log.info(
-                "binary down %s: %d bytes, %d chunks fetched, %d read locally, %.3f s",
+                "binary down %s: %d bytes, %d chunks fetched, %d read locally, %.3f s "
+                "(fetch %.3f s, fsync + install %.3f s)",
                 job.path,
                 manifest.size,
                 self.stats.chunks_fetched - fetched,
                 self.stats.chunks_local - local,
                 time.time() - began,
+                fetched_at - began,
+                time.time() - fetched_at,
             )
             self.sync.warnings.pop("binary:tampered", None)
             self.sync.warnings.pop(f"write:{job.path}", None)
@@ -782,13 +804,15 @@ class BinarySync:
         resume keeps only the verified prefix)."""
         chunks = job.head.manifest.chunks
         offset = sum(c.size for c in chunks[:start])
+        local = await self.chunks.with_sources(c.id for c in chunks[start:])
         running: set[asyncio.Task[int]] = set()
         nxt = start
         try:
             while nxt < len(chunks) or running:
                 while nxt < len(chunks) and len(running) < DOWNLOAD_WINDOW:
                     ref = chunks[nxt]
-                    running.add(asyncio.create_task(self._fetch_at(keys, ref, tmp.fd, offset)))
+                    fetch = self._fetch_at(keys, ref, tmp.fd, offset, ref.id in local)
+                    running.add(asyncio.create_task(fetch))
                     offset += ref.size
                     nxt += 1
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -801,8 +825,10 @@ class BinarySync:
                 with contextlib.suppress(BaseException):
                     await t
 
-    async def _fetch_at(self, keys: ChunkKeys, ref: ChunkRef, fd: int, offset: int) -> int:
-        data = await self._fetch(keys, ref)
+    async def _fetch_at(
+        self, keys: ChunkKeys, ref: ChunkRef, fd: int, offset: int, local: bool
+    ) -> int:
+        data = await self._fetch(keys, ref, local)
         write = asyncio.ensure_future(asyncio.to_thread(pwrite_all, fd, data, offset))
         del data
         try:
@@ -813,8 +839,10 @@ class BinarySync:
             raise
         return ref.size
 
-    async def _fetch(self, keys: ChunkKeys, ref: ChunkRef) -> bytes:
-        data = await self._read_local(keys, ref.id)
+    async def _fetch(self, keys: ChunkKeys, ref: ChunkRef, local: bool = True) -> bytes:
+        """A chunk's verified plaintext: from a local file if one holds it (``local``: worth
+        looking), else from the remote sources in order."""
+        data = await self._read_local(keys, ref.id) if local else None
         if data is not None:
             self.stats.chunks_local += 1
             return data
@@ -928,6 +956,13 @@ class BinarySync:
 
 
 # -- helpers (worker threads) --------------------------------------------------------------------
+
+
+def _consume(task: asyncio.Task[bool]) -> None:
+    """An upload task's failure is raised to the pass that awaits it; one nobody awaits any
+    more (its file changed, its job ended) must not log "exception was never retrieved"."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _read_verified(

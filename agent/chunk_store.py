@@ -119,6 +119,21 @@ class ChunkStore:
         )
         return [ChunkSource(r[0], int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows]
 
+    async def with_sources(self, ids: Iterable[bytes]) -> set[bytes]:
+        """Which of ``ids`` some local file is recorded to hold (one query per 500 ids: a
+        download asks once for all its chunks instead of once per chunk)."""
+        want = list(dict.fromkeys(ids))
+        out: set[bytes] = set()
+        for i in range(0, len(want), 500):
+            part = want[i : i + 500]
+            rows = await self.store.db.execute_fetchall(
+                "SELECT DISTINCT chunk_id FROM chunk_index WHERE space_id=? AND chunk_id IN"
+                f" ({','.join('?' * len(part))})",
+                (self.space_id, *part),
+            )
+            out.update(bytes(r[0]) for r in rows)
+        return out
+
     async def set_file_chunks(
         self, path: str, file_size: int, mtime_ns: int, chunks: Iterable[tuple[bytes, int]]
     ) -> None:
