@@ -25,6 +25,8 @@ Measured:
   sample of deliveries (1 in `OPEN_SAMPLE`) is fully opened (signature, key commitment, AEAD)
   to check that the payload carries the same stamp: receivers otherwise only parse the header,
   so that client CPU stays small beside the relay's;
+* relay CPU time (connecting, publishing) and deliveries per relay CPU-second: on a shared
+  machine the latency mostly measures the queue for a core, the CPU cost per delivery does not;
 * errors: refused handshakes, Error frames, unexpected closes.
 
 Bounded: every phase has a deadline, the whole run stops by itself, and every process it
@@ -511,6 +513,21 @@ def _percentile(values: list[float], p: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+def _cpu(t: Any) -> float:
+    return float(t.user + t.system)
+
+
+def _runqueue_wait_s(pid: int) -> float:
+    """Seconds the process's threads spent runnable but waiting for a CPU (schedstat): how
+    much of the latency is the shared machine's queue for a core rather than relay work."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 def _recv_all(pipes: list[Connection], timeout: float, what: str) -> list[dict[str, Any]]:
     """One report from every worker; fails as soon as one worker fails or dies."""
     got: dict[int, dict[str, Any]] = {}
@@ -560,6 +577,7 @@ def run(
     plan_s = time.monotonic() - t_plan
     tmp = Path(tempfile.mkdtemp(prefix="qmoi-fanout-"))
     relay: subprocess.Popen[bytes] | None = None
+    completed = False
     procs: list[Any] = []
     pipes: list[Connection] = []
     try:
@@ -568,6 +586,7 @@ def run(
         rproc = psutil.Process(relay.pid)
         register_spaces(url, plan)
         rss_base = rproc.memory_info().rss
+        cpu_base = rproc.cpu_times()
         ctx = mp.get_context("fork")
         # Interleave devices over workers so that each space spans every worker.
         for w in range(nworkers):
@@ -585,6 +604,7 @@ def run(
         time.sleep(2.0)
         rss_connected = rproc.memory_info().rss
         cpu0 = rproc.cpu_times()
+        wait0 = _runqueue_wait_s(relay.pid)
         start_us = time.time_ns() / 1000.0 + 1e6
         end_us = start_us + duration_s * 1e6
         drain_s = 20.0  # an upper bound: workers stop as soon as deliveries are complete
@@ -596,12 +616,16 @@ def run(
             rss_peak = max(rss_peak, rproc.memory_info().rss)
             time.sleep(0.25)
         cpu1 = rproc.cpu_times()
+        wait1 = _runqueue_wait_s(relay.pid)
         done = _recv_all(pipes, duration_s + drain_s + 120, "done")
         rss_peak = max(rss_peak, rproc.memory_info().rss)
         relay_alive = relay.poll() is None
+        completed = True
     finally:
         for p in procs:
-            p.join(timeout=30)
+            # Workers that reported "done" exit by themselves; after a failure or a signal
+            # they may still be connecting: terminate them at once.
+            p.join(timeout=30 if completed else 0.1)
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=10)
@@ -669,7 +693,16 @@ def run(
             "peak_publishing": round(rss_peak / 2**20, 1),
         },
         "relay_rss_per_connection_kb": round((rss_connected - rss_base) / 1024 / clients, 1),
-        "relay_cpu_s_publishing": round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2),
+        "relay_cpu_s_connecting": round(_cpu(cpu0) - _cpu(cpu_base), 2),
+        "relay_cpu_s_publishing": round(_cpu(cpu1) - _cpu(cpu0), 2),
+        "relay_runqueue_wait_s_publishing": round(wait1 - wait0, 2),
+        # Load-independent cost: on a shared machine latency measures the queue for the CPU,
+        # this what the relay spends per delivery when it runs.
+        "deliveries_per_relay_cpu_s": (
+            round(agg.get("delivered", 0) / (_cpu(cpu1) - _cpu(cpu0)))
+            if _cpu(cpu1) > _cpu(cpu0)
+            else None
+        ),
         "relay_alive_at_end": relay_alive,
         "client_errors": [e for d in done for e in d["errors"]][:20],
         "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
@@ -711,6 +744,7 @@ def summary(r: dict[str, Any]) -> str:
         f"({r['delivered_fraction']} of expected), p50 {lat['p50']} ms p99 {lat['p99']} ms, "
         f"relay RSS {r['relay_rss_per_connection_kb']} KB/connection "
         f"({r['relay_rss_mb']['baseline']} -> {r['relay_rss_mb']['connected_idle']} MB), "
+        f"{r['deliveries_per_relay_cpu_s']} deliveries per relay CPU-second, "
         f"load {r['loadavg_1_5_15']}"
     )
 
