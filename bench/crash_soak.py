@@ -107,19 +107,21 @@ def soak(
     c: Cycles, args: argparse.Namespace, deadline: float | None, unreached: Counter[str]
 ) -> None:
     rng = c.rng
+    resume_on: str | None = None  # device whose download a chunk.written kill interrupted
     while c.iterations < args.iterations and (deadline is None or time.monotonic() < deadline):
         c.iterations += 1
         if c.iterations % 5 == 0:
             c.external(rng.choice("ab"), files=20, rng_delay=lambda: rng.uniform(0.0, 1.0))
         else:
-            last = c.kills[-1] if c.kills else ""
-            if ":chunk.written" in last and not last.endswith("resumed"):
-                # the download that kill interrupted resumes from its verified prefix: die there
-                target = last.split(":", 1)[0]
-                target, spec, kind, writer = target, "chunk.resumed:1", "none", target
+            if resume_on is not None:
+                # the download the last kill interrupted resumes from its verified prefix: die
+                # there (once; a full check in between may have finished the download)
+                target, spec, kind, writer = resume_on, "chunk.resumed:1", "none", resume_on
             else:
                 target, spec, kind, writer = pick(rng)
-            if planned(c, target, spec, kind, writer) is None:
+            hit = planned(c, target, spec, kind, writer)
+            resume_on = target if hit is not None and hit.startswith("chunk.written") else None
+            if hit is None:
                 unreached[spec.split(":")[0]] += 1
         if c.iterations % args.check_every == 0:
             c.settle_and_check()
