@@ -366,14 +366,19 @@ class LayoutCache:
         )
         return self._layout
 
+    def _invalid(self) -> None:
+        self._layout = None
+        return None
+
     def update(
         self, entries: Mapping[str, FileEntry], changed: Iterable[str]
-    ) -> tuple[Layout, dict[str, str | None] | None]:
+    ) -> tuple[Layout, dict[str, str | None]] | None:
         """The layout after the entries ``changed`` (fid hex) changed, and every fid whose
-        place may have changed with the path it had before (None: it had none). The second
-        value is None when everything was laid out again (nothing known about what moved)."""
+        place may have changed with the path it had before (None: it had none). None when
+        the change needs everything laid out again: call ``full`` (the cache is unusable
+        until then; ``full`` may run in another thread, it reads only ``entries``)."""
         if self._layout is None:
-            return self.full(entries), None
+            return self._invalid()
         changed = set(changed)
         news: dict[str, str | None] = {}
         for fid in changed:
@@ -385,7 +390,7 @@ class LayoutCache:
                 if self._fold(p) in self._hot or any(
                     self._fold(d) in self._hot for d in _ancestors(p)
                 ):
-                    return self.full(entries), None
+                    return self._invalid()
         before: dict[str, str | None] = {}
         touched: set[str] = set()
 
@@ -437,10 +442,10 @@ class LayoutCache:
             if len(spelled) > 1 and not all(
                 e.kind == "dir" for q in spelled for e in self._claims[q]
             ):
-                return self.full(entries), None
+                return self._invalid()
             winners, losers = _place_group(at, p in self._below)
             if losers:
-                return self.full(entries), None
+                return self._invalid()
             for e in at:
                 note(e.fid)
             if p in self.paths:

@@ -1527,7 +1527,7 @@ class SpaceSync:
     async def _pending_materialize(self) -> set[bytes]:
         return set(await self.store.get_pending(self.space_id))
 
-    def _layout_for(
+    async def _layout_for(
         self, entries: dict[str, FileEntry], changed: set[str]
     ) -> tuple[Layout, LayoutCache, dict[str, str | None] | None]:
         cache = self._layouts
@@ -1538,9 +1538,13 @@ class SpaceSync:
         ):
             cache = self._layouts = LayoutCache(fold_case=self.case_insensitive)
             self._layouts_of = self.index
-            return cache.full(entries), cache, None
-        layout, before = cache.update(entries, changed)
-        return layout, cache, before
+        got = cache.update(entries, changed)
+        if got is None:
+            # Laying out 100,000 entries takes seconds on a loaded machine: in a worker
+            # thread (on this batch's own copy of the entries), so the event loop keeps
+            # answering the relay's keepalive pings meanwhile.
+            return await asyncio.to_thread(cache.full, entries), cache, None
+        return got[0], cache, got[1]
 
     def _full_reconcile_due(self) -> bool:
         if any(k.startswith(("move:", "write:")) for k in self.warnings):
@@ -1565,7 +1569,7 @@ class SpaceSync:
     async def _reconcile_once(self, dirty: set[bytes], batch: _Batch) -> list[str]:
         entries = self.index.entries()
         changed = self.index.take_changed()
-        layout, cache, before = self._layout_for(entries, changed)
+        layout, cache, before = await self._layout_for(entries, changed)
         started = time.monotonic()
         # None: every entry (start-up, a change near a conflict copy, or the periodic full
         # pass); otherwise only the entries this batch touched (placed anew, content, fields).
