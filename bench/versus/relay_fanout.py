@@ -52,7 +52,11 @@ def rows(res: dict[str, Any]) -> list[Row]:
             Row(
                 f"{n} clients: relay RSS per connection",
                 "KB",
-                {"qmoi-sync": _num(r.get("relay_rss_per_connection_kb"))},
+                {
+                    "qmoi-sync": _num(
+                        r.get("relay_rss_per_conn_kb", r.get("relay_rss_per_connection_kb"))
+                    )
+                },
             ),
             Row(f"{n} clients: p99 delivery latency", "ms", {"qmoi-sync": _num(lat.get("p99"))}),
         ]
