@@ -7,8 +7,8 @@ the right content. For Syncthing a is the dialing side here (it dials as soon as
 
 Time budget: the whole run should fit 15 minutes, and qmoi-sync needed ~946 s for 100,000
 files on this machine in the last full measurement (Syncthing ~232 s). So each system gets a
-cap: its share of what is left of the run's budget when its clock starts (see `_measure`); a
-system that has not finished is reported
+cap, the same for both: an equal share of what is left of the run's budget when the first
+system's clock starts (see `_measure`); a system that has not finished is reported
 as "timed out after X s with Y of N files" (Y counted on disk, content checked) — never an
 extrapolated figure.
 """
@@ -101,8 +101,7 @@ def _matches(folder: Path, n: int) -> int:
     return ok
 
 
-def _measure(ctx: Ctx, system: str, tmp: Path, n: int) -> dict[str, Any]:
-    later = len(ctx.systems) - ctx.systems.index(system) - 1  # systems still to run after this
+def _measure(ctx: Ctx, system: str, tmp: Path, n: int, caps: dict[str, float]) -> dict[str, Any]:
     phases: dict[str, float] = {}
     t = time.perf_counter()
     p = pair(system, tmp, dialer="a")
@@ -110,11 +109,16 @@ def _measure(ctx: Ctx, system: str, tmp: Path, n: int) -> dict[str, Any]:
         phases["pair_setup_s"] = round(time.perf_counter() - t, 1)
 
         def cap() -> float:
-            # Asked once a's folder is populated: this system's share of what is left of the
-            # run's budget, after keeping for each later system what this one needed before
-            # its clock started (set-up + populating) twice over (set-up, tear-down).
-            before = phases["pair_setup_s"] + phases.get("populate_s", 0.0)
-            return max(MIN_CAP_S, (ctx.left_s() - 2 * before * (later + 1)) / (later + 1))
+            # Decided when the first system's clock starts, then the same for every system (a
+            # rate over windows of different length would not compare: Syncthing scans first,
+            # then sends): an equal share of what is left of the run's budget, after keeping
+            # what this system needed before its clock started (set-up + populating) twice
+            # over for each system (tear-down, the next one's set-up).
+            if "cap" not in caps:
+                k = len(ctx.systems)
+                before = phases["pair_setup_s"] + phases.get("populate_s", 0.0)
+                caps["cap"] = max(MIN_CAP_S, (ctx.left_s() - 2 * before * k) / k)
+            return caps["cap"]
 
         r = initial_sync(p, n, ssc._populate, ssc._count_files, _matches, cap, phases)
         t = time.perf_counter()
@@ -125,7 +129,8 @@ def _measure(ctx: Ctx, system: str, tmp: Path, n: int) -> dict[str, Any]:
 
 def run(ctx: Ctx, files: int | None = None) -> dict[str, Any]:
     n = files or (1_000 if ctx.quick else 100_000)
-    return per_system(ctx, NAME, lambda s, tmp: _measure(ctx, s, tmp, n))
+    caps: dict[str, float] = {}
+    return per_system(ctx, NAME, lambda s, tmp: _measure(ctx, s, tmp, n, caps))
 
 
 def fmt_outcome(r: dict[str, Any]) -> str:
@@ -144,6 +149,12 @@ def rows(res: dict[str, Any]) -> list[Row]:
             "s",
             {s: r.get("seconds") for s, r in res.items()},
             note="; ".join(f"{s}: {fmt_outcome(r)}" for s, r in res.items()),
+        ),
+        Row(
+            f"files intact on b within {max(r['cap_s'] for r in res.values()):g} s",
+            "",
+            {s: r.get("files_on_b", r["files"]) for s, r in res.items()},
+            lower_is_better=False,
         ),
         Row(
             "files on b per second",
