@@ -105,7 +105,7 @@ class Relay:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
-    def start(self, extra: tuple[str, ...] = ()) -> Relay:
+    def start(self, extra: tuple[str, ...] = (), timeout: float = DEFAULT_TIMEOUT) -> Relay:
         if not self.port:
             self.port = free_port()
         self.log_path = self.data.parent / f"relay-{self.port}.log"
@@ -129,7 +129,7 @@ class Relay:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        wait_until(lambda: self._listening(), what=f"relay on port {self.port}")
+        wait_until(lambda: self._listening(), timeout=timeout, what=f"relay on port {self.port}")
         return self
 
     def _listening(self) -> bool:
@@ -177,7 +177,7 @@ class Device:
         self.cli("init", "--name", self.name)
         return self
 
-    def start(self) -> Device:
+    def start(self, timeout: float = DEFAULT_TIMEOUT) -> Device:
         logf = open(self.log_path, "a")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [*self.wrap, PY, "-m", "qmoi_sync.agent", "--home", str(self.home), "run"],
@@ -186,7 +186,7 @@ class Device:
             text=True,
             env={**os.environ, **self.env},
         )
-        wait_until(self._ready, what=f"agent {self.name} ready")
+        wait_until(self._ready, timeout=timeout, what=f"agent {self.name} ready")
         return self
 
     def _ready(self) -> bool:

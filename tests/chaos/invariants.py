@@ -34,7 +34,7 @@ from typing import Any
 
 from harness import Device, Relay, grep_bytes, wait_until
 
-from chaos.ledger import Ledger, tokens_in
+from chaos.ledger import Ledger, interleaved, tokens_in
 
 SETTLE_TIMEOUT = 120.0
 
@@ -109,7 +109,14 @@ def check_ledger(tree: Mapping[str, bytes], ledger: Ledger) -> list[Violation]:
     missing = sorted(ledger.expected_tokens() - found)
     if missing:
         where = {t: ledger.tokens[t] for t in missing[:20]}
-        out.append(Violation("lost", f"{len(missing)} text lines lost: {where}"))
+        mixed = [t for t in missing if any(interleaved(t, d) for d in tree.values())]
+        note = (
+            f" ({len(mixed)} of them interleaved character by character with a concurrent"
+            f" edit of the same line: {mixed[:5]})"
+            if mixed
+            else ""
+        )
+        out.append(Violation("lost", f"{len(missing)} text lines lost: {where}{note}"))
     lost_bin = sorted(ledger.expected_versions() - digests)
     if lost_bin:
         where = {d[:12]: ledger.versions[d] for d in lost_bin[:20]}

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 TOKEN_RE = re.compile(rb"tok-[a-z0-9]+-[0-9]+;")
 LINEAGE_RE = re.compile(rb"# lineage (L[0-9]+)\n")
 BIN_MAGIC = b"\xff\xfeBIN "
+MIN_NEEDLE = 8
 
 
 @dataclass
@@ -130,16 +131,32 @@ class Ledger:
         """Plaintext that must never reach the relay or a bucket: every token, every file
         name, a slice of every binary version."""
         out = [t.encode() for t in self.tokens]
-        out += [n.encode() for n in self.names if len(n) >= 6]
-        out += [s for s in self.samples if len(s) >= 16]
+        out += [n.encode() for n in self.names]
+        out += list(self.samples)
         for doc in self.settings.values():
             out += [k.encode() for k in doc]
-        return out
+        # Short needles match random ciphertext by chance (a 3-byte key did, in a 300 KB
+        # sealed chunk): 8 bytes and more only.
+        return [n for n in out if len(n) >= MIN_NEEDLE]
+
+    def dump(self) -> str:
+        return self.tail(len(self.entries))
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(
             f"{e.at:10.2f} {e.device:>2} {e.op:<8} {e.path} {e.detail}" for e in self.entries[-n:]
         )
+
+
+def interleaved(token: str, data: bytes) -> bool:
+    """Whether ``token``'s characters appear in order within one line of ``data``: what is
+    left of a line when a concurrent edit of the same line merged character by character."""
+    want = token.encode()
+    for line in data.splitlines():
+        it = iter(line)
+        if all(any(c == x for x in it) for c in want):
+            return True
+    return False
 
 
 def tokens_in(data: bytes) -> set[str]:
@@ -155,4 +172,4 @@ def lineage_of(data: bytes) -> str | None:
     return m.group(1).decode() if m else None
 
 
-__all__ = ["BIN_MAGIC", "Entry", "Ledger", "lineage_of", "tokens_in"]
+__all__ = ["BIN_MAGIC", "MIN_NEEDLE", "Entry", "Ledger", "interleaved", "lineage_of", "tokens_in"]

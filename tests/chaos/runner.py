@@ -45,6 +45,9 @@ WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "
 FAULTS = ("net", "cut", "partition", "kill_agent", "kill_relay")
 NET_KINDS = ("drop", "dup", "reorder", "delay", "throttle")
 SETTINGS_DOC = "app"
+# Starting an agent or the relay on a machine loaded far beyond its cores (a soak next to other
+# work) took more than the harness's default 20 s: not what this runner tests.
+START_TIMEOUT = 90.0
 
 
 @dataclass
@@ -142,7 +145,7 @@ class Scenario:
         self._teardown()
 
     def _setup(self) -> None:
-        self.relay.start()
+        self.relay.start(timeout=START_TIMEOUT)
         for i, d in enumerate(self.devices):
             d.init()
             self.proxies[d.name] = FaultProxy(
@@ -152,11 +155,11 @@ class Scenario:
         a.folder.mkdir(parents=True, exist_ok=True)
         create_space(a, None)  # the relay URL is set per device below
         set_relay_url(a, self.proxies[a.name].url)
-        a.start()
+        a.start(START_TIMEOUT)
         for d in self.devices[1:]:
             join(d, invite(a))
             set_relay_url(d, self.proxies[d.name].url)
-            d.start()
+            d.start(START_TIMEOUT)
         if self.cfg.settings:
             for d in self.devices:
                 f = self.settings_files[d.name]
@@ -217,6 +220,8 @@ class Scenario:
         self.result.tracebacks = log_tracebacks(self.relay, self.devices)
         self.result.seconds = time.monotonic() - t0
         self.result.trail = self.ledger.tail()
+        # The whole ledger next to the logs, for a failing seed's post-mortem.
+        (self.tmp / "ledger.txt").write_text(self.ledger.dump() + "\n")
         return self.result
 
     # -- faults -----------------------------------------------------------------------------
@@ -246,10 +251,10 @@ class Scenario:
             if not self.relay_down and (
                 self.relay.proc is None or self.relay.proc.poll() is not None
             ):
-                self.relay.start()
+                self.relay.start(timeout=START_TIMEOUT)
             for d in live_devs:
                 if d.proc is None or d.proc.poll() is not None:
-                    d.start()
+                    d.start(START_TIMEOUT)
 
     def _start_fault(self) -> None:
         rng = self.rng
@@ -288,7 +293,7 @@ class Scenario:
             self._fault("kill_agent", dev.name)
 
             def restart(d: Device = dev) -> None:
-                d.start()
+                d.start(START_TIMEOUT)
                 self.down.discard(d.name)
 
             self._heal_at(f"restart {dev.name}", restart)
@@ -300,7 +305,7 @@ class Scenario:
             self._fault("kill_relay")
 
             def restart_relay() -> None:
-                self.relay.start()
+                self.relay.start(timeout=START_TIMEOUT)
                 self.relay_down = False
 
             self._heal_at("restart relay", restart_relay)
@@ -434,7 +439,7 @@ class Scenario:
     def _op_setting(self, dev: Device, texts: list[str], bins: list[str]) -> None:
         f = self.settings_files[dev.name]
         doc = _read_json(f)
-        key = f"k{self.ledger.next_id()}{dev.name}"
+        key = f"chaos-key-{self.ledger.next_id()}-{dev.name}"
         value = f"v-{key}-{self.rng.randrange(10**6)}"
         doc[key] = value
         tmp = f.with_name(f".{f.name}.tmp")  # an editor's atomic save

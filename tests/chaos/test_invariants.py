@@ -7,7 +7,7 @@ import hashlib
 from pathlib import Path
 
 from chaos.invariants import OutsideWatch, check_ledger, check_plaintext, check_settings
-from chaos.ledger import BIN_MAGIC, Ledger, lineage_of, tokens_in
+from chaos.ledger import BIN_MAGIC, Ledger, interleaved, lineage_of, tokens_in
 
 
 def _text(lin: str, *toks: str) -> bytes:
@@ -85,3 +85,23 @@ def test_plaintext_and_settings_checks(tmp_path: Path) -> None:
     bad.write_text("{}")
     vs = check_settings({"a": good, "b": bad}, led)
     assert len(vs) == 1 and vs[0].detail.startswith("b:")
+
+
+def test_a_line_merged_into_another_is_lost_and_said_to_be_interleaved() -> None:
+    led = Ledger()
+    lin = led.lineage()
+    ta, tb = led.token("a"), led.token("b")  # tok-a-2; and tok-b-3;
+    led.text_written("a", "edit", "f.txt", lin, [ta], [])
+    led.text_written("b", "edit", "f.txt", lin, [tb], [])
+    # what a character-level merge of two concurrent replacements of one line looks like
+    tree = {"f.txt": f"# lineage {lin}\nkappa tok-a-b-23;\n".encode()}
+    (v,) = check_ledger(tree, led)
+    assert v.kind == "lost" and "interleaved" in v.detail
+    assert interleaved(ta, tree["f.txt"]) and not interleaved("tok-c-9;", tree["f.txt"])
+
+
+def test_short_needles_are_not_grepped_for() -> None:
+    led = Ledger()
+    led.set_key("a", "app", "k4a", "v")  # 3 bytes occur in random ciphertext by chance
+    led.set_key("a", "app", "chaos-key-5-a", "v")
+    assert led.needles() == [b"chaos-key-5-a"]
