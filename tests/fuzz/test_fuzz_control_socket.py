@@ -37,7 +37,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Device]:
         dev.stop()
 
 
-def _exchange(sock_path: Path, payload: bytes, timeout: float = 30) -> dict[str, Any]:
+def _exchange(sock_path: Path, payload: bytes, timeout: float = 60) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(sock_path))
