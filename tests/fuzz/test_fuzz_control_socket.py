@@ -30,7 +30,7 @@ from qmoi_sync.agent.control import MAX_REQUEST, RequestError, parse_request
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Device]:
     root = tmp_path_factory.mktemp("ctl")
     dev = Device(root / "home", root / "folder", "fuzzed")
-    dev.init().start()
+    dev.init().start(timeout=90)  # generous: a loaded 2-core machine
     try:
         yield dev
     finally:

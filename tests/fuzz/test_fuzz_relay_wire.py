@@ -52,7 +52,7 @@ TIMEOUT = 60.0  # generous: the CI machine is 2 loaded cores
 @pytest.fixture(scope="module")
 def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     root = tmp_path_factory.mktemp("fuzzrelay")
-    r = Relay(root / "relay-data").start()
+    r = Relay(root / "relay-data").start(timeout=90)
     try:
         with _auth(r.url, ADMIN, LOG_BYTES):  # registers the space
             pass
