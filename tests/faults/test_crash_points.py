@@ -17,7 +17,8 @@ import pytest
 from crashcycle import Cycles
 from resource_env import resource_cluster
 
-pytestmark = pytest.mark.slow
+# Each kill costs an agent start: on a loaded 2-core machine that is many seconds.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # (device killed, crash point spec, workload, device writing the workload)
 PLAN = [
@@ -34,14 +35,11 @@ PLAN = [
     ("b", "chunk.installed:1", "binary", "a"),
     ("b", "sqlite.commit:2", "text", "b"),  # b's own edits being ingested
     ("a", "sqlite.commit:2", "text", "a"),
-    ("a", "sqlite.committed:2", "text", "a"),
     ("a", "sqlite.begin:3", "text", "b"),
     ("a", "materialize.renamed:1", "text", "b"),
-    ("b", "sqlite.*:6", "text", "a"),
-    ("b", "random:0.05:11", "text", "a"),
     ("b", "random:0.1:12", "text", "a"),
 ]
-EXTERNAL_KILLS = 4
+EXTERNAL_KILLS = 3
 
 
 def test_crash_points_then_everything_converges(tmp_path: Path) -> None:

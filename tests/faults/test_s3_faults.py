@@ -24,7 +24,8 @@ from s3faults import S3FaultProxy, is_get, is_manifest_put, is_object_put
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "snapshots"))
 from s3env import CREDS, MotoServer
 
-pytestmark = pytest.mark.slow
+# S3 retries back off (botocore standard mode): slow on a loaded machine, not stuck.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BUCKET = "faulty"
 
 
