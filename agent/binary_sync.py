@@ -60,7 +60,7 @@ from qmoi_sync.agent.chunker import (
     verified_prefix,
 )
 from qmoi_sync.agent.crashpoint import crashpoint
-from qmoi_sync.agent.index import FileEntry, derive_file_id
+from qmoi_sync.agent.index import FileEntry, creation_fields, derive_file_id
 from qmoi_sync.agent.layout import compute_layout, strip_conflict_marker
 from qmoi_sync.agent.materialize import DiskStat, UnsafePathError, delete_file, stat_file
 from qmoi_sync.agent.peer_chunks import LanChunks
@@ -350,9 +350,7 @@ class BinarySync:
                     cfid,
                     {
                         "path": name,
-                        "kind": "binary",
-                        "mode": entry.mode,
-                        "created": {"ts": first.ts, "dev": first.dev},
+                        **creation_fields("binary", entry.mode, first.ts, first.dev),
                         f"e:{first.dev}": 1,
                         f"m:{first.dev}": {**raw, "vv": {first.dev: 1}},
                     },

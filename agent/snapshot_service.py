@@ -42,6 +42,7 @@ from qmoi_sync.protocol.membership import Role
 
 if TYPE_CHECKING:
     from qmoi_sync.agent.daemon import SpaceRuntime
+    from qmoi_sync.agent.index import IndexDoc
 
 log = logging.getLogger("qmoi_sync.snapshot")
 
@@ -68,6 +69,8 @@ class SnapshotService:
         self._bucket: Bucket | None = None
         self._claimed_at: float | None = None
         self._vacant_since: float | None = None  # since when this device sees no valid lease
+        # (index, its version when read, the configuration): see config()
+        self._config: tuple[IndexDoc, int, SharedConfig] | None = None
         self._retry_at = 0.0
         self._retry_delay = RETRY_MIN_S
         self._wake = asyncio.Event()
@@ -82,7 +85,16 @@ class SnapshotService:
         return self.rt.agent.identity.public.sign_pk
 
     def config(self) -> SharedConfig:
-        return read_config(self.rt.sync.index.doc)
+        """The shared configuration, re-read only when the index may have changed: the tick
+        asks every few seconds, and reading the index document would load it again after the
+        agent unloaded it while idle (IndexDoc.unload)."""
+        index = self.rt.sync.index
+        cached = self._config
+        if cached is not None and cached[0] is index and cached[1] == index.version:
+            return cached[2]
+        cfg = read_config(index.doc)
+        self._config = (index, index.version, cfg)
+        return cfg
 
     def bucket_for(self, target: TargetConfig) -> Bucket:
         if self._bucket is None or self._bucket.target != target:

@@ -3,7 +3,9 @@
 argv is passed to the CLI unchanged. The profile is written when the process exits (the agent
 and relay stop cleanly on SIGTERM) to $QMOI_BENCH_PROFILE_DIR/<role>-<pid>.{prof,html}, where
 role is "relay" or the device home's folder name. $QMOI_BENCH_PROFILER picks the profiler:
-"cprofile" (default, stdlib) or "pyinstrument" (if installed).
+"cprofile" (default, stdlib), "pyinstrument" (if installed), or "memory": tracemalloc (one frame)
+from the start, and on SIGUSR1 a breakdown of the process's memory is written to
+<role>-<pid>.mem.txt (idle_rss sends it once both agents are idle; see bench/memprobe.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     base = out_dir / f"{_role(argv)}-{os.getpid()}"
     which = os.environ.get("QMOI_BENCH_PROFILER", "cprofile")
+    if which == "memory":
+        import memprobe
+
+        memprobe.install(base.with_suffix(".mem.txt"))
+        return cli_main(argv)
     if which == "pyinstrument":
         from pyinstrument import Profiler
 

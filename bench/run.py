@@ -69,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         nargs="?",
         const="cprofile",
-        choices=["cprofile", "pyinstrument", "py-spy"],
+        choices=["cprofile", "pyinstrument", "py-spy", "memory"],
         help="run relay and agents under a profiler; profiles go to "
-        "bench/results/profile-<scenario>-<timestamp>/",
+        "bench/results/profile-<scenario>-<timestamp>/ (memory: idle_rss only, a breakdown "
+        "of each agent's memory once idle, bench/memprobe.py)",
     )
     p.add_argument(
         "--lan",

@@ -46,9 +46,16 @@ def test_storage_is_flat_keys_with_json_string_leaves() -> None:
     (a,) = replicas(1)
     a.create(F1, "x", "binary", 0o644, A, 5.0)
     raw = a.doc.get(FILES, type=Map).to_py()
-    assert set(raw) == {f"{F1}/{k}" for k in ("path", "kind", "mode", "created", f"e:{A}")}
+    # Schema 2: kind rides in "c" with the creation stamp; the kind's default mode is not stored.
+    assert set(raw) == {f"{F1}/{k}" for k in ("path", "c", f"e:{A}")}
     assert all(isinstance(v, str) for v in raw.values())
-    assert json.loads(raw[f"{F1}/mode"]) == 420
+    assert json.loads(raw[f"{F1}/c"]) == ["binary", 5.0, A]
+    a.set_mode(F1, 0o755, A)
+    raw = a.doc.get(FILES, type=Map).to_py()
+    assert json.loads(raw[f"{F1}/mode"]) == 0o755
+    a.set_mode(F1, 0o644, A)  # back to the default: stored explicitly over the old value
+    raw = a.doc.get(FILES, type=Map).to_py()
+    assert json.loads(raw[f"{F1}/mode"]) == 0o644 and a.entries()[F1].mode == 0o644
 
 
 def test_mutations_return_incremental_updates_that_replicate() -> None:
@@ -220,11 +227,10 @@ def test_malformed_remote_fields_never_raise() -> None:
     src: Doc[Any] = Doc()
     m = src.get(FILES, type=Map)
     m[f"{F1}/path"] = "not json {"
-    m[f"{F1}/kind"] = json.dumps("text")
+    m[f"{F1}/c"] = json.dumps(["text", 1.0, A])
     m[f"{F2}/path"] = json.dumps("ok.txt")
-    m[f"{F2}/kind"] = json.dumps("weird-kind")
+    m[f"{F2}/c"] = json.dumps(["weird-kind", "x", 5])
     m[f"{F2}/mode"] = json.dumps("rwx")
-    m[f"{F2}/created"] = json.dumps([1, 2])
     m[f"{F2}/del"] = json.dumps({"ts": "x"})
     m[f"{F2}/e:{A}"] = json.dumps(True)
     m["no-slash-key"] = json.dumps(1)
@@ -265,3 +271,38 @@ def test_same_path_and_content_on_two_devices_is_one_entry() -> None:
     sync(a, b)
     alive = [e for e in a.entries().values() if e.alive]
     assert len(alive) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# unloading while idle (agent/memtrim.py calls it through SpaceSync.drop_loaded_docs)
+
+
+def test_unload_keeps_entries_and_the_next_change_continues_the_same_client() -> None:
+    a, b = replicas()
+    a.create(F1, "a.txt", "text", 0o644, A, 1.0)
+    a.doc.get("other-root", type=Map)["k"] = "v"  # other roots (settings registry) survive
+    b.apply_update(a.state())
+    before = a.entries()
+    client = a.doc.client_id
+    assert a.unload() and not a.loaded
+    assert not a.unload()  # already unloaded
+    assert a.entries() == before and not a.loaded  # reads from the caches do not reload
+    upd = a.rename(F1, "b.txt", A)  # reloads
+    assert a.loaded and a.doc.client_id == client
+    assert a.doc.get("other-root", type=Map)["k"] == "v"
+    b.apply_update(upd)
+    assert b.entries()[F1].path == "b.txt" and b.entries()[F1].edits == {A: 2}
+    # remote changes after a reload still reach the caches through the observer
+    assert a.unload()
+    a.apply_update(b.delete(F1, B, 2.0))
+    assert not a.entries()[F1].alive and a.take_changed() >= {F1}
+    sync(a, b)
+    assert a.entries() == b.entries()
+
+
+def test_unload_is_refused_inside_a_batch() -> None:
+    (a,) = replicas(1)
+    with a.batch():
+        a.create(F1, "a.txt", "text", 0o644, A, 1.0)
+        assert not a.unload()
+    assert a.loaded and a.entries()[F1].alive
