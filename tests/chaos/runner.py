@@ -439,8 +439,10 @@ class Scenario:
     def _op_setting(self, dev: Device, texts: list[str], bins: list[str]) -> None:
         f = self.settings_files[dev.name]
         doc = _read_json(f)
-        key = f"chaos-key-{self.ledger.next_id()}-{dev.name}"
-        value = f"v-{key}-{self.rng.randrange(10**6)}"
+        # Not "key", "token", "secret"...: names that look like credentials stay on the device
+        # (settings sync keeps them local on purpose), which a ledger would call lost.
+        key = f"chaos-opt-{self.ledger.next_id()}-{dev.name}"
+        value = f"val-{self.rng.randrange(10**6)}"
         doc[key] = value
         tmp = f.with_name(f".{f.name}.tmp")  # an editor's atomic save
         _fsync_write(tmp, json.dumps(doc, indent=2).encode())
