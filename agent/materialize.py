@@ -112,6 +112,15 @@ class WriteJob:
     data: bytes
     mode: int = 0o644
     mtime_ns: int | None = None
+    #: (size, mtime_ns, inode) the file at ``relpath`` must still have when it is replaced, if
+    #: it exists: anything else means the user changed it since it was last read, and writing
+    #: would destroy that edit. ``None``: no check.
+    expect: tuple[int, int, int] | None = None
+
+
+class ChangedOnDisk(OSError):
+    """The target changed on disk after it was last read: not replaced (nothing is lost; the
+    caller ingests the local change first and writes the merged result afterwards)."""
 
 
 @dataclass
@@ -176,6 +185,7 @@ def write_files_atomic(
             if results[s.index] is not None:
                 continue
             try:
+                _check_unchanged(s.dfd, s.name, jobs[s.index])
                 st = os.fstat(s.fd)
                 os.rename(s.tmp, s.name, src_dir_fd=s.dfd, dst_dir_fd=s.dfd)
             except OSError as exc:
@@ -198,6 +208,20 @@ def write_files_atomic(
         assert r is not None  # every job either staged (and finished) or failed
         out.append(r)
     return out
+
+
+def _check_unchanged(dfd: int, name: str, job: WriteJob) -> None:
+    """Raise ChangedOnDisk if the file a job replaces is no longer the one it was read as.
+    Checked just before the rename: the window left is the rename itself (a save landing in
+    it is seen by the watcher as a change of the written file and merged from there)."""
+    if job.expect is None:
+        return
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return  # deleted meanwhile: an edit beats a concurrent delete, the write goes ahead
+    if (st.st_size, st.st_mtime_ns, st.st_ino) != job.expect:
+        raise ChangedOnDisk(errno.EAGAIN, f"{job.relpath} changed on disk since it was read")
 
 
 def _stage(dfd: int, job: WriteJob, index: int) -> _Staged:

@@ -42,6 +42,7 @@ from qmoi_sync.agent.keyring import Keyring
 from qmoi_sync.agent.layout import Layout, LayoutCache
 from qmoi_sync.agent.materialize import (
     TEMP_PREFIX,
+    ChangedOnDisk,
     DiskStat,
     FileTooLargeError,
     UnsafePathError,
@@ -269,6 +270,10 @@ class SpaceSync:
         self.unwritten: set[bytes] = set()
         self._bases: dict[bytes, bytes] = {}
         self._bases_changed: set[bytes] = set()
+        # Paths a write found changed on disk (materialize.ChangedOnDisk): ingested by _finish.
+        self._changed_on_disk: set[str] = set()
+        # Tracked documents as they were before the current batch's remote changes.
+        self._inflight_bases: dict[bytes, bytes] = {}
         self._disk_note: str | None = None
         # Highest epoch of any envelope opened in relay order: see keyring.sender_role.
         self.epoch_fence = 0
@@ -1224,6 +1229,7 @@ class SpaceSync:
             )
             if self._disk_note is not None:
                 await self._keep_bases([i.doc_id for i in payload.items])
+            await self._note_inflight_bases([i.doc_id for i in payload.items])
             applied: list[tuple[bytes, bytes]] = []
             for item, scratch in zip(payload.items, scratches, strict=True):
                 try:
@@ -1522,15 +1528,21 @@ class SpaceSync:
                 # creations (the layout then gives one a conflict name) and settle again. A device
                 # that may not send moves them aside instead.
                 await self._ingest_local(set(blocked), extra, set_aside=True)
+            edited, self._changed_on_disk = self._changed_on_disk, set()
+            if edited:
+                # Saved while this batch was being written: merge the save into the document
+                # (diffed against what the disk held, the kept base), then write the result.
+                await self._ingest_local(edited, extra)
             for fid in [f for f in self._bases if f not in self.unwritten]:
                 del self._bases[fid]
                 self._bases_changed.add(fid)
             changed = self.unwritten != committed
             committed = set(self.unwritten)
             await self._commit(extra.items, [], pending=committed if changed else None)
-            dirty = set()
-            if not extra.items and not blocked:
+            dirty = {rec.fid for p in edited if (rec := self.files.get(p)) is not None}
+            if not extra.items and not blocked and not dirty:
                 break
+        self._inflight_bases.clear()
         self._show_disk_note()
         if remote:
             for listener in self.batch_listeners:
@@ -1894,7 +1906,7 @@ class SpaceSync:
     async def _materialize_texts(self, group: list[tuple[bytes, str, FileEntry]]) -> None:
         """Write a group of text files (temp + fsync + rename each; their fsyncs are shared:
         materialize.write_files_atomic), then record them in one transaction."""
-        jobs: list[tuple[bytes, str, bytes, int, int | None]] = []
+        jobs: list[tuple[bytes, str, bytes, WriteJob]] = []
         for fid, path, entry in group:
             doc = await self._doc(fid)
             data = text_of(doc).encode("utf-8")
@@ -1903,13 +1915,28 @@ class SpaceSync:
                 st = stat_file(self.root, path)
                 if st is not None:
                     continue
-            jobs.append((fid, path, data, 0o755 if entry.mode & 0o111 else 0o644, entry.mtime_ns))
+            mode = 0o755 if entry.mode & 0o111 else 0o644
+            # A tracked file is replaced only if it is still what we last read: a save the
+            # watcher has not delivered yet would otherwise be overwritten (and lost).
+            expect = None if rec is None else (rec.size, rec.mtime_ns, rec.inode)
+            jobs.append((fid, path, data, WriteJob(path, data, mode, entry.mtime_ns, expect)))
         if not jobs:
             return
         results = await asyncio.to_thread(
-            write_files_atomic, self.root, [WriteJob(p, d, m, t) for _f, p, d, m, t in jobs]
+            write_files_atomic, self.root, [job for _f, _p, _d, job in jobs]
         )
-        for (fid, path, data, _mode, _mtime), res in zip(jobs, results, strict=True):
+        for (fid, path, data, _job), res in zip(jobs, results, strict=True):
+            if isinstance(res, ChangedOnDisk):
+                # Kept pending, with the document as it was before this batch's remote changes
+                # as its base: the save is diffed against that (not against the document, which
+                # would revert the remote changes), and _finish then writes the merged text.
+                base = self._inflight_bases.get(fid)
+                if base is not None and fid not in self._bases:
+                    self._bases[fid] = base
+                    self._bases_changed.add(fid)
+                self.unwritten.add(fid)
+                self._changed_on_disk.add(path)
+                continue
             if isinstance(res, (OSError, UnsafePathError)):
                 if isinstance(res, OSError) and res.errno in (errno.ENOSPC, errno.EDQUOT):
                     self.unwritten.add(fid)  # retried with the next batch or when space is freed
@@ -2042,6 +2069,7 @@ class SpaceSync:
         """Ask the policy once per batch whether the disk has room, so a batch decides
         consistently (bases kept at apply time == documents held back at write time)."""
         self._disk_note = self.gate.disk_blocked(self.root) if self.gate is not None else None
+        self._inflight_bases.clear()  # left over only if the previous batch failed half-way
 
     def _defer_bulk(self, path: str, size: int) -> bool:
         reason = None
@@ -2060,6 +2088,19 @@ class SpaceSync:
         else:
             self.warnings.pop("deferred", None)
         return reason is not None
+
+    async def _note_inflight_bases(self, fids: list[bytes]) -> None:
+        """Remember, until this batch is written, what tracked documents were before a remote
+        change: the base to merge a save against if one lands before the write (ChangedOnDisk).
+        In memory only; it becomes a durable base only in that (rare) case."""
+        tracked: set[bytes] | None = None
+        for fid in fids:
+            if fid == INDEX_DOC_ID or fid in self._inflight_bases or fid in self._bases:
+                continue
+            if tracked is None:
+                tracked = {rec.fid for rec in self.files.values()}
+            if fid in tracked:
+                self._inflight_bases[fid] = (await self._doc(fid)).get_update()
 
     async def _keep_bases(self, fids: list[bytes]) -> None:
         tracked = {rec.fid for rec in self.files.values()}

@@ -1,0 +1,69 @@
+"""A save the watcher has not delivered yet, when a remote edit of the same file is written:
+the write must not replace the saved file (the save would be lost for good: the watcher then
+sees the remote text, which holds no trace of it). Found by tests/faults' clock-skew scenario
+(three devices appending to one file at the same instant lost one device's line).
+
+Two in-process devices on real SQLite stores and real folders; A's envelopes are handed to B's
+`handle_remote` as the relay would. B's save lands at the worst moment: after B looked for unsaved
+local changes (`_absorb_unsaved`, before applying) and before its write of the merged text — the
+test puts it there by running it just before the real `write_files_atomic`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from local_space import make_sync
+
+from qmoi_sync.agent import space as space_mod
+from qmoi_sync.agent.materialize import WriteJob, write_files_atomic
+from qmoi_sync.agent.store import Store
+from qmoi_sync.protocol.identity import DeviceIdentity
+from qmoi_sync.protocol.membership import MembershipLog, Role
+
+
+async def test_save_landing_before_a_remote_write_is_merged_not_overwritten(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admin, member = DeviceIdentity.generate(), DeviceIdentity.generate()
+    log, secret = MembershipLog.create(admin, time.time())
+    log.add_member(admin, member.public, Role.member, {0: secret}, time.time())
+    store_b = await Store.open(tmp_path / "b.db")
+    try:
+        a = await make_sync(store, tmp_path / "A", admin, log)
+        b = await make_sync(store_b, tmp_path / "B", member, log)
+        sent = 0
+
+        async def a_to_b() -> None:
+            nonlocal sent
+            for _seq, env in await store.outbox(a.space_id, after_seq=sent):
+                sent += 1
+                await b.handle_remote([(sent, env)])
+
+        (tmp_path / "A" / "notes.txt").write_text("one\ntwo\nthree\n")
+        await a.handle_local(["notes.txt"])
+        await a_to_b()
+        on_b = tmp_path / "B" / "notes.txt"
+        assert on_b.read_text() == "one\ntwo\nthree\n"
+
+        # A edits the first line; B saves a new last line, not yet seen by B's agent.
+        (tmp_path / "A" / "notes.txt").write_text("ONE\ntwo\nthree\n")
+        await a.handle_local(["notes.txt"])
+        saves = ["one\ntwo\nthree\nfour (b)\n"]
+
+        def save_then_write(root: Path, jobs: list[WriteJob]) -> list[object]:
+            if saves and root == tmp_path / "B":
+                on_b.write_text(saves.pop())
+            return write_files_atomic(root, jobs)  # type: ignore[return-value]
+
+        monkeypatch.setattr(space_mod, "write_files_atomic", save_then_write)
+        await a_to_b()
+        assert not saves
+
+        assert on_b.read_text() == "ONE\ntwo\nthree\nfour (b)\n"
+        # The save became B's own edit, on its way to A.
+        assert await store_b.outbox_count(b.space_id) > 0
+        assert "notes.txt" not in {k.partition(":")[2] for k in b.warnings}
+    finally:
+        await store_b.close()
