@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,14 +42,20 @@ def verify_unit(unit: Path, user: bool, tmp: Path) -> subprocess.CompletedProces
     """`systemd-analyze [--user] verify unit`; skips only if the tool cannot run here at all."""
     cmd = [systemd_analyze()]
     env = dict(os.environ)
+    runtime: str | None = None
     if user:
-        # The user manager wants a runtime dir even for an offline verify.
-        runtime = tmp / "xdg-runtime"
-        runtime.mkdir(mode=0o700, exist_ok=True)
-        env["XDG_RUNTIME_DIR"] = str(runtime)
+        # The user manager wants a runtime dir even for an offline verify. A short one: socket
+        # units of other packages (gpg-agent) put their sockets there, and a socket path has
+        # a 108-byte limit that a deep pytest tmp dir (xdist workers add a level) exceeds.
+        runtime = tempfile.mkdtemp(prefix="qs-xdg-")
+        env["XDG_RUNTIME_DIR"] = runtime
         cmd.append("--user")
     cmd += ["verify", str(unit)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    finally:
+        if runtime is not None:
+            shutil.rmtree(runtime, ignore_errors=True)
     if proc.returncode != 0 and "Failed to initialize manager" in proc.stderr:
         pytest.skip(f"systemd-analyze cannot run here: {proc.stderr.strip()}")
     return proc
