@@ -7,8 +7,20 @@ Two facts shape this module:
   position computed here (in characters) is converted explicitly before it reaches pycrdt.
 * Yrs gets slower as a text fragments into many small items (each op splits items). A naive
   character diff of a rewritten paragraph yields dozens of tiny ops; a line diff yields one or
-  two. So we diff lines first and only refine *small* replaced blocks at character level, and
-  we coalesce ops that are close together.
+  two. So we diff lines.
+
+Merge granularity (the rule; docs/architecture.md "Text merge"): a changed line is expressed as
+**delete the whole old line + insert the whole new line**, never as character edits inside it.
+Two devices that change the same line concurrently then both delete the same items (idempotent)
+and both insert at the same place; Yjs orders the two inserts by client id, so *both* versions of
+the line survive intact, in the same order on every replica (like the two sides of a git merge
+conflict). Character-level edits instead interleaved the two versions into a line neither
+device wrote (chaos soak finding B: ``tok-a-23;`` + ``tok-b-21;`` -> ``tok-a-2321;``). A pure
+insertion or deletion of whole lines is emitted as it is. The cost of a one-character edit is
+one line resent (tens of bytes on a normal line). Only lines longer than
+``LONG_LINE_CHARS`` (minified JSON, a base64 blob, a one-line 1 MB file) keep character-level
+edits: resending such a line per keystroke would cost too much, and such files are rarely
+hand-edited on two devices at once.
 
 Position convention of :class:`TextOp` (this is the contract ``apply_ops`` relies on):
 ops are sorted by position and applied **in list order**; ``op.pos`` is a Python character
@@ -34,7 +46,12 @@ __all__ = [
     "utf8_offset",
 ]
 
-# A replaced line block is refined at character level only when both sides together are at
+# Lines longer than this keep character-level edits (see the module docstring). 1,000 chars:
+# a normal line of code, prose or config is far shorter (so same-line conflicts keep both
+# versions), while one whole-line resend stays ~1 KB; a longer line (minified JSON, a base64
+# value, a single-line file of any size) is edited by characters so a keystroke stays tiny.
+LONG_LINE_CHARS = 1000
+# A replaced long line is refined at character level only when both sides together are at
 # most this many characters: SequenceMatcher is quadratic-ish on characters, and a big rewritten
 # block is better expressed as one delete + one insert anyway.
 CHAR_REFINE_MAX_CHARS = 4000
@@ -276,10 +293,22 @@ def _matching_lines(a: Sequence[str], b: Sequence[str]) -> list[tuple[int, int, 
     return merged
 
 
+def _split_lines(s: str) -> list[str]:
+    """``s`` cut after each "\\n" (the last piece may lack one); "".join() gives ``s`` back."""
+    parts = s.split("\n")
+    out = [p + "\n" for p in parts[:-1]]
+    if parts[-1]:
+        out.append(parts[-1])
+    return out
+
+
 def _line_edits(old: str, new: str, base: int) -> list[_Edit]:
-    """Edits for the changed middle: a line diff, with small replaced blocks refined."""
-    old_lines = old.splitlines(keepends=True)
-    new_lines = new.splitlines(keepends=True)
+    """Edits for the changed middle: a line diff; replaced lines are replaced whole, except
+    a single long line (> LONG_LINE_CHARS), which is refined by characters."""
+    # Lines end at "\n" only: str.splitlines also breaks at \r, \x1c-\x1e, \x85, \u2028...,
+    # which would replace part of a line and let concurrent edits of it interleave again.
+    old_lines = _split_lines(old)
+    new_lines = _split_lines(new)
 
     # Character offsets of each old/new line start, to map line numbers back to characters.
     old_starts = [0]
@@ -301,7 +330,12 @@ def _line_edits(old: str, new: str, base: int) -> list[_Edit]:
             n1, n2 = new_starts[j], new_starts[mj]
             old_block, new_block = old[o1:o2], new[n1:n2]
             refined = None
-            if old_block and new_block and len(old_block) + len(new_block) <= CHAR_REFINE_MAX_CHARS:
+            if (
+                mi - i == 1
+                and mj - j == 1
+                and max(len(old_block), len(new_block)) > LONG_LINE_CHARS
+            ):
+                # One long line changed: character edits (a whole-line resend costs too much).
                 refined = _char_edits(old_block, new_block, base + o1)
             if refined is not None:
                 edits.extend(refined)
@@ -311,14 +345,60 @@ def _line_edits(old: str, new: str, base: int) -> list[_Edit]:
     return edits
 
 
-def diff_ops(old: str, new: str) -> list[TextOp]:
-    """Ops that turn ``old`` into ``new``, few and small (see the module docstring for the
-    position convention).
+def _is_line_start(s: str, pos: int) -> bool:
+    return pos == 0 or s[pos - 1] == "\n"
 
-    The common prefix and suffix are trimmed first, so a one-character edit in a 1 MB file
-    costs O(n) memcmp and yields a single op. The changed middle is diffed by lines; replaced
-    line blocks of at most ``CHAR_REFINE_MAX_CHARS`` are refined by characters, so changing a
-    word on a line does not replace the whole line.
+
+def _is_line_end(s: str, pos: int) -> bool:
+    return pos == len(s) or s[pos] == "\n"
+
+
+def _line_len_at(s: str, pos: int) -> int:
+    """Length (with its newline) of the line of ``s`` containing index ``pos``."""
+    start = s.rfind("\n", 0, pos) + 1
+    end = s.find("\n", pos)
+    return (len(s) if end < 0 else end + 1) - start
+
+
+def _whole_lines(text: str, pos: int, chunk: str) -> bool:
+    """True when inserting/deleting ``chunk`` at ``pos`` of ``text`` (the text without the
+    chunk) adds/removes whole lines only: it sits at a line start and ends with a newline (or
+    ends the file), or it starts with a newline and sits at a line end (appending a line to a
+    file that has no final newline)."""
+    if _is_line_start(text, pos) and (chunk.endswith("\n") or pos == len(text)):
+        return True
+    return chunk.startswith("\n") and _is_line_end(text, pos)
+
+
+def _own_line_at_eof(edit: _Edit, old: str) -> _Edit:
+    """A replaced last line without a final newline also takes the newline before it.
+
+    Without this, two devices replacing the unterminated last line ``foo`` by ``bar`` and
+    ``baz`` would merge into ``barbaz`` (no newline between the two inserts); replacing
+    ``\\nfoo`` by ``\\nbar`` and ``\\nbaz`` merges into ``\\nbar\\nbaz``. The newline before
+    ``start`` belongs to an unchanged line, never to an earlier edit (line-diff gaps are
+    separated by at least one matching line).
+    """
+    start, end, ins = edit
+    if (
+        end == len(old)
+        and start > 0
+        and old[start - 1] == "\n"
+        and start < end
+        and ins
+        and not (ins.endswith("\n") and old.endswith("\n"))
+    ):
+        return (start - 1, end, "\n" + ins)
+    return edit
+
+
+def diff_ops(old: str, new: str) -> list[TextOp]:
+    """Ops that turn ``old`` into ``new`` (see the module docstring for the position
+    convention and for the merge granularity: whole lines, except lines longer than
+    ``LONG_LINE_CHARS``).
+
+    The common prefix and suffix are trimmed first with memcmp-speed comparisons, so a
+    one-character edit in a 1 MB file costs O(n) and yields one op replacing that one line.
     """
     if old == new:
         return []
@@ -327,18 +407,43 @@ def diff_ops(old: str, new: str) -> list[TextOp]:
     old_mid = old[prefix : len(old) - suffix]
     new_mid = new[prefix : len(new) - suffix]
 
+    if not old_mid and _whole_lines(old, prefix, new_mid):
+        return [TextOp(prefix, 0, new_mid)]
+    if not new_mid and _whole_lines(new, prefix, old_mid):
+        return [TextOp(prefix, len(old_mid), "")]
+
+    # Widen the changed region to whole lines: the prefix back to a line start, the suffix
+    # forward to start after a newline. A long line is left cut where the characters differ.
+    long_cut = False
+    if not _is_line_start(old, prefix):
+        if max(_line_len_at(old, prefix), _line_len_at(new, prefix)) <= LONG_LINE_CHARS:
+            prefix = old.rfind("\n", 0, prefix) + 1
+        else:
+            long_cut = True
+    old_end, new_end = len(old) - suffix, len(new) - suffix
+    if suffix and not (_is_line_start(old, old_end) and _is_line_start(new, new_end)):
+        if max(_line_len_at(old, old_end - 1), _line_len_at(new, new_end - 1)) <= LONG_LINE_CHARS:
+            nl = old.find("\n", old_end)
+            suffix = 0 if nl < 0 else len(old) - (nl + 1)
+        else:
+            long_cut = True
+    old_mid = old[prefix : len(old) - suffix]
+    new_mid = new[prefix : len(new) - suffix]
+
     if not old_mid or not new_mid:
         edits: list[_Edit] = [(prefix, prefix + len(old_mid), new_mid)]
     elif (
-        "\n" not in old_mid
+        long_cut
+        and "\n" not in old_mid
         and "\n" not in new_mid
-        and (len(old_mid) + len(new_mid) <= CHAR_REFINE_MAX_CHARS)
+        and len(old_mid) + len(new_mid) <= CHAR_REFINE_MAX_CHARS
     ):
-        # Change within one line: go straight to characters.
+        # A change inside one long line (the widening above stopped inside it): characters.
         edits = _char_edits(old_mid, new_mid, prefix) or [(prefix, prefix + len(old_mid), new_mid)]
     else:
         edits = _line_edits(old_mid, new_mid, prefix)
-    edits = _coalesce(edits, old_mid, prefix)
+    if not long_cut and edits:
+        edits[-1] = _own_line_at_eof(edits[-1], old)
 
     # Old coordinates -> sequential coordinates: shift by the net growth of earlier ops.
     ops: list[TextOp] = []

@@ -1,4 +1,5 @@
-"""textdiff: minimal ops, UTF-8 byte offsets, application to a real pycrdt Text."""
+"""textdiff: few ops at line granularity (characters only within long lines), UTF-8 byte
+offsets, application to a real pycrdt Text. Merge behaviour: test_line_merge.py."""
 
 from __future__ import annotations
 
@@ -98,27 +99,48 @@ def test_equal_texts_give_no_ops() -> None:
     assert diff_ops("", "") == []
 
 
-def test_pure_insert_and_pure_delete() -> None:
+def test_pure_insert_and_pure_delete_of_whole_lines() -> None:
     assert diff_ops("", "abc") == [TextOp(0, 0, "abc")]
     assert diff_ops("abc", "") == [TextOp(0, 3, "")]
-    assert diff_ops("hello world", "hello brave world") == [TextOp(6, 0, "brave ")]
-    assert diff_ops("hello brave world", "hello world") == [TextOp(6, 6, "")]
+    assert diff_ops("a\nb\n", "a\nnew\nb\n") == [TextOp(2, 0, "new\n")]
+    assert diff_ops("a\nnew\nb\n", "a\nb\n") == [TextOp(2, 4, "")]
+    # Appending a line to a file without a final newline inserts "\n..." after the last line.
+    assert diff_ops("a\nb", "a\nb\nc") == [TextOp(3, 0, "\nc")]
 
 
-def test_one_char_edit_in_a_megabyte_is_one_tiny_op() -> None:
+def test_insert_or_delete_inside_a_line_replaces_the_line() -> None:
+    # Merge granularity is the line (see textdiff's docstring and test_line_merge.py).
+    assert diff_ops("hello world", "hello brave world") == [TextOp(0, 11, "hello brave world")]
+    assert diff_ops("x\nhello brave world\ny\n", "x\nhello world\ny\n") == [
+        TextOp(2, 18, "hello world\n")
+    ]
+
+
+def test_one_char_edit_in_a_megabyte_is_one_op_on_one_line() -> None:
     old = "".join(f"line {i} with some text é😀\n" for i in range(40_000))
     assert len(old) > 1_000_000
     mid = len(old) // 2
     new = old[:mid] + "Q" + old[mid + 1 :]
     ops = diff_ops(old, new)
     assert len(ops) == 1
-    assert ops[0].delete == 1 and ops[0].insert == "Q"
+    line_start = old.rfind("\n", 0, mid) + 1
+    line_end = old.index("\n", mid) + 1
+    assert (ops[0].pos, ops[0].delete) == (line_start, line_end - line_start)
+    assert ops[0].insert == new[line_start:line_end]
     assert apply_ops_to_str(old, ops) == new
 
 
-def test_word_change_on_a_line_does_not_replace_the_line() -> None:
+def test_word_change_replaces_only_that_line() -> None:
     old = "first line\nthe quick brown fox jumps over the lazy dog\nlast line\n"
     new = "first line\nthe quick red fox jumps over the lazy dog\nlast line\n"
+    ops = diff_ops(old, new)
+    assert ops == [TextOp(11, 44, "the quick red fox jumps over the lazy dog\n")]
+
+
+def test_word_change_on_a_long_line_does_not_replace_the_line() -> None:
+    filler = " ".join(f"w{i}" for i in range(400))  # > LONG_LINE_CHARS
+    old = f"first line\nthe quick brown fox {filler}\nlast line\n"
+    new = f"first line\nthe quick red fox {filler}\nlast line\n"
     ops = diff_ops(old, new)
     assert len(ops) == 1
     assert ops[0].delete <= len("brown") and len(ops[0].insert) <= len("red")
@@ -158,7 +180,7 @@ def test_ops_follow_the_sequential_convention() -> None:
     old = "aaaa\nbbbb\ncccc\n"
     new = "aaaaXXXXXX\nbbbb\nccccY\n"
     ops = diff_ops(old, new)
-    assert ops == [TextOp(4, 0, "XXXXXX"), TextOp(20, 0, "Y")]
+    assert ops == [TextOp(0, 5, "aaaaXXXXXX\n"), TextOp(16, 5, "ccccY\n")]
 
 
 # ------------------------------------------------------------------------------------------
