@@ -39,7 +39,7 @@ import posixpath
 import re
 import time
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
@@ -144,7 +144,9 @@ def fold_name(path: str, fold_case: bool = False) -> str:
     return nfc.casefold() if fold_case else nfc
 
 
-def _place_group(group: list[FileEntry], needed: bool) -> tuple[list[FileEntry], list[FileEntry]]:
+def _place_group(
+    group: Sequence[FileEntry], needed: bool
+) -> tuple[list[FileEntry], list[FileEntry]]:
     """(winners, losers) among the entries claiming one path (``group`` sorted by rank);
     ``needed``: some other placed entry lives under the path, so it must be a folder."""
     losers: list[FileEntry] = []
@@ -291,8 +293,11 @@ class LayoutCache:
         self._namer = namer
         self._layout: Layout | None = None
         self._claim: dict[str, str] = {}  # fid -> the path its alive entry claims
-        self._claims: dict[str, list[FileEntry]] = {}  # path -> claiming entries, by rank
-        self._spell: dict[str, set[str]] = {}  # fold_name -> claimed paths
+        # path -> claiming entries, by rank (tuples for the same reason as _spell)
+        self._claims: dict[str, tuple[FileEntry, ...]] = {}
+        # fold_name -> claimed paths. Tuples, not sets: nearly every fold has one spelling, and
+        # 10,000 one-element sets cost ~2.3 MB of an idle agent (a 1-tuple is a quarter of that).
+        self._spell: dict[str, tuple[str, ...]] = {}
         self._below: dict[str, int] = {}  # folder -> claimed paths under it (needed_dirs)
         self._extra: frozenset[str] = frozenset()  # folders of conflict names
         self._hot: set[str] = set()  # folded names near a conflict copy: changes go full
@@ -319,9 +324,9 @@ class LayoutCache:
         for e in sorted((e for e in entries.values() if e.alive and e.path is not None), key=_rank):
             assert e.path is not None
             self._claim[e.fid] = e.path
-            self._claims.setdefault(e.path, []).append(e)
+            self._claims[e.path] = (*self._claims.get(e.path, ()), e)
         for p in self._claims:
-            self._spell.setdefault(self._fold(p), set()).add(p)
+            self._add_spelling(p)
         respelled: set[str] = set()
         for spelled in self._spell.values():
             if len(spelled) > 1 and not all(
@@ -403,7 +408,7 @@ class LayoutCache:
             old = self._claim.pop(fid, None)
             if old is not None:
                 touched.add(old)
-                rest = [e for e in self._claims.get(old, ()) if e.fid != fid]
+                rest = tuple(e for e in self._claims.get(old, ()) if e.fid != fid)
                 if rest:
                     self._claims[old] = rest
                 else:
@@ -417,16 +422,15 @@ class LayoutCache:
             self._claim[fid] = new
             claimants = self._claims.get(new)
             if claimants is None:
-                self._claims[new] = [e]
-                self._spell.setdefault(self._fold(new), set()).add(new)
+                self._claims[new] = (e,)
+                self._add_spelling(new)
                 for d in _ancestors(new):
                     n = self._below.get(d, 0)
                     self._below[d] = n + 1
                     if n == 0:
                         touched.add(d)  # a file claiming d now loses it to the folder
             else:
-                claimants.append(e)
-                claimants.sort(key=_rank)
+                self._claims[new] = tuple(sorted((*claimants, e), key=_rank))
         for p in list(touched):
             touched.update(self._spell.get(self._fold(p), ()))
         for p in touched:
@@ -465,14 +469,20 @@ class LayoutCache:
         assert self._layout is not None
         return self._layout, before
 
+    def _add_spelling(self, path: str) -> None:
+        fold = self._fold(path)
+        spelled = self._spell.get(fold, ())
+        if path not in spelled:
+            self._spell[fold] = (*spelled, path)
+
     def _unclaim(self, path: str, touched: set[str]) -> None:
         del self._claims[path]
         fold = self._fold(path)
-        spelled = self._spell.get(fold)
-        if spelled is not None:
-            spelled.discard(path)
-            if not spelled:
-                del self._spell[fold]
+        rest = tuple(p for p in self._spell.get(fold, ()) if p != path)
+        if rest:
+            self._spell[fold] = rest
+        else:
+            self._spell.pop(fold, None)
         for d in _ancestors(path):
             n = self._below.get(d, 0) - 1
             if n <= 0:
