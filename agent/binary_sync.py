@@ -294,18 +294,27 @@ class BinarySync:
         are kept."""
         sync = self.sync
         wanted: dict[bytes, tuple[str, Head]] = {}
-        split = False
+        split: set[bytes] = set()
         for fid, path in desired.items():
             heads = manifest_heads(sync.index.fields(fid.hex()))
             if not heads:
                 continue  # created but its manifest not here yet (or invalid)
             winner, losers = choose(heads)
-            if losers and sync.send_block is None:
-                self._split(fid, entries[fid.hex()], losers, batch)
-                split = True
+            if (
+                losers
+                and sync.send_block is None
+                and self._split(fid, entries[fid.hex()], losers, batch)
+            ):
+                # SpaceSync commits the split and reconciles this fid again (the split marks
+                # it changed). Only this one waits: returning here for every file, as before,
+                # left the other files of the batch unscheduled — and since reconciles are
+                # scoped to what a batch touched, a new binary file that arrived together with
+                # a conflicting version of another was never downloaded. A split that wrote
+                # nothing (no valid conflict name: a garbage device id) changes nothing to
+                # wait for: the winner is scheduled now.
+                split.add(fid)
+                continue
             wanted[fid] = (path, winner)
-        if split:
-            return  # SpaceSync commits the split and reconciles again
         for fid, (path, head) in wanted.items():
             rec = sync.files.get(path)
             if rec is not None and rec.fid == fid and rec.hash == head.manifest.hash:
@@ -326,16 +335,23 @@ class BinarySync:
                 mode = 0o755 if entries[fid.hex()].mode & 0o111 else 0o644
                 self.down[fid] = DownJob(fid, path, head, mode)
                 self._down_wake.set()
-        for fid in [f for f in self.down if f not in wanted and (scope is None or f in scope)]:
+        for fid in [
+            f
+            for f in self.down
+            if f not in wanted and f not in split and (scope is None or f in scope)
+        ]:
             del self.down[fid]
         self._note_pending()
 
     def _split(
         self, fid: bytes, entry: FileEntry, losers: dict[bytes, list[Head]], batch: _Batch
-    ) -> None:
+    ) -> bool:
+        """Write a conflict entry for each losing version and mark it split off ``fid``.
+        False if none could be split (nothing written)."""
         index = self.sync.index
         base_path = strip_conflict_marker(entry.path or "")
         key = self.sync.keyring.file_id_key
+        wrote = False
         for content_hash, group in sorted(losers.items()):
             first = min(group, key=lambda h: (h.ts, h.dev))
             cfid = conflict_fid(key, fid, content_hash).hex()
@@ -358,7 +374,9 @@ class BinarySync:
             )
             marks = {f"x:{h.dev}": h.vv[h.dev] for h in group}
             batch.add(INDEX_DOC_ID, index.put_fields(fid.hex(), marks))
+            wrote = True
             log.info("binary conflict: %s split off as %s", entry.path, name)
+        return wrote
 
     # -- status ------------------------------------------------------------------------------
     def pending(self) -> tuple[int, int, int, int]:
