@@ -416,6 +416,9 @@ class RelayLink:
                 self.sync.order.settled()
                 self.state.caught_up = True
                 self.caught_up.set()
+            # Not kept alive while waiting for the next delivery: after a large catch-up the
+            # last batch's envelopes (MBs) were held by these locals for as long as it was idle.
+            del first, batch, real
 
     def _schedule_resend(self) -> None:
         loop = asyncio.get_running_loop()

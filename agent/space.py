@@ -1717,6 +1717,12 @@ class SpaceSync:
             if st is None or target == old:
                 continue
             await self._forget(old)
+            if (st.size, st.mtime_ns, st.inode) != (rec.size, rec.mtime_ns, rec.inode):
+                # Saved since we last read it: moved as it is, but recorded as last read, so
+                # the save is ingested rather than taken for the synced content (which left
+                # the file different from its document for good).
+                self._saved_meanwhile(fid, new)
+                st = DiskStat(rec.size, rec.mtime_ns, rec.inode, st.mode)
             await self._record_stat(new, fid, rec.hash, st)
         if staged:
             log.debug("moved %d file(s)", len(staged))
@@ -1927,15 +1933,7 @@ class SpaceSync:
         )
         for (fid, path, data, _job), res in zip(jobs, results, strict=True):
             if isinstance(res, ChangedOnDisk):
-                # Kept pending, with the document as it was before this batch's remote changes
-                # as its base: the save is diffed against that (not against the document, which
-                # would revert the remote changes), and _finish then writes the merged text.
-                base = self._inflight_bases.get(fid)
-                if base is not None and fid not in self._bases:
-                    self._bases[fid] = base
-                    self._bases_changed.add(fid)
-                self.unwritten.add(fid)
-                self._changed_on_disk.add(path)
+                self._saved_meanwhile(fid, path)
                 continue
             if isinstance(res, (OSError, UnsafePathError)):
                 if isinstance(res, OSError) and res.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -2088,6 +2086,18 @@ class SpaceSync:
         else:
             self.warnings.pop("deferred", None)
         return reason is not None
+
+    def _saved_meanwhile(self, fid: bytes, path: str) -> None:
+        """The user saved ``path`` after we last read it and before a write or move of ours
+        reached it: keep the document pending, with the document as it was before this batch's
+        remote changes as its base. _finish ingests the save against that base (diffing
+        against the document itself would revert the remote changes) and writes the merge."""
+        base = self._inflight_bases.get(fid)
+        if base is not None and fid not in self._bases:
+            self._bases[fid] = base
+            self._bases_changed.add(fid)
+        self.unwritten.add(fid)
+        self._changed_on_disk.add(path)
 
     async def _note_inflight_bases(self, fids: list[bytes]) -> None:
         """Remember, until this batch is written, what tracked documents were before a remote
