@@ -19,6 +19,7 @@ from local_space import make_sync
 from qmoi_sync.agent import space as space_mod
 from qmoi_sync.agent.materialize import WriteJob, write_files_atomic
 from qmoi_sync.agent.store import Store
+from qmoi_sync.agent.textdoc import text_of
 from qmoi_sync.protocol.identity import DeviceIdentity
 from qmoi_sync.protocol.membership import MembershipLog, Role
 
@@ -65,5 +66,52 @@ async def test_save_landing_before_a_remote_write_is_merged_not_overwritten(
         # The save became B's own edit, on its way to A.
         assert await store_b.outbox_count(b.space_id) > 0
         assert "notes.txt" not in {k.partition(":")[2] for k in b.warnings}
+    finally:
+        await store_b.close()
+
+
+async def test_save_landing_before_a_remote_rename_is_ingested_after_the_move(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same race with a rename from A: B's save lands just before B moves the file. The moved
+    file used to be recorded as holding the synced content, so the save was never ingested and
+    B's file differed from every other device's for good (tests/e2e random convergence seed
+    746109826)."""
+    admin, member = DeviceIdentity.generate(), DeviceIdentity.generate()
+    log, secret = MembershipLog.create(admin, time.time())
+    log.add_member(admin, member.public, Role.member, {0: secret}, time.time())
+    store_b = await Store.open(tmp_path / "b.db")
+    try:
+        a = await make_sync(store, tmp_path / "A", admin, log)
+        b = await make_sync(store_b, tmp_path / "B", member, log)
+        sent = 0
+
+        async def a_to_b() -> None:
+            nonlocal sent
+            for _seq, env in await store.outbox(a.space_id, after_seq=sent):
+                sent += 1
+                await b.handle_remote([(sent, env)])
+
+        (tmp_path / "A" / "old.txt").write_text("one\ntwo\n")
+        await a.handle_local(["old.txt"])
+        await a_to_b()
+        (tmp_path / "A" / "old.txt").rename(tmp_path / "A" / "new.txt")
+        await a.handle_local(["old.txt", "new.txt"])
+
+        saves = ["one\ntwo\nthree (b)\n"]
+        real_rename = space_mod.rename_file
+
+        def save_then_rename(root: Path, src: str, dst: str) -> object:
+            if saves and root == tmp_path / "B" and src == "old.txt":
+                (root / "old.txt").write_text(saves.pop())
+            return real_rename(root, src, dst)
+
+        monkeypatch.setattr(space_mod, "rename_file", save_then_rename)
+        await a_to_b()
+        assert not saves
+        assert not (tmp_path / "B" / "old.txt").exists()
+        assert (tmp_path / "B" / "new.txt").read_text() == "one\ntwo\nthree (b)\n"
+        # The save is B's edit of the file's document, on its way to A.
+        assert text_of(await b.doc(b.files["new.txt"].fid)) == "one\ntwo\nthree (b)\n"
     finally:
         await store_b.close()
