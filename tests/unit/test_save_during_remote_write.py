@@ -10,7 +10,9 @@ test puts it there by running it just before the real `write_files_atomic`."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -18,15 +20,19 @@ from local_space import make_sync
 
 from qmoi_sync.agent import space as space_mod
 from qmoi_sync.agent.materialize import WriteJob, write_files_atomic
+from qmoi_sync.agent.space import SpaceSync
 from qmoi_sync.agent.store import Store
 from qmoi_sync.agent.textdoc import text_of
 from qmoi_sync.protocol.identity import DeviceIdentity
 from qmoi_sync.protocol.membership import MembershipLog, Role
 
 
-async def test_save_landing_before_a_remote_write_is_merged_not_overwritten(
-    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@contextlib.asynccontextmanager
+async def two_devices(
+    store: Store, tmp_path: Path
+) -> AsyncIterator[tuple[SpaceSync, SpaceSync, Store, Callable[[], Awaitable[None]]]]:
+    """A (admin, folder A, ``store``) and B (member, folder B, its own store), and a function
+    handing A's new envelopes to B as the relay would."""
     admin, member = DeviceIdentity.generate(), DeviceIdentity.generate()
     log, secret = MembershipLog.create(admin, time.time())
     log.add_member(admin, member.public, Role.member, {0: secret}, time.time())
@@ -42,6 +48,15 @@ async def test_save_landing_before_a_remote_write_is_merged_not_overwritten(
                 sent += 1
                 await b.handle_remote([(sent, env)])
 
+        yield a, b, store_b, a_to_b
+    finally:
+        await store_b.close()
+
+
+async def test_save_landing_before_a_remote_write_is_merged_not_overwritten(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with two_devices(store, tmp_path) as (a, b, store_b, a_to_b):
         (tmp_path / "A" / "notes.txt").write_text("one\ntwo\nthree\n")
         await a.handle_local(["notes.txt"])
         await a_to_b()
@@ -66,8 +81,6 @@ async def test_save_landing_before_a_remote_write_is_merged_not_overwritten(
         # The save became B's own edit, on its way to A.
         assert await store_b.outbox_count(b.space_id) > 0
         assert "notes.txt" not in {k.partition(":")[2] for k in b.warnings}
-    finally:
-        await store_b.close()
 
 
 async def test_save_landing_before_a_remote_rename_is_ingested_after_the_move(
@@ -77,21 +90,7 @@ async def test_save_landing_before_a_remote_rename_is_ingested_after_the_move(
     file used to be recorded as holding the synced content, so the save was never ingested and
     B's file differed from every other device's for good (tests/e2e random convergence seed
     746109826)."""
-    admin, member = DeviceIdentity.generate(), DeviceIdentity.generate()
-    log, secret = MembershipLog.create(admin, time.time())
-    log.add_member(admin, member.public, Role.member, {0: secret}, time.time())
-    store_b = await Store.open(tmp_path / "b.db")
-    try:
-        a = await make_sync(store, tmp_path / "A", admin, log)
-        b = await make_sync(store_b, tmp_path / "B", member, log)
-        sent = 0
-
-        async def a_to_b() -> None:
-            nonlocal sent
-            for _seq, env in await store.outbox(a.space_id, after_seq=sent):
-                sent += 1
-                await b.handle_remote([(sent, env)])
-
+    async with two_devices(store, tmp_path) as (a, b, _store_b, a_to_b):
         (tmp_path / "A" / "old.txt").write_text("one\ntwo\n")
         await a.handle_local(["old.txt"])
         await a_to_b()
@@ -113,5 +112,3 @@ async def test_save_landing_before_a_remote_rename_is_ingested_after_the_move(
         assert (tmp_path / "B" / "new.txt").read_text() == "one\ntwo\nthree (b)\n"
         # The save is B's edit of the file's document, on its way to A.
         assert text_of(await b.doc(b.files["new.txt"].fid)) == "one\ntwo\nthree (b)\n"
-    finally:
-        await store_b.close()
