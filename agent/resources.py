@@ -19,6 +19,7 @@ import logging
 import os
 import platform as _platform
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -236,6 +237,9 @@ class ProcessUsage:
         self._proc = psutil.Process(self.pid)
         self._proc.cpu_percent(interval=None)  # prime
         self.started_at = self.started_at or wall()
+        # Uptime runs on the monotonic clock (a wall-clock step or an injected skew must not
+        # make it jump); anchored at started_at.
+        self._started_mono = time.monotonic() - max(0.0, wall() - self.started_at)
         self.sample()
 
     def sample(self) -> None:
@@ -249,4 +253,4 @@ class ProcessUsage:
 
     @property
     def uptime_s(self) -> float:
-        return max(0.0, wall() - self.started_at)
+        return time.monotonic() - self._started_mono
