@@ -47,6 +47,7 @@ from qmoi_sync.agent.status import (
     MemberStatus,
     OffenderStatus,
     RelayStatus,
+    RepairedGapStatus,
     SpaceState,
     SpaceStatus,
     StatusReport,
@@ -426,6 +427,10 @@ class SpaceRuntime:
             snapshot=self.snapshots.status(),
             offenders=self._offenders(infos),
             gaps=self._gaps(infos),
+            repaired_gaps=self._repaired(infos),
+            repair_requests=self.sync.repair.requests_sent,
+            repair_replies=self.sync.repair.replies_sent,
+            repair_ignored=self.sync.repair.requests_ignored + self.sync.repair.replies_ignored,
             **status_fields(self.binary),
         )
 
@@ -457,6 +462,23 @@ class SpaceRuntime:
             )
             for g in self.sync.order.gaps(self.sync.windows)
             if g.reported
+        ]
+
+    def _repaired(self, infos: dict[bytes, dict[str, Any]]) -> list[RepairedGapStatus]:
+        return [
+            RepairedGapStatus(
+                id=device_id(r.sender),
+                short_id=device_id(r.sender)[:7],
+                name=infos.get(r.sender, {}).get("name"),
+                first_missing=r.first_missing,
+                missing=r.missing,
+                since=_iso(r.since) or "",
+                repaired_at=_iso(r.at) or "",
+                repairs=r.repairs,
+                how=r.how,
+                by=device_id(r.by) if r.by is not None else None,
+            )
+            for r in self.sync.order.repaired
         ]
 
 

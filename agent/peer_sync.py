@@ -309,6 +309,7 @@ class SpaceLan:
         # The relay path's order follows what the reply covered too (held envelopes, gaps).
         order = self.sync.order.covered
         order[sender] = max(order.get(sender, 0), covered)
+        self.sync.order.note_filled(sender, "LAN resync", sender)
         await self.sync.release_held()
         released = self.buffer.set_next(sender, self._baseline(sender))
         if released:

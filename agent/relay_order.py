@@ -23,7 +23,8 @@ visible to the receiver:
   as that gets everything after the gap again). Attempts back off up to
   :data:`REPAIR_MAX_S`. A relay that withholds a sender's envelopes for good cannot be repaired
   through itself: the gap stays in ``status`` until a LAN peer (or another relay) brings the
-  content. After a few more attempts it is
+  content, or the state-vector resync through the relay does (agent/relay_repair.py: another
+  member answers with what it holds). After a few more attempts it is
   given up on (:meth:`RelayOrder.give_up`): what was held is applied, so the relay cursor is
   not held back for good.
 
@@ -36,12 +37,21 @@ with its sender either way.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qmoi_sync.protocol.replay import ReplayWindow
 
-__all__ = ["GAP_REPORT_S", "HELD_MAX", "REPAIR_MAX_S", "Gap", "RelayOrder"]
+__all__ = [
+    "GAP_REPORT_S",
+    "HELD_MAX",
+    "REPAIRED_KEPT",
+    "REPAIR_MAX_S",
+    "Gap",
+    "RelayOrder",
+    "Repaired",
+]
 
 #: A gap open this long is reported and a repair is attempted.
 GAP_REPORT_S = 3.0
@@ -50,6 +60,8 @@ REPAIR_MAX_S = 120.0
 #: Envelopes held for a missing predecessor, all senders together. Beyond this, an out-of-order
 #: envelope is applied anyway (pycrdt may then hold it pending; the resync repairs that).
 HELD_MAX = 4096
+#: Repaired gaps kept for `status` (most recent last).
+REPAIRED_KEPT = 16
 
 
 @dataclass
@@ -65,12 +77,28 @@ class Gap:
     reported: bool  # open for longer than GAP_REPORT_S
 
 
+@dataclass(frozen=True)
+class Repaired:
+    """A reported gap that closed, and how (`status` lists the last few)."""
+
+    sender: bytes
+    first_missing: int
+    missing: int
+    since: float  # unix time the gap was first seen
+    at: float  # unix time it closed
+    repairs: int  # repair attempts it took
+    how: str  # e.g. "relay re-subscription", "LAN resync", "state resync through the relay"
+    by: bytes | None  # the device whose state filled it (a resync), if known
+
+
 @dataclass
 class _Open:
     since_mono: float
     since_wall: float
     repairs: int = 0
     next_repair: float = 0.0
+    first_missing: int = 0
+    missing: int = 0
 
 
 @dataclass
@@ -89,6 +117,9 @@ class RelayOrder:
     resubscribe_from: int | None = None
     #: senders whose gap was given up on: their envelopes are no longer held (see give_up).
     unheld: set[bytes] = field(default_factory=set)
+    #: sender -> how its gap was just filled (a resync; read when the gap closes in refresh).
+    filled_by: dict[bytes, tuple[str, bytes | None]] = field(default_factory=dict)
+    repaired: deque[Repaired] = field(default_factory=lambda: deque(maxlen=REPAIRED_KEPT))
     _open: dict[bytes, _Open] = field(default_factory=dict)
 
     # -- subscription order ----------------------------------------------------------------
@@ -143,6 +174,15 @@ class RelayOrder:
             self.held.pop(sender, None)
         return None if item is None else (base, item[0], item[1])
 
+    def take_upto(self, sender: bytes, upto: int) -> list[tuple[int, int, bytes]]:
+        """The held envelopes of ``sender`` up to seq ``upto`` (seq, relay_seq, envelope), in
+        seq order, removed from the held set."""
+        h = self.held.get(sender, {})
+        out = [(seq, *h.pop(seq)) for seq in sorted(s for s in h if s <= upto)]
+        if not h:
+            self.held.pop(sender, None)
+        return out
+
     def cursor_limit(self) -> int | None:
         """The relay cursor may not pass this: below the oldest held envelope's relay_seq."""
         seqs = [rs for h in self.held.values() for rs, _e in h.values()]
@@ -164,17 +204,48 @@ class RelayOrder:
         top = max(got)
         return base, top - base + 1 - len(got), len(held)
 
-    def refresh(self, windows: dict[bytes, ReplayWindow]) -> None:
-        """Open (or close) each sender's gap record from its replay window and held set."""
+    def note_filled(self, sender: bytes, how: str, by: bytes | None) -> None:
+        """What is being applied may fill ``sender``'s gap: if it closes at the next
+        :meth:`refresh`, it is listed as repaired this way."""
+        self.filled_by[sender] = (how, by)
+
+    def refresh(self, windows: dict[bytes, ReplayWindow], via: str = "relay") -> None:
+        """Open (or close) each sender's gap record from its replay window and held set.
+        ``via``: what was just applied came from the relay or a LAN peer (how a gap that closes
+        now was filled, unless :meth:`note_filled` said)."""
         now, wall = self.clock(), time.time()
         senders = set(self.held) | set(self._open) | {s for s, w in windows.items() if w.above()}
+        senders |= set(self.filled_by)
         for sender in senders:
             window = windows.get(sender) or ReplayWindow()
-            if self._summary(sender, window) is None:
-                self._open.pop(sender, None)
+            summary = self._summary(sender, window)
+            filled = self.filled_by.pop(sender, None)
+            if summary is None:
+                o = self._open.pop(sender, None)
                 self.unheld.discard(sender)
-            elif sender not in self._open:
-                self._open[sender] = _Open(now, wall, next_repair=now + GAP_REPORT_S)
+                if o is not None and now - o.since_mono >= GAP_REPORT_S:
+                    if filled is None:
+                        how = "LAN peer" if via == "lan" else "late delivery by the relay"
+                        if via == "relay" and o.repairs:
+                            how = "relay re-subscription"
+                        filled = (how, None)
+                    self.repaired.append(
+                        Repaired(
+                            sender,
+                            o.first_missing,
+                            o.missing,
+                            o.since_wall,
+                            wall,
+                            o.repairs,
+                            filled[0],
+                            filled[1],
+                        )
+                    )
+                continue
+            o = self._open.get(sender)
+            if o is None:
+                o = self._open[sender] = _Open(now, wall, next_repair=now + GAP_REPORT_S)
+            o.first_missing, o.missing = summary[0], summary[1]
 
     def gaps(self, windows: dict[bytes, ReplayWindow]) -> list[Gap]:
         now = self.clock()
@@ -199,6 +270,10 @@ class RelayOrder:
                 o.next_repair = now + min(REPAIR_MAX_S, GAP_REPORT_S * 2 ** (o.repairs - 1))
                 due.append(sender)
         return due
+
+    def top_seen(self, sender: bytes, window: ReplayWindow) -> int:
+        """The highest seq of ``sender`` this device received (applied or held)."""
+        return max([window.highest, *self.held.get(sender, {})])
 
     def give_up(self, sender: bytes) -> None:
         """The gap will not be filled (repairs exhausted): stop holding this sender's

@@ -21,6 +21,7 @@ import errno
 import logging
 import math
 import os
+import random
 import re
 import time
 from collections import OrderedDict
@@ -69,6 +70,7 @@ from qmoi_sync.agent.offenders import LAN, RELAY, Offenders
 from qmoi_sync.agent.rate import SpaceRates
 from qmoi_sync.agent.read_retry import ReadRetry
 from qmoi_sync.agent.relay_order import RelayOrder
+from qmoi_sync.agent.relay_repair import RelayRepair, split_parts
 from qmoi_sync.agent.store import COMPACT_AFTER, FileRecord, SpaceRecord, Store
 from qmoi_sync.agent.textdoc import (
     adopt_text_doc,
@@ -84,7 +86,7 @@ from qmoi_sync.protocol.envelope import (
     seal,
     verify_envelope_signature,
 )
-from qmoi_sync.protocol.errors import PathError, ProtocolError
+from qmoi_sync.protocol.errors import PathError, ProtocolError, TooLargeError
 from qmoi_sync.protocol.identity import DeviceIdentity, device_id
 from qmoi_sync.protocol.lan import direct_seq, is_direct_seq
 from qmoi_sync.protocol.membership import Role
@@ -94,6 +96,9 @@ from qmoi_sync.protocol.payload import (
     DeviceInfo,
     DocUpdate,
     Payload,
+    RepairGap,
+    RepairReply,
+    RepairRequest,
     StateReply,
     StateRequest,
     Updates,
@@ -236,6 +241,9 @@ class SpaceSync:
         self.windows: dict[bytes, ReplayWindow] = {}
         # Per-sender order, gaps and their repair on the relay path (agent/relay_order.py).
         self.order = RelayOrder()
+        # State-vector resync through the relay, for gaps re-subscribing does not fill
+        # (agent/relay_repair.py).
+        self.repair = RelayRepair()
         # Who sent what this device refused (agent/offenders.py): `status` names them.
         self.offenders = Offenders()
         # Asked (by the relay-order repair) to resync with a LAN peer about a sender's gap;
@@ -1093,6 +1101,7 @@ class SpaceSync:
             pending = pending[len(done) :]
             if waiting:
                 final = not await self._await_new_keyring(before)
+        await self._answer_repairs()
 
     async def _await_new_keyring(self, before: Keyring) -> bool:
         if self.keyring is not before:
@@ -1199,6 +1208,14 @@ class SpaceSync:
             # below this seq (which the new relay never had) — not a gap; late copies of those
             # are replays (the window is persisted with the batch).
             window.advance_to(seq - 1)
+        if isinstance(payload, RepairRequest | RepairReply):
+            # Never held for a gap in its sender's stream: a reply's updates are a diff against
+            # this device's own state vectors, so they have what they depend on.
+            if direct:
+                await self._quarantine(sender, "repair payload outside the stream", envelope)
+            else:
+                await self._on_repair(sender, seq, role, payload, envelope, batch, dirty)
+            return consumed()
         # A relay envelope past a gap in its sender's seqs (the relay dropped, withheld or
         # reordered): applied at once unless its updates lack a dependency, then held.
         out_of_order = not peer and not direct and seq > self.order.baseline(sender, window)
@@ -1222,39 +1239,7 @@ class SpaceSync:
                 if lacks and self.order.can_hold() and sender not in self.order.unheld:
                     self.order.hold(sender, seq, relay_seq, envelope)
                     return True
-            # Before a remote change lands on a document, make sure any edit the user already
-            # saved to that file is in the CRDT; otherwise materializing would overwrite it.
-            await self._absorb_unsaved(
-                [i.doc_id for i in payload.items if i.doc_id != INDEX_DOC_ID], batch
-            )
-            if self._disk_note is not None:
-                await self._keep_bases([i.doc_id for i in payload.items])
-            await self._note_inflight_bases([i.doc_id for i in payload.items])
-            applied: list[tuple[bytes, bytes]] = []
-            for item, scratch in zip(payload.items, scratches, strict=True):
-                try:
-                    if item.doc_id == INDEX_DOC_ID:
-                        self.index.apply_update(item.update)
-                        if self.index.legacy_keys:
-                            # An older agent's entries are never materialized (no kind).
-                            self.warnings["index-schema"] = (
-                                "a device of this space runs an older qmoi-sync (index "
-                                "schema 1): its files are ignored until it is updated"
-                            )
-                    elif not await self._adopt_new_doc(item.doc_id, scratch):
-                        (await self._doc(item.doc_id)).apply_update(item.update)
-                except BaseException as exc:
-                    if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
-                        raise
-                    await self._quarantine(sender, f"update rejected by CRDT: {exc!r}", envelope)
-                    await self._reload_doc(item.doc_id)
-                    continue
-                applied.append((item.doc_id, item.update))
-                dirty.add(item.doc_id)
-            # Only what a live document accepted is made durable: a rejected update must not
-            # come back at the next start and poison the document it failed on.
-            if applied:
-                await self.store.append_doc_updates(self.space_id, applied)
+            await self._apply_items(sender, payload.items, scratches, envelope, batch, dirty)
         elif isinstance(payload, DeviceInfo):
             info: dict[str, object] = {
                 "name": payload.name,
@@ -1266,6 +1251,246 @@ class SpaceSync:
             await self.store.put_device_info(self.space_id, sender, info)
         self.stats.applied_envelopes += 1
         return consumed()
+
+    async def _apply_items(
+        self,
+        sender: bytes,
+        items: list[DocUpdate],
+        scratches: list[Doc],
+        envelope: bytes,
+        batch: _Batch,
+        dirty: set[bytes],
+    ) -> None:
+        """Apply verified, scratch-checked updates of ``sender`` to the live documents."""
+        # Before a remote change lands on a document, make sure any edit the user already
+        # saved to that file is in the CRDT; otherwise materializing would overwrite it.
+        await self._absorb_unsaved([i.doc_id for i in items if i.doc_id != INDEX_DOC_ID], batch)
+        if self._disk_note is not None:
+            await self._keep_bases([i.doc_id for i in items])
+        await self._note_inflight_bases([i.doc_id for i in items])
+        applied: list[tuple[bytes, bytes]] = []
+        for item, scratch in zip(items, scratches, strict=True):
+            try:
+                if item.doc_id == INDEX_DOC_ID:
+                    self.index.apply_update(item.update)
+                    if self.index.legacy_keys:
+                        # An older agent's entries are never materialized (no kind).
+                        self.warnings["index-schema"] = (
+                            "a device of this space runs an older qmoi-sync (index "
+                            "schema 1): its files are ignored until it is updated"
+                        )
+                elif not await self._adopt_new_doc(item.doc_id, scratch):
+                    (await self._doc(item.doc_id)).apply_update(item.update)
+            except BaseException as exc:
+                if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
+                    raise
+                await self._quarantine(sender, f"update rejected by CRDT: {exc!r}", envelope)
+                await self._reload_doc(item.doc_id)
+                continue
+            applied.append((item.doc_id, item.update))
+            dirty.add(item.doc_id)
+        # Only what a live document accepted is made durable: a rejected update must not
+        # come back at the next start and poison the document it failed on.
+        if applied:
+            await self.store.append_doc_updates(self.space_id, applied)
+
+    # -- state-vector resync through the relay (agent/relay_repair.py) ---------------------------
+    async def _on_repair(
+        self,
+        sender: bytes,
+        seq: int,
+        role: Role | None,
+        payload: RepairRequest | RepairReply,
+        envelope: bytes,
+        batch: _Batch,
+        dirty: set[bytes],
+    ) -> None:
+        """A repair request (queued, answered after the batch: _answer_repairs) or a reply
+        (applied only if it answers a request of this device that still waits)."""
+        me = self.identity.public.sign_pk
+        if isinstance(payload, RepairRequest):
+            self.repair.offer(sender, payload, me, member=self.keyring.is_member(sender))
+            return
+        if payload.requester != me:
+            return  # for another device: consumed (its seq), nothing applied
+        if not self.repair.accepts(payload, me):
+            self.repair.replies_ignored += 1
+            log.info("space %s: ignored a repair reply to no request of ours", self.space_id[:8])
+            return
+        if role is Role.reader:
+            await self._quarantine(sender, "content change from a read-only member", envelope)
+            return
+        if payload.items:
+            scratches = _scratch_apply(payload.items)
+            if scratches is None:
+                await self._quarantine(sender, "malformed CRDT update", envelope)
+                return
+            await self._apply_items(sender, payload.items, scratches, envelope, batch, dirty)
+        senders = self.repair.part_received(payload, sender)
+        if senders is None:
+            return  # more parts to come: covers hold only for the whole reply
+        for covered, upto in payload.covers:
+            if covered not in senders or covered == me:
+                continue
+            window = self.windows.setdefault(covered, ReplayWindow())
+            if covered == sender:
+                # Its own stream: its reply comes after every envelope it sealed before.
+                window.advance_to(min(upto, seq - 1))
+            else:
+                # Another's: the gap counts as filled, but the window stays (see relay_repair),
+                # and what was held for the gap is applied now, not dropped: if the replier
+                # lied, those envelopes are still in, and the missing ones apply when they come.
+                upto = min(upto, self.order.top_seen(covered, window))
+                if upto > self.order.covered.get(covered, 0):
+                    self.order.covered[covered] = upto
+                for _seq, relay_seq, held in self.order.take_upto(covered, upto):
+                    await self._apply_envelope(held, batch, dirty, relay_seq=relay_seq)
+            self.order.note_filled(covered, "state resync through the relay", sender)
+
+    async def _answer_repairs(self) -> None:
+        """Answer the repair requests the last batch delivered (outside its lock: a reply
+        walks every document)."""
+        if not self.repair.queued:
+            return
+        for requester, request in self.repair.take_due():
+            async with self.lock:
+                if self.send_block is not None or not self.keyring.is_member(requester):
+                    return
+                await self._answer_repair(requester, request)
+
+    async def _answer_repair(self, requester: bytes, request: RepairRequest) -> None:
+        me = self.identity.public.sign_pk
+        items = await self._diff_for(dict(request.items))
+        parts, complete = split_parts(items)
+        covers: list[tuple[bytes, int]] = []
+        for gap in request.gaps if complete else []:
+            if gap.sender == me:
+                covers.append((me, self.seq))
+            elif gap.sender != requester:
+                window = self.windows.get(gap.sender) or ReplayWindow()
+                upto = self.order.baseline(gap.sender, window) - 1
+                if upto > 0:
+                    covers.append((gap.sender, upto))
+        replies: list[Payload] = [
+            RepairReply(
+                request_id=request.request_id,
+                requester=requester,
+                part=i,
+                parts=len(parts),
+                covers=covers if i == len(parts) - 1 else [],
+                items=[DocUpdate(d, u) for d, u in part],
+            )
+            for i, part in enumerate(parts)
+        ]
+        await self._send_stream(replies)
+        self.repair.replies_sent += 1
+        log.info(
+            "space %s: answered a repair request of %s (%d part(s), %d bytes%s)",
+            self.space_id[:8],
+            device_id(requester)[:9],
+            len(parts),
+            sum(len(u) for _d, u in items),
+            "" if complete else ", truncated",
+        )
+
+    async def request_relay_repair(self) -> bool:
+        """Ask other members, through the relay, for what this device misses of the senders
+        whose gaps are open (agent/relay_repair.py). False if not sent (rate limit, nothing
+        to ask, cannot send)."""
+        if not self.repair.may_request():
+            return False
+        async with self.lock:
+            if self.send_block is not None:
+                return False
+            gaps = [
+                RepairGap(
+                    g.sender,
+                    g.first_missing,
+                    max(
+                        g.first_missing,
+                        self.order.top_seen(g.sender, self.windows.get(g.sender) or ReplayWindow()),
+                    ),
+                )
+                for g in self.order.gaps(self.windows)
+            ]
+            if not gaps:
+                return False
+            me = self.identity.public.sign_pk
+            members = self.keyring.log.members()
+            writers = [
+                pk
+                for pk in members
+                if pk != me and self.keyring.role_of(pk) not in (None, Role.reader)
+            ]
+            random.shuffle(writers)  # the extra devices asked change from one request to the next
+            request = self.repair.new_request(gaps, writers, await self._state_vectors())
+            try:
+                await self._send_stream([request])
+            except TooLargeError as exc:
+                log.warning("space %s: cannot ask for a repair: %s", self.space_id[:8], exc)
+                return False
+        log.info(
+            "space %s: asked %d device(s) through the relay for %d sender gap(s)",
+            self.space_id[:8],
+            len(request.responders),
+            len(gaps),
+        )
+        return True
+
+    async def _send_stream(self, payloads: list[Payload]) -> None:
+        """Seal payloads that are not document updates into this device's stream (outbox, LAN
+        peers), as _commit does for updates. Raises TooLargeError before sealing anything."""
+        plaintexts = [encode_payload(p) for p in payloads]
+        sealed: list[tuple[int, bytes]] = []
+        async with self.store.transaction():
+            for plaintext in plaintexts:
+                self.seq += 1
+                envelope = seal(
+                    identity=self.identity,
+                    space_id=self.space_bytes,
+                    epoch=self.keyring.current_epoch,
+                    msg_key=self.keyring.msg_key,
+                    seq=self.seq,
+                    plaintext=plaintext,
+                )
+                await self.store.add_outbox(self.space_id, self.seq, envelope)
+                sealed.append((self.seq, envelope))
+            await self.store.set_counter(self.space_id, "seq", self.seq)
+        self.stats.sent_envelopes += 1
+        self.outbox_changed.set()
+        if self.on_sealed is not None:
+            self.on_sealed(sealed)
+
+    async def _state_vectors(self) -> list[tuple[bytes, bytes]]:
+        """(doc id, state vector) of every document of the space, the index first."""
+        items = [(INDEX_DOC_ID, self.index.state_vector())]
+        for doc_id in await self.store.doc_ids(self.space_id):
+            if doc_id != INDEX_DOC_ID:
+                items.append((doc_id, (await self._peek_doc(doc_id)).get_state()))
+        return items
+
+    async def _diff_for(self, theirs: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+        """Every update the given state vectors lack (documents not listed come whole); a
+        state vector that does not decode is skipped."""
+        items: list[tuple[bytes, bytes]] = []
+        doc_ids = [INDEX_DOC_ID] + [
+            d for d in await self.store.doc_ids(self.space_id) if d != INDEX_DOC_ID
+        ]
+        for doc_id in doc_ids:
+            sv = theirs.get(doc_id, b"\x00")
+            try:
+                if doc_id == INDEX_DOC_ID:
+                    diff = self.index.update_since(sv)
+                else:
+                    diff = (await self._peek_doc(doc_id)).get_update(sv)
+            except BaseException as exc:
+                if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
+                    raise
+                log.warning("state request: refused a state vector: %r", exc)
+                continue
+            if diff != b"\x00\x00":
+                items.append((doc_id, diff))
+        return items
 
     async def _release_held(self, batch: _Batch, dirty: set[bytes]) -> None:
         """Apply the held relay envelopes that are next in their sender's order now."""
@@ -1331,6 +1556,7 @@ class SpaceSync:
         if not due:
             return
         by_relay = []
+        by_state = False
         for sender in due:
             attempt = self.order.repairs_of(sender)
             if attempt > 1:
@@ -1338,10 +1564,15 @@ class SpaceSync:
                 # refused): the relay withheld it — or the sender skipped seqs on purpose.
                 self.offenders.note(RELAY, UNREPAIRED_GAP)
             hook = self.on_stream_gap
-            if (hook is None or not await hook(sender)) and attempt <= RELAY_REPAIRS:
-                by_relay.append(sender)
+            if hook is None or not await hook(sender):
+                if attempt <= RELAY_REPAIRS:
+                    by_relay.append(sender)
+                # Subscribing again did not fill it: ask other members through the relay.
+                by_state = by_state or attempt > 1
         if by_relay:
             self.order.request_resubscribe(by_relay)
+        if by_state:
+            await self.request_relay_repair()
         stuck = [s for s in due if self.order.repairs_of(s) >= GIVE_UP_REPAIRS]
         for sender in stuck:
             if sender not in self.order.unheld:
@@ -1393,8 +1624,9 @@ class SpaceSync:
                 done += 1
             # What a peer brought may be the gap relay envelopes were held for.
             await self._release_held(batch, dirty)
-            self.order.refresh(self.windows)
+            self.order.refresh(self.windows, via="lan")
             await self._finish(batch, dirty=dirty, delivered=[(0, e) for e in envelopes[:done]])
+        await self._answer_repairs()
         return done
 
     def _seal_direct(self, payload: Payload) -> bytes:
@@ -1429,11 +1661,7 @@ class SpaceSync:
         async with self.lock:
             if not self.keyring.can_write():
                 return None
-            items = [(INDEX_DOC_ID, self.index.state_vector())]
-            for doc_id in await self.store.doc_ids(self.space_id):
-                if doc_id != INDEX_DOC_ID:
-                    items.append((doc_id, (await self._peek_doc(doc_id)).get_state()))
-            return self._seal_direct(StateRequest(items=items))
+            return self._seal_direct(StateRequest(items=await self._state_vectors()))
 
     async def state_reply(self, request: StateRequest) -> list[bytes]:
         """Sync step 2: direct StateReply envelopes holding every update the requester's state
@@ -1442,25 +1670,7 @@ class SpaceSync:
         async with self.lock:
             if not self.keyring.can_write():
                 return []
-            theirs = dict(request.items)
-            items: list[tuple[bytes, bytes]] = []
-            doc_ids = [INDEX_DOC_ID] + [
-                d for d in await self.store.doc_ids(self.space_id) if d != INDEX_DOC_ID
-            ]
-            for doc_id in doc_ids:
-                sv = theirs.get(doc_id, b"\x00")
-                try:
-                    if doc_id == INDEX_DOC_ID:
-                        diff = self.index.update_since(sv)
-                    else:
-                        diff = (await self._peek_doc(doc_id)).get_update(sv)
-                except BaseException as exc:
-                    if isinstance(exc, (KeyboardInterrupt, SystemExit, asyncio.CancelledError)):
-                        raise
-                    log.warning("state request: refused a state vector: %r", exc)
-                    continue
-                if diff != b"\x00\x00":
-                    items.append((doc_id, diff))
+            items = await self._diff_for(dict(request.items))
             return [
                 self._seal_direct(StateReply(items=[DocUpdate(d, u) for d, u in chunk]))
                 for chunk in _split(items)

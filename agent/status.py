@@ -133,6 +133,23 @@ class GapStatus(BaseModel):
     repairs: int  # repair attempts (LAN resync / subscribing to the relay again)
 
 
+class RepairedGapStatus(BaseModel):
+    """A gap that was listed in ``gaps`` and closed, and how (the last few)."""
+
+    id: str
+    short_id: str
+    name: str | None = None
+    first_missing: int
+    missing: int
+    since: str  # ISO 8601 UTC, when it was first seen
+    repaired_at: str  # ISO 8601 UTC
+    repairs: int
+    # "relay re-subscription", "late delivery by the relay", "LAN resync", "LAN peer",
+    # "state resync through the relay"
+    how: str
+    by: str | None = None  # device id of the member whose state filled it (a resync)
+
+
 class SpaceStatus(BaseModel):
     id: str
     name: str
@@ -176,6 +193,12 @@ class SpaceStatus(BaseModel):
     # both empty when the agent is not running.
     offenders: list[OffenderStatus] = []
     gaps: list[GapStatus] = []
+    repaired_gaps: list[RepairedGapStatus] = []
+    # State-vector resync through the relay (agent/relay_repair.py): requests this device sent,
+    # replies it sent, and requests / replies it ignored (not for it, rate-limited, unknown).
+    repair_requests: int = 0
+    repair_replies: int = 0
+    repair_ignored: int = 0
 
 
 class PolicyStatus(BaseModel):

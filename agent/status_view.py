@@ -168,6 +168,12 @@ def refusal_lines(s: SpaceStatus) -> list[str]:
             f"gap: {g.short_id} {g.name or '?'}: {g.missing} envelope(s) missing from seq "
             f"{g.first_missing}, {g.held} held, since {g.since}, {g.repairs} repair attempt(s)"
         )
+    for r in s.repaired_gaps:
+        by = f" (from {r.by[:7]})" if r.by else ""
+        out.append(
+            f"gap repaired: {r.short_id} {r.name or '?'}: {r.missing} envelope(s) from seq "
+            f"{r.first_missing}, by {r.how}{by} at {r.repaired_at}"
+        )
     return out
 
 

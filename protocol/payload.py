@@ -12,7 +12,20 @@ kind    payload        body
         (full state)   state (this one and the next ones it sealed in the same commit), sealed
                        when it moved to another relay: it covers the sender's stream below this
                        seq, which the new relay never had (a receiver sees no gap there)
+0x07    RepairRequest  request_id 16 | responders: count u8 (<= 16) | sign_pk 32* |
+                       gaps: count u16 (<= 256) | (sender 32 | first_missing u64 | top u64)* |
+                       the 0x03 body (state vectors)
+0x08    RepairReply    request_id 16 | requester 32 | part u16 | parts u16 (part < parts) |
+                       covers: count u16 (<= 256) | (sender 32 | seq u64)* | the 0x01 body
 ======  =============  ==================================================================
+
+Kinds 0x07/0x08 are the state-vector resync *through the relay* (agent/relay_repair.py): stream
+envelopes (new seqs of their sender, so every device consumes them in order), addressed inside
+the sealed payload — the relay sees neither who asks whom nor what. A request names the devices
+asked to answer (none: any writer) and the gaps it is about; a reply names its request and
+requester, and ``covers`` says, per sender of those gaps, up to which of its seqs the replier's
+state holds everything (in the last part only; parts are numbered so a requester knows when a
+split reply is whole).
 
 The index document has the all-zero doc id (:data:`INDEX_DOC_ID`).
 
@@ -48,11 +61,17 @@ __all__ = [
     "MAX_ITEMS",
     "MAX_NAME",
     "MAX_PAYLOAD",
+    "MAX_REPAIR_GAPS",
+    "MAX_REPAIR_PARTS",
+    "MAX_RESPONDERS",
     "MAX_SHORT_STR",
     "Capabilities",
     "DeviceInfo",
     "DocUpdate",
     "Payload",
+    "RepairGap",
+    "RepairReply",
+    "RepairRequest",
     "StateReply",
     "StateRequest",
     "Updates",
@@ -132,11 +151,56 @@ class StateRequest:
     items: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
-Payload = Updates | DeviceInfo | StateRequest | StateReply
+#: Most devices one repair request asks, and most gaps / covers it is about.
+MAX_RESPONDERS = 16
+MAX_REPAIR_GAPS = 256
+#: Most parts one repair reply is split into.
+MAX_REPAIR_PARTS = 4096
+_REQUEST_ID_LEN = 16
+_PK_LEN = 32
+
+
+@dataclass(frozen=True)
+class RepairGap:
+    """A hole in ``sender``'s stream: seqs ``first_missing`` .. below ``top`` (the highest
+    received) did not all arrive."""
+
+    sender: bytes
+    first_missing: int
+    top: int
+
+
+@dataclass(frozen=True)
+class RepairRequest:
+    """Sync step 1 through the relay: "I miss these senders' seqs; here are my state vectors".
+    ``responders``: the devices asked to answer (empty: any writer of the space)."""
+
+    request_id: bytes
+    responders: list[bytes] = field(default_factory=list)
+    gaps: list[RepairGap] = field(default_factory=list)
+    items: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RepairReply:
+    """Sync step 2 through the relay, for ``requester`` only: part ``part`` of ``parts`` of the
+    diff against its state vectors. ``covers``: (sender, seq) — the replier's state holds every
+    update of ``sender`` up to ``seq`` (sent in the last part)."""
+
+    request_id: bytes
+    requester: bytes
+    part: int = 0
+    parts: int = 1
+    covers: list[tuple[bytes, int]] = field(default_factory=list)
+    items: list[DocUpdate] = field(default_factory=list)
+
+
+Payload = Updates | DeviceInfo | StateRequest | StateReply | RepairRequest | RepairReply
 
 _UPDATES, _DEVICE_INFO, _STATE_REQUEST, _STATE_REPLY = 0x01, 0x02, 0x03, 0x04
 _DEVICE_INFO_V2 = 0x05
 _FULL_STATE = 0x06
+_REPAIR_REQUEST, _REPAIR_REPLY = 0x07, 0x08
 
 
 def _encode_caps(cap: Capabilities) -> bytes:
@@ -222,6 +286,46 @@ def encode_payload(p: Payload) -> bytes:
         parts = [c.u8(kind), *_pairs([(u.doc_id, u.update) for u in p.items], "update")]
     elif isinstance(p, StateRequest):
         parts = [c.u8(_STATE_REQUEST), *_pairs(list(p.items), "state vector")]
+    elif isinstance(p, RepairRequest):
+        if len(p.responders) > MAX_RESPONDERS:
+            raise TooLargeError(f"repair request: {len(p.responders)} responders")
+        if len(p.gaps) > MAX_REPAIR_GAPS:
+            raise TooLargeError(f"repair request: {len(p.gaps)} gaps")
+        parts = [
+            c.u8(_REPAIR_REQUEST),
+            c.fixed(p.request_id, _REQUEST_ID_LEN, "request_id"),
+            c.u8(len(p.responders)),
+            *[c.fixed(pk, _PK_LEN, "responder") for pk in p.responders],
+            c.u16(len(p.gaps)),
+        ]
+        for g in p.gaps:
+            if not isinstance(g, RepairGap) or not 1 <= g.first_missing <= g.top:
+                raise MalformedError("repair request: a gap must be RepairGap, 1 <= first <= top")
+            parts += [
+                c.fixed(g.sender, _PK_LEN, "gap sender"),
+                c.u64(g.first_missing),
+                c.u64(g.top),
+            ]
+        parts += _pairs(list(p.items), "state vector")
+    elif isinstance(p, RepairReply):
+        if not 0 <= p.part < p.parts <= MAX_REPAIR_PARTS:
+            raise MalformedError(f"repair reply: part {p.part} of {p.parts}")
+        if len(p.covers) > MAX_REPAIR_GAPS:
+            raise TooLargeError(f"repair reply: {len(p.covers)} covers")
+        for it in p.items:
+            if not isinstance(it, DocUpdate):
+                raise MalformedError("items must be DocUpdate")
+        parts = [
+            c.u8(_REPAIR_REPLY),
+            c.fixed(p.request_id, _REQUEST_ID_LEN, "request_id"),
+            c.fixed(p.requester, _PK_LEN, "requester"),
+            c.u16(p.part),
+            c.u16(p.parts),
+            c.u16(len(p.covers)),
+        ]
+        for sender, seq in p.covers:
+            parts += [c.fixed(sender, _PK_LEN, "covered sender"), c.u64(seq)]
+        parts += _pairs([(u.doc_id, u.update) for u in p.items], "update")
     elif isinstance(p, DeviceInfo):
         parts = [
             c.u8(_DEVICE_INFO if p.capabilities is None else _DEVICE_INFO_V2),
@@ -265,6 +369,34 @@ def decode_payload(b: bytes) -> Payload:
         p = StateReply([DocUpdate(d, u) for d, u in _read_pairs(r, "update")])
     elif kind == _STATE_REQUEST:
         p = StateRequest(_read_pairs(r, "state vector"))
+    elif kind == _REPAIR_REQUEST:
+        request_id = r.take(_REQUEST_ID_LEN, "request_id")
+        n = r.u8("responder count")
+        if n > MAX_RESPONDERS:
+            raise TooLargeError(f"repair request: {n} responders, limit {MAX_RESPONDERS}")
+        responders = [r.take(_PK_LEN, f"responder {i}") for i in range(n)]
+        n = r.u16("gap count")
+        if n > MAX_REPAIR_GAPS:
+            raise TooLargeError(f"repair request: {n} gaps, limit {MAX_REPAIR_GAPS}")
+        gaps = []
+        for i in range(n):
+            gap = RepairGap(r.take(_PK_LEN, f"gap {i} sender"), r.u64("first"), r.u64("top"))
+            if not 1 <= gap.first_missing <= gap.top:
+                raise MalformedError(f"repair request: gap {i} is {gap.first_missing}..{gap.top}")
+            gaps.append(gap)
+        p = RepairRequest(request_id, responders, gaps, _read_pairs(r, "state vector"))
+    elif kind == _REPAIR_REPLY:
+        request_id = r.take(_REQUEST_ID_LEN, "request_id")
+        requester = r.take(_PK_LEN, "requester")
+        part, parts = r.u16("part"), r.u16("parts")
+        if not 0 <= part < parts <= MAX_REPAIR_PARTS:
+            raise MalformedError(f"repair reply: part {part} of {parts}")
+        n = r.u16("cover count")
+        if n > MAX_REPAIR_GAPS:
+            raise TooLargeError(f"repair reply: {n} covers, limit {MAX_REPAIR_GAPS}")
+        covers = [(r.take(_PK_LEN, f"cover {i} sender"), r.u64(f"cover {i}")) for i in range(n)]
+        items = [DocUpdate(d, u) for d, u in _read_pairs(r, "update")]
+        p = RepairReply(request_id, requester, part, parts, covers, items)
     elif kind in (_DEVICE_INFO, _DEVICE_INFO_V2):
         name = r.str16(MAX_NAME, "name")
         platform = r.str16(MAX_SHORT_STR, "platform")

@@ -58,6 +58,9 @@ from qmoi_sync.protocol.payload import (
     Capabilities,
     DeviceInfo,
     DocUpdate,
+    RepairGap,
+    RepairReply,
+    RepairRequest,
     StateReply,
     StateRequest,
     Updates,
@@ -344,6 +347,12 @@ def _payload_samples() -> list[bytes]:
         Updates([DocUpdate(bytes(16), b"u" * 20), DocUpdate(b"d" * 16, b"")]),
         StateRequest([(b"d" * 16, b"\x01\x02")]),
         StateReply([DocUpdate(b"d" * 16, b"\x00\x00")]),
+        # the state-vector resync through the relay (agent/relay_repair.py)
+        RepairRequest(
+            b"r" * 16, [b"A" * 32, b"B" * 32], [RepairGap(b"A" * 32, 2, 5)], [(b"d" * 16, b"\x00")]
+        ),
+        RepairRequest(b"r" * 16),
+        RepairReply(b"r" * 16, b"C" * 32, 1, 3, [(b"A" * 32, 7)], [DocUpdate(b"d" * 16, b"u")]),
         DeviceInfo("laptop", "linux", "0.1"),
         DeviceInfo(
             "laptop",

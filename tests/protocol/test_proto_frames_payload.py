@@ -35,8 +35,15 @@ from qmoi_sync.protocol.identity import DeviceIdentity, verify
 from qmoi_sync.protocol.payload import (
     INDEX_DOC_ID,
     MAX_ITEMS,
+    MAX_REPAIR_GAPS,
+    MAX_REPAIR_PARTS,
+    MAX_RESPONDERS,
     DeviceInfo,
     DocUpdate,
+    Payload,
+    RepairGap,
+    RepairReply,
+    RepairRequest,
     StateReply,
     StateRequest,
     Updates,
@@ -166,11 +173,15 @@ PAYLOADS = [
     StateRequest([(INDEX_DOC_ID, b"sv"), (b"e" * 16, b"")]),
     DeviceInfo("Alice's laptop ☕", "linux", "0.1.0"),
     DeviceInfo(""),
+    RepairRequest(b"r" * 16, [b"A" * 32], [RepairGap(b"A" * 32, 3, 9)], [(b"e" * 16, b"\x00")]),
+    RepairRequest(b"r" * 16),
+    RepairReply(b"r" * 16, b"B" * 32, 2, 3, [(b"A" * 32, 9)], [DocUpdate(b"d" * 16, b"u")]),
+    RepairReply(b"r" * 16, b"B" * 32),
 ]
 
 
 @pytest.mark.parametrize("payload", PAYLOADS, ids=lambda p: type(p).__name__)
-def test_payload_roundtrip(payload: Updates | StateReply | StateRequest | DeviceInfo) -> None:
+def test_payload_roundtrip(payload: Payload) -> None:
     data = encode_payload(payload)
     assert decode_payload(data) == payload
     for n in range(len(data)):
@@ -178,6 +189,30 @@ def test_payload_roundtrip(payload: Updates | StateReply | StateRequest | Device
             decode_payload(data[:n])
     with pytest.raises(MalformedError):
         decode_payload(data + b"\x00")
+
+
+def test_repair_payload_refusals() -> None:
+    """Kinds 7/8 (agent/relay_repair.py): bounded counts, a gap is 1 <= first <= top, a part
+    is below its count — refused on decode as on encode."""
+    rid, pk = b"r" * 16, b"A" * 32
+    gap = pk + struct.pack(">QQ", 5, 4)  # first > top
+    with pytest.raises(MalformedError, match="gap 0"):
+        decode_payload(b"\x07" + rid + b"\x00" + struct.pack(">H", 1) + gap + bytes(4))
+    with pytest.raises(TooLargeError, match="responders"):
+        decode_payload(b"\x07" + rid + bytes([MAX_RESPONDERS + 1]) + pk * (MAX_RESPONDERS + 1))
+    with pytest.raises(TooLargeError, match="gaps"):
+        decode_payload(b"\x07" + rid + b"\x00" + struct.pack(">H", MAX_REPAIR_GAPS + 1))
+    for part, parts in ((3, 3), (0, 0), (0, MAX_REPAIR_PARTS + 1)):
+        with pytest.raises(MalformedError, match="part"):
+            decode_payload(b"\x08" + rid + pk + struct.pack(">HHH", part, parts, 0) + bytes(4))
+        with pytest.raises(MalformedError, match="part"):
+            encode_payload(RepairReply(rid, pk, part, parts))
+    with pytest.raises(MalformedError):
+        encode_payload(RepairRequest(rid, gaps=[RepairGap(pk, 0, 1)]))
+    with pytest.raises(TooLargeError):
+        encode_payload(RepairRequest(rid, responders=[pk] * (MAX_RESPONDERS + 1)))
+    with pytest.raises(MalformedError):
+        encode_payload(RepairRequest(b"short"))
 
 
 def test_payload_refusals() -> None:
