@@ -1473,9 +1473,9 @@ class SpaceSync:
         """Every update the given state vectors lack (documents not listed come whole); a
         state vector that does not decode is skipped."""
         items: list[tuple[bytes, bytes]] = []
-        doc_ids = [INDEX_DOC_ID] + [
-            d for d in await self.store.doc_ids(self.space_id) if d != INDEX_DOC_ID
-        ]
+        # The index last: a file becomes visible only after its text (_index_last).
+        doc_ids = await self.store.doc_ids(self.space_id)
+        doc_ids = [d for d in doc_ids if d != INDEX_DOC_ID] + [INDEX_DOC_ID]
         for doc_id in doc_ids:
             sv = theirs.get(doc_id, b"\x00")
             try:
@@ -2185,7 +2185,7 @@ class SpaceSync:
             # is the last line of defence: never seal them.
             log.error("space %s: refusing to seal local updates (%s)", self.space_id[:8], block)
             items = []
-        items = _coalesce(items)
+        items = _index_last(_coalesce(items))
         async with self.store.transaction():
             if items:
                 due = await self.store.append_doc_updates(self.space_id, items)
@@ -2582,6 +2582,21 @@ def _coalesce(items: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
             log.error("could not merge %d updates of one document: %r", len(updates), exc)
             out.extend((doc_id, u) for u in updates)
     return out
+
+
+def _index_last(items: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The index update after every document update (the documents keep their order).
+
+    An index entry is what makes a text file appear on a receiver, which writes the document
+    as it stands; a batch larger than one envelope (_split) used to put the index first, so a
+    receiver applying the first envelope wrote new files empty until the envelope holding
+    their text came (tests/e2e/test_text_visible_whole.py). With the
+    index last, a sender's stream, applied in its order (relay order, LAN causal order), never
+    shows a file before its text."""
+    index = [item for item in items if item[0] == INDEX_DOC_ID]
+    if not index or items[-len(index) :] == index:
+        return items
+    return [item for item in items if item[0] != INDEX_DOC_ID] + index
 
 
 def _split(items: list[tuple[bytes, bytes]]) -> list[list[tuple[bytes, bytes]]]:
