@@ -1236,6 +1236,14 @@ class SpaceSync:
                     return consumed()
                 if lacks and peer:
                     return False
+                # An index update past a gap waits for it too: its sender sealed the text of
+                # the files it makes visible no later than itself (_index_last), so the
+                # missing envelope may hold that text (an honest relay delivers a late
+                # envelope after higher ones when its first publish was refused). Applied now,
+                # new files would be written empty. A gap given up on releases it (give_up).
+                lacks = lacks or (
+                    out_of_order and any(i.doc_id == INDEX_DOC_ID for i in payload.items)
+                )
                 if lacks and self.order.can_hold() and sender not in self.order.unheld:
                     self.order.hold(sender, seq, relay_seq, envelope)
                     return True

@@ -12,8 +12,10 @@ from typing import Any
 from local_space import make_sync
 from pycrdt import Doc
 
+from qmoi_sync.agent.index import IndexDoc
 from qmoi_sync.agent.offenders import RELAY
 from qmoi_sync.agent.relay_order import GAP_REPORT_S, RelayOrder
+from qmoi_sync.agent.space import INDEX_DOC_ID
 from qmoi_sync.agent.store import Store
 from qmoi_sync.agent.textdoc import ingest_disk_text, new_text_doc, text_of
 from qmoi_sync.protocol.envelope import seal
@@ -36,6 +38,7 @@ class Writer:
         self.log.add_member(self.admin, self.me.public, Role.member, {0: secret}, time.time())
         self.key = derive_epoch_keys(self.log.space_id, 0, secret).msg
         self.docs: dict[bytes, Doc[Any]] = {}
+        self.index = IndexDoc()
         self.seq = 0
 
     def edit(self, doc_id: bytes, text: str) -> bytes:
@@ -44,6 +47,13 @@ class Writer:
         assert update is not None
         self.seq += 1
         payload = encode_payload(Updates(items=[DocUpdate(doc_id=doc_id, update=update)]))
+        return seal(self.admin, self.log.space_id, 0, self.key, self.seq, payload)
+
+    def create(self, doc_id: bytes, path: str) -> bytes:
+        """The index entry that makes text document ``doc_id`` the file ``path``."""
+        update = self.index.create(doc_id.hex(), path, "text", 0o644, "writer", time.time())
+        self.seq += 1
+        payload = encode_payload(Updates(items=[DocUpdate(doc_id=INDEX_DOC_ID, update=update)]))
         return seal(self.admin, self.log.space_id, 0, self.key, self.seq, payload)
 
 
@@ -76,6 +86,28 @@ async def test_reordered_and_replayed_deliveries(store: Store, tmp_path: Path) -
     assert sync.stats.duplicates == dups + 1
     assert sync.offenders.count(RELAY, "replayed an envelope (dropped)") == 1
     assert sync.order.gaps(sync.windows) == []
+
+
+async def test_index_entry_past_a_gap_waits_for_the_text_it_makes_visible(
+    store: Store, tmp_path: Path
+) -> None:
+    """Regression: a new text file was written empty when its index entry came before the
+    envelope with its text (an honest relay delivers a late envelope after higher ones when its
+    first publish was refused). The entry waits for the gap; the file appears whole."""
+    w = Writer()
+    folder = tmp_path / "f"
+    folder.mkdir()
+    sync = await make_sync(store, folder, w.me, w.log)
+    e1, e2 = w.edit(DOC, "the text\n"), w.create(DOC, "new.txt")
+    sync.subscribe_from()
+
+    await sync.handle_remote([(2, e2)])
+    assert not (folder / "new.txt").exists(), "written before its text"
+    assert sync.order.held and sync.applied_cursor == 1
+
+    await sync.handle_remote([(1, e1)])
+    assert (folder / "new.txt").read_text() == "the text\n"
+    assert not sync.order.held and sync.applied_cursor == 2
 
 
 async def test_gap_is_reported_and_repaired_through_the_relay(store: Store, tmp_path: Path) -> None:
