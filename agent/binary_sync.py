@@ -51,6 +51,7 @@ from qmoi_sync.agent.chunk_sources import RelayChunks, RemoteChunks
 from qmoi_sync.agent.chunk_store import ChunkStore
 from qmoi_sync.agent.chunker import (
     ChunkProducer,
+    Identified,
     TempFile,
     discard_download,
     open_download,
@@ -64,8 +65,10 @@ from qmoi_sync.agent.index import FileEntry, creation_fields, derive_file_id
 from qmoi_sync.agent.layout import compute_layout, strip_conflict_marker
 from qmoi_sync.agent.materialize import DiskStat, UnsafePathError, delete_file, stat_file
 from qmoi_sync.agent.peer_chunks import LanChunks
+from qmoi_sync.agent.prefetch import HINT_MIN_FILE_BYTES, HintSender, Prefetcher
 from qmoi_sync.protocol.chunks import ChunkKeys, ChunkRef, Manifest
 from qmoi_sync.protocol.errors import DecryptError, ProtocolError
+from qmoi_sync.protocol.hints import HintEntry
 from qmoi_sync.protocol.paths import conflict_name
 
 if TYPE_CHECKING:
@@ -183,6 +186,10 @@ class UpJob:
     # still being written): the next pass re-reads the file meanwhile and waits for the ones
     # whose chunks it still has instead of sending them again.
     puts: dict[bytes, tuple[asyncio.Task[bool], int]] = field(default_factory=dict)
+    # Prefetch hints (agent/prefetch.py): this job's random transfer id, and the (offset, chunk
+    # id) pairs already announced (a repeat pass announces only what is new).
+    transfer: bytes = field(default_factory=lambda: os.urandom(16))
+    hinted: set[tuple[int, bytes]] = field(default_factory=set)
 
 
 @dataclass
@@ -236,16 +243,29 @@ class BinarySync:
     _up_wake: asyncio.Event = field(default_factory=asyncio.Event)
     _down_wake: asyncio.Event = field(default_factory=asyncio.Event)
     _quota_paths: set[str] = field(default_factory=set)
+    #: Sends prefetch hints while large files upload (None: no relay).
+    hints: HintSender | None = None
+    #: Stages chunks other devices hinted (None: no relay).
+    prefetch: Prefetcher | None = None
 
     async def start(self) -> None:
         await self.chunks.ensure_schema()
         self.bases = await self.chunks.bases()
+        if self.prefetch is not None:
+            await self.prefetch.start()
+
+    def on_hint(self, sealed: bytes) -> None:
+        """A prefetch hint from the relay (agent/relay_link.py)."""
+        if self.prefetch is not None:
+            self.prefetch.on_hint(sealed)
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [
             asyncio.create_task(self._loop(stop, self._up_wake, self._next_up, self._do_up)),
             asyncio.create_task(self._loop(stop, self._down_wake, self._next_down, self._do_down)),
         ]
+        if self.prefetch is not None:
+            tasks.append(asyncio.create_task(self.prefetch.run(stop)))
         try:
             await stop.wait()
         finally:
@@ -607,10 +627,24 @@ class BinarySync:
         inflight_bytes = 0
         acked: list[bytes] = []
         sent: set[bytes] = set()
+        # Prefetch hints: the put of each chunk id, to announce it once the relay acknowledged
+        # it (receivers then fetch it while the rest is uploaded); only for large files.
+        hinting = (
+            link is not None
+            and self.hints is not None
+            and not job.relay_owed
+            and st.size >= HINT_MIN_FILE_BYTES
+        )
+        puts: dict[bytes, asyncio.Task[bool]] = {}
+        pos = 0
         try:
             producer.start()
             while items := await producer.batch(_PRODUCER_DEPTH):
                 refs.extend(ChunkRef(it.chunk_id, it.size) for it in items)
+                offsets = []
+                for it in items:
+                    offsets.append(pos)
+                    pos += it.size
                 if link is None:
                     continue
                 fresh = [it for it in items if it.chunk_id not in sent]
@@ -622,6 +656,7 @@ class BinarySync:
                     earlier = job.puts.pop(it.chunk_id, None)
                     if earlier is not None:  # on its way already: waited for, not sent again
                         sent.add(it.chunk_id)
+                        puts[it.chunk_id] = earlier[0]
                         inflight.append((earlier[0], earlier[1], it.chunk_id))
                         inflight_bytes += earlier[1]
                         continue
@@ -634,8 +669,16 @@ class BinarySync:
                         inflight_bytes -= await self._finish_put(inflight, acked)
                     put = asyncio.create_task(link.put(it.chunk_id, it.ciphertext))
                     put.add_done_callback(_consume)
+                    puts[it.chunk_id] = put
                     inflight.append((put, n, it.chunk_id))
                     inflight_bytes += n
+                if hinting:
+                    # Only chunks this job uploads: those the relay had before are mostly an
+                    # earlier version's, which the other devices hold already.
+                    for it, off in zip(items, offsets, strict=True):
+                        put = puts.get(it.chunk_id)
+                        if put is not None:
+                            self._hint(job, keys.epoch, off, it, put)
                 del items, fresh
                 if len(acked) >= _ACK_FLUSH:
                     await self.chunks.add_acked(acked)
@@ -664,6 +707,28 @@ class BinarySync:
             if link is not None:
                 job.acked.update(known_all)
         return Manifest.build(keys, refs)
+
+    def _hint(
+        self, job: UpJob, epoch: int, offset: int, it: Identified, put: asyncio.Task[bool]
+    ) -> None:
+        """Announce a chunk of ``job`` at ``offset`` once the relay holds it (``put`` done)."""
+        hints = self.hints
+        key = (offset, it.chunk_id)
+        if hints is None or key in job.hinted:
+            return
+        entry = HintEntry(offset, it.chunk_id, it.size)
+
+        def acked(task: asyncio.Task[bool]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                return
+            if key not in job.hinted:
+                job.hinted.add(key)
+                hints.add(job.transfer, epoch, entry)
+
+        if put.done():
+            acked(put)
+        else:
+            put.add_done_callback(acked)
 
     @staticmethod
     async def _finish_put(
@@ -769,6 +834,12 @@ class BinarySync:
             return
         if not await self._bulk_allowed(manifest.size, "download"):
             return
+        # Chunks prefetched while the sender was still uploading (agent/prefetch.py): their
+        # stage becomes this download's temp file.
+        have: set[int] = set()
+        claimed = await self.prefetch.claim(manifest) if self.prefetch is not None else None
+        if claimed is not None and await self.prefetch.adopt(claimed, job.path, job.fid.hex()):  # type: ignore[union-attr]
+            have = claimed.have
         try:
             tmp = await asyncio.to_thread(open_download, self.sync.root, job.path, job.fid.hex())
         except (OSError, UnsafePathError) as exc:
@@ -780,9 +851,16 @@ class BinarySync:
         fetched, local = self.stats.chunks_fetched, self.stats.chunks_local
         try:
             refs = [(c.id, c.size) for c in manifest.chunks]
-            done = await asyncio.to_thread(verified_prefix, tmp, keys, refs)
-            job.done_bytes = sum(size for _cid, size in refs[:done])
-            await self._fetch_into(job, keys, tmp, done)
+            if have:
+                # The stage is the temp file now: its chunks were verified as they were written
+                # (by this process), so no re-read; bytes past the file's end are cut off.
+                await asyncio.to_thread(os.ftruncate, tmp.fd, manifest.size)
+                done = 0
+                job.done_bytes = sum(refs[i][1] for i in have)
+            else:
+                done = await asyncio.to_thread(verified_prefix, tmp, keys, refs)
+                job.done_bytes = sum(size for _cid, size in refs[:done])
+            await self._fetch_into(job, keys, tmp, done, skip=have)
             if os.fstat(tmp.fd).st_size != manifest.size:
                 raise OSError(f"{job.path}: assembled {os.fstat(tmp.fd).st_size} bytes")
             fetched_at = time.time()
@@ -801,12 +879,13 @@ class BinarySync:
                 tmp.close()
         if installed:
             log.info(
-                "binary down %s: %d bytes, %d chunks fetched, %d read locally, %.3f s "
-                "(fetch %.3f s, fsync + install %.3f s)",
+                "binary down %s: %d bytes, %d chunks fetched, %d read locally, %d prefetched, "
+                "%.3f s (fetch %.3f s, fsync + install %.3f s)",
                 job.path,
                 manifest.size,
                 self.stats.chunks_fetched - fetched,
                 self.stats.chunks_local - local,
+                len(have),
                 time.time() - began,
                 fetched_at - began,
                 time.time() - fetched_at,
@@ -814,23 +893,38 @@ class BinarySync:
             self.sync.warnings.pop("binary:tampered", None)
             self.sync.warnings.pop(f"write:{job.path}", None)
 
-    async def _fetch_into(self, job: DownJob, keys: ChunkKeys, tmp: TempFile, start: int) -> None:
-        """Fetch chunks ``start..`` with up to ``DOWNLOAD_WINDOW`` in flight; each is written at
-        its offset as soon as it is verified (in any order: a crash leaves holes, and the
-        resume keeps only the verified prefix)."""
+    async def _fetch_into(
+        self,
+        job: DownJob,
+        keys: ChunkKeys,
+        tmp: TempFile,
+        start: int,
+        skip: AbstractSet[int] = frozenset(),
+    ) -> None:
+        """Fetch chunks ``start..`` (but those in ``skip``: the temp file holds them) with up to
+        ``DOWNLOAD_WINDOW`` in flight; each is written at its offset as soon as it is verified
+        (in any order: a crash leaves holes, and the resume keeps only the verified prefix)."""
         chunks = job.head.manifest.chunks
         offset = sum(c.size for c in chunks[:start])
-        local = await self.chunks.with_sources(c.id for c in chunks[start:])
+        local = await self.chunks.with_sources(
+            c.id for i, c in enumerate(chunks) if i >= start and i not in skip
+        )
         running: set[asyncio.Task[int]] = set()
         nxt = start
         try:
             while nxt < len(chunks) or running:
                 while nxt < len(chunks) and len(running) < DOWNLOAD_WINDOW:
                     ref = chunks[nxt]
+                    if nxt in skip:
+                        offset += ref.size
+                        nxt += 1
+                        continue
                     fetch = self._fetch_at(keys, ref, tmp.fd, offset, ref.id in local)
                     running.add(asyncio.create_task(fetch))
                     offset += ref.size
                     nxt += 1
+                if not running:
+                    continue  # the rest was skipped (the temp file holds it)
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for t in done:
                     job.done_bytes += t.result()  # a failure ends the pass (finally: cancel)
@@ -1092,6 +1186,15 @@ async def attach(runtime: Any) -> BinarySync:
         remote=remote,
         lan_enabled=lambda: runtime.lan is not None and runtime.lan.active,
     )
+    if link is not None:
+        # Hints go over the envelope link (always connected, unlike the blob link); it is
+        # created after this component, hence looked up when a hint is sent.
+        def send_hint(sealed: bytes) -> bool:
+            rl = runtime.link
+            return rl is not None and bool(rl.send_hint(sealed))
+
+        binary.hints = HintSender(sync, send_hint)
+        binary.prefetch = Prefetcher(binary)
     await binary.start()
     sync.binary = binary
     runtime.tasks.append(asyncio.create_task(binary.run(runtime.stop)))
@@ -1115,4 +1218,7 @@ def status_fields(binary: BinarySync | None) -> dict[str, int]:
         "chunk_bytes_lan": lan[1],
         "chunks_relay": relay[0],
         "chunk_bytes_relay": relay[1],
+        "chunks_prefetched": binary.prefetch.chunks_staged if binary.prefetch else 0,
+        "chunks_prefetch_used": binary.prefetch.chunks_used if binary.prefetch else 0,
+        "hints_refused": binary.prefetch.refused if binary.prefetch else 0,
     }

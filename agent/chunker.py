@@ -23,6 +23,8 @@ from qmoi_sync.protocol.chunks import MAX_CHUNK, ChunkKeys
 
 #: Download temp files: ``.qmoi-tmp-dl-<fid hex>`` next to the target (ignored by the watcher).
 DOWNLOAD_PREFIX = f"{TEMP_PREFIX}dl-"
+#: Prefetch stages (agent/prefetch.py): ``.qmoi-tmp-pf-<transfer hex>`` at the space's root.
+STAGE_PREFIX = f"{TEMP_PREFIX}pf-"
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -261,6 +263,54 @@ def open_download(root: Path, relpath: str, fid_hex: str) -> TempFile:
         os.close(own)
         raise
     return TempFile(own, name, fd)
+
+
+def open_stage(root: Path, transfer_hex: str) -> TempFile:
+    """Create (empty) the prefetch stage file of a transfer at the root of the space: never in
+    a folder, so a hint (which names no path) creates no folder."""
+    name = f"{STAGE_PREFIX}{transfer_hex}"
+    with _open_parent(root, name, create=False) as (dfd, _name):
+        own = os.dup(dfd)
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, 0o600, dir_fd=own)
+    except BaseException:
+        os.close(own)
+        raise
+    return TempFile(own, name, fd)
+
+
+def adopt_stage(stage: TempFile, root: Path, relpath: str, fid_hex: str) -> bool:
+    """Rename a prefetch stage into ``relpath``'s folder as its download temp file (replacing
+    an older partial one). False if it cannot be (another file system, an unsafe path): the
+    stage is then deleted. Closes the stage's descriptors either way."""
+    try:
+        with _open_parent(root, relpath, create=True) as (dfd, _name):
+            os.rename(
+                stage.name, f"{DOWNLOAD_PREFIX}{fid_hex}", src_dir_fd=stage.dfd, dst_dir_fd=dfd
+            )
+    except (OSError, UnsafePathError):
+        discard_download(stage)
+        return False
+    stage.close()
+    return True
+
+
+def sweep_stages(root: Path) -> int:
+    """Delete the prefetch stages at the root (left by an agent that stopped or crashed: a
+    stage is only worth something to the process that recorded what it holds)."""
+    n = 0
+    with os.scandir(root) as it:
+        names = [
+            e.name
+            for e in it
+            if e.name.startswith(STAGE_PREFIX) and e.is_file(follow_symlinks=False)
+        ]
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(root / name)
+            n += 1
+    return n
 
 
 def verified_prefix(tmp: TempFile, keys: ChunkKeys, chunks: list[tuple[bytes, int]]) -> int:

@@ -14,6 +14,7 @@ import logging
 import random
 import sqlite3
 import ssl
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ BACKOFF_MIN = 0.2
 # How often open sequence gaps are looked at (agent/relay_order.py decides when to act).
 GAP_TICK_S = 0.5
 BACKOFF_MAX = 30.0
+#: Sealed prefetch hints waiting for the connection at most (oldest dropped beyond).
+HINTS_QUEUED_MAX = 64
 # Relay refusals that mean "the relay's membership log does not list this device".
 REFUSED_MEMBERSHIP = frozenset({"revoked", "not_a_member"})
 
@@ -134,6 +137,13 @@ class RelayLink:
         self.pending_in_bytes = 0
         # Devices the relay says are connected to it for this space (Presence frames).
         self.online: frozenset[bytes] = frozenset()
+        # Prefetch hints (protocol/hints.py): sealed ones waiting to be sent (ephemeral: dropped
+        # with the session, oldest first when too many wait)
+        # (received ones go to the space's BinarySync.on_hint).
+        self._hints: deque[bytes] = deque(maxlen=HINTS_QUEUED_MAX)
+        # A relay from before hints closes the connection on the unknown frame: none are sent
+        # to it again (until the agent restarts), so it costs one reconnect, not one per file.
+        self.hints_refused = False
 
     @property
     def latency_ms(self) -> float | None:
@@ -168,6 +178,15 @@ class RelayLink:
         covers it. Sent on the live connection, or on the next one."""
         self._truncate_pending = max(before_seq, self._truncate_pending or 0)
         self.sync.outbox_changed.set()
+
+    def send_hint(self, sealed: bytes) -> bool:
+        """Queue a sealed prefetch hint for the live connection (sent ahead of the outbox).
+        False if not connected: hints are never kept for a later session."""
+        if self._ws is None or self.hints_refused:
+            return False
+        self._hints.append(sealed)
+        self.sync.outbox_changed.set()
+        return True
 
     def wake(self) -> None:
         """Retry now (e.g. the user asked, or the network came back)."""
@@ -275,6 +294,7 @@ class RelayLink:
                 self.pending_in = 0
                 self.pending_in_bytes = 0
                 self.online = frozenset()
+                self._hints.clear()
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
@@ -334,6 +354,10 @@ class RelayLink:
                 deliveries.put_nowait((-1, b""))
             elif isinstance(frame, F.Presence):
                 self.online = frozenset(frame.online)
+            elif isinstance(frame, F.Hinted):
+                binary = self.sync.binary
+                if binary is not None:
+                    binary.on_hint(frame.hint)
             elif isinstance(frame, F.Membership):
                 self._relay_log(frame.log)
                 await self.on_membership(frame.log)
@@ -342,6 +366,8 @@ class RelayLink:
                 if reply is not None:  # None: another admin issued that invite
                     await ws.send(F.encode_frame(reply))
             elif isinstance(frame, F.Error):
+                if frame.code == "malformed" and "0x0d" in frame.message:
+                    self.hints_refused = True
                 if frame.code == "quota_exceeded":
                     self.state.quota_exceeded = True
                 if frame.code in RESEND_CODES:
@@ -448,6 +474,10 @@ class RelayLink:
             if self._truncate_pending is not None:
                 before, self._truncate_pending = self._truncate_pending, None
                 await ws.send(F.encode_frame(F.Truncate(before_seq=before)))
+            while self._hints:
+                # Ahead of the outbox: a hint is worth something only while the upload it
+                # describes is still going on (the manifest follows in the outbox).
+                await ws.send(F.encode_frame(F.Hint(self._hints.popleft())))
             if rows:
                 for seq, envelope in rows:
                     frame = F.encode_frame(F.Publish(envelope=envelope))

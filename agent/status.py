@@ -180,6 +180,11 @@ class SpaceStatus(BaseModel):
     chunk_bytes_lan: int = 0
     chunks_relay: int = 0
     chunk_bytes_relay: int = 0
+    # prefetch (agent/prefetch.py): chunks staged from other devices' hints before their
+    # manifest came, how many of those a download used, and hints refused (hostile/invalid)
+    chunks_prefetched: int = 0
+    chunks_prefetch_used: int = 0
+    hints_refused: int = 0
     pending_out_bytes: int = 0  # total size of the `pending_out` envelopes
     # Envelopes the relay delivered that are not applied yet (and their bytes); 0 when offline:
     # undelivered ones stay at the relay and come again on reconnect.

@@ -18,6 +18,7 @@ type   frame               fields
 0x0a   Truncate            before_seq u64  (admin: snapshots cover the log below before_seq)
 0x0b   ListChunks          after chunk_id 32 (all zero: from the start)
 0x0c   DropChunks          min_age_s u32 | count u16 | chunk_id 32 * count (<= MAX_CHUNK_LIST)
+0x0d   Hint                hint blob (<= MAX_HINT: a sealed prefetch hint, protocol/hints.py)
 0x81   Challenge           nonce 32
 0x82   Welcome             head_seq u64 | log blob
 0x83   Deliver             relay_seq u64 | envelope blob
@@ -36,6 +37,7 @@ type   frame               fields
 0x8f   Presence            count u16 | sign_pk 32 * count (<= MAX_PRESENCE)
 0x90   ChunkList           more bool | count u16 | (chunk_id 32 | age_s u32) * count
 0x91   ChunksDropped       dropped u32 | freed_bytes u64
+0x92   Hinted              hint blob (<= MAX_HINT)
 =====  ==================  ==========================================================
 
 The chunk frames form the *blob channel* (protocol/chunks.py): encrypted chunks of binary files,
@@ -44,6 +46,8 @@ or by a non-fatal ``Error("quota_exceeded")``; a GetChunk by ChunkData or ChunkM
 ListChunks / DropChunks let a member device collect the space's unreferenced chunks (the relay
 cannot tell which are referenced): answered by ChunkList (one page, ids ascending) and
 ChunksDropped.
+A ``Hint`` is forwarded as ``Hinted`` to the space's other subscribed connections and never
+stored or answered (best effort: dropped for a connection whose mailbox is busy).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from . import _codec as c
 from .chunks import CHUNK_ID_LEN, MAX_CHUNK_CIPHERTEXT
 from .envelope import MAX_ENVELOPE
 from .errors import MalformedError, TooLargeError
+from .hints import MAX_HINT
 from .identity import SIGN_PK_LEN, SIGNATURE_LEN
 from .invite import INVITE_ID_LEN, MAX_JOIN_REQUEST
 from .keys import SPACE_ID_LEN
@@ -87,6 +92,8 @@ __all__ = [
     "Frame",
     "GetChunk",
     "Hello",
+    "Hint",
+    "Hinted",
     "JoinForward",
     "JoinReply",
     "JoinRequest",
@@ -201,6 +208,13 @@ class DropChunks:
 
     min_age_s: int
     chunk_ids: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A sealed prefetch hint for the space's other devices (protocol/hints.py)."""
+
+    hint: bytes
 
 
 @dataclass(frozen=True)
@@ -321,6 +335,13 @@ class Presence:
     online: tuple[bytes, ...]
 
 
+@dataclass(frozen=True)
+class Hinted:
+    """A prefetch hint another device of the space sent (forwarded as it came)."""
+
+    hint: bytes
+
+
 #: Frame types of the blob channel (the relay rate-limits them apart from envelopes).
 BLOB_FRAME_TYPES = frozenset({0x08, 0x09, 0x0B, 0x0C})
 
@@ -337,6 +358,7 @@ Frame = (
     | Truncate
     | ListChunks
     | DropChunks
+    | Hint
     | Challenge
     | Welcome
     | Deliver
@@ -354,6 +376,7 @@ Frame = (
     | Presence
     | ChunkList
     | ChunksDropped
+    | Hinted
 )
 
 _TYPE: dict[type, int] = {
@@ -369,6 +392,7 @@ _TYPE: dict[type, int] = {
     Truncate: 0x0A,
     ListChunks: 0x0B,
     DropChunks: 0x0C,
+    Hint: 0x0D,
     Challenge: 0x81,
     Welcome: 0x82,
     Deliver: 0x83,
@@ -386,6 +410,7 @@ _TYPE: dict[type, int] = {
     Presence: 0x8F,
     ChunkList: 0x90,
     ChunksDropped: 0x91,
+    Hinted: 0x92,
 }
 
 
@@ -452,6 +477,8 @@ def encode_frame(msg: Frame) -> bytes:
                 f"chunk data is {len(msg.data)} bytes, limit {MAX_CHUNK_CIPHERTEXT}"
             )
         parts += [c.fixed(msg.chunk_id, CHUNK_ID_LEN, "chunk_id"), c.u32(len(msg.data)), msg.data]
+    elif isinstance(msg, Hint | Hinted):
+        parts.append(c.blob32(msg.hint, MAX_HINT, "hint"))
     elif isinstance(msg, GetChunk | ChunkMissing):
         parts.append(c.fixed(msg.chunk_id, CHUNK_ID_LEN, "chunk_id"))
     elif isinstance(msg, ChunkAck):
@@ -563,6 +590,10 @@ def decode_frame(data: bytes, max_size: int = MAX_FRAME) -> Frame:
         min_age = r.u32("min_age_s")
         count = _list_count(r.u16("chunk count"))
         msg = DropChunks(min_age, tuple(r.take(CHUNK_ID_LEN, "chunk_id") for _ in range(count)))
+    elif t == 0x0D:
+        msg = Hint(r.blob32(MAX_HINT, "hint"))
+    elif t == 0x92:
+        msg = Hinted(r.blob32(MAX_HINT, "hint"))
     elif t == 0x90:
         more = r.boolean("more")
         count = _list_count(r.u16("chunk count"))

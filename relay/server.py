@@ -105,6 +105,8 @@ __all__ = ["RelayConfig", "RelayServer", "run_relay"]
 log = logging.getLogger("qmoi_sync.relay")
 
 MAILBOX_LIMIT = 256
+#: A prefetch hint is not forwarded to a connection with this many frames queued already.
+HINT_MAILBOX_MAX = MAILBOX_LIMIT // 4
 #: Presence announcements are coalesced for PRESENCE_DELAY_S * (1 + connections / 50), at
 #: most PRESENCE_DELAY_MAX_S (see _Space.announce_presence).
 PRESENCE_DELAY_S = 0.05
@@ -593,6 +595,8 @@ class _Conn:
                 await self._drop_chunks(frame)
             elif isinstance(frame, F.Truncate):
                 await self._truncate(frame)
+            elif isinstance(frame, F.Hint):
+                await self._hint(frame)
             else:
                 await self.error(
                     "unexpected_frame", f"{type(frame).__name__} is not valid after authentication"
@@ -694,6 +698,33 @@ class _Conn:
             origin=self,
         )
         await self.inflight.put((header.seq, fut))
+
+    async def _hint(self, frame: F.Hint) -> None:
+        """Forward a prefetch hint (protocol/hints.py) to the space's other subscribed
+        connections, as it came; never stored. Checked like a publish (structure, signature,
+        space, sender, role) so a hint always comes from the member it names. Best effort: a
+        connection whose mailbox is half full misses it (it fetches after the manifest),
+        instead of being closed as too slow because of hints."""
+        space, me = self._authed()
+        try:
+            header = verify_envelope_signature(frame.hint)
+        except ProtocolError as exc:
+            await self.error(exc.code, f"hint: {exc.message}")
+            return
+        if header.space_id != space.space_id or header.sender != me:
+            await self.error("wrong_sender", "a hint must be sealed by this device for this space")
+            return
+        role = space.log.role_of(me)
+        if role is None:
+            raise _Fatal("revoked", "this device is no longer a member of the space")
+        if role is Role.reader:
+            await self.error("read_only", "readers may not send hints")
+            return
+        out = F.Hinted(frame.hint)
+        for conn in list(space.conns):
+            if conn.sub is None or conn.sign_pk == me or conn.mailbox.qsize() >= HINT_MAILBOX_MAX:
+                continue
+            conn.post(out)
 
     async def _ack_loop(self) -> None:
         while True:

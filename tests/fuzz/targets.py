@@ -44,6 +44,14 @@ from qmoi_sync.protocol import lan as L
 from qmoi_sync.protocol.chunks import ChunkKeys, ChunkRef, Manifest
 from qmoi_sync.protocol.envelope import open_envelope, parse_header, seal
 from qmoi_sync.protocol.errors import InviteError, PathError, ProtocolError
+from qmoi_sync.protocol.hints import (
+    HintEntry,
+    PrefetchHint,
+    decode_hint,
+    encode_hint,
+    open_hint,
+    seal_hint,
+)
 from qmoi_sync.protocol.identity import DeviceIdentity, DevicePublic, is_valid_device_id
 from qmoi_sync.protocol.invite import Invite, build_join_request, decode_invite, parse_join_request
 from qmoi_sync.protocol.keys import derive_epoch_keys, unwrap_secret, wrap_secret
@@ -114,6 +122,18 @@ def _envelope(data: bytes) -> None:
     )
     if opened is not None:
         assert header is not None and opened.header == header
+
+
+def _prefetch_hint(data: bytes) -> None:
+    """A hint body, and the same bytes as a sealed hint (what the relay forwards)."""
+    hint, _ = only(decode_hint, data, ProtocolError)
+    if hint is not None:
+        assert encode_hint(hint) == data
+    only(
+        lambda d: open_hint(d, SPACE, {0: KEYS0.msg}, lambda pk: pk == ALICE.public.sign_pk),
+        data,
+        ProtocolError,
+    )
 
 
 def _payload(data: bytes) -> None:
@@ -313,8 +333,18 @@ def _frame_samples() -> list[bytes]:
         F.Presence((ALICE.public.sign_pk, BOB.public.sign_pk)),
         F.ChunkList(((b"a" * 32, 5), (b"b" * 32, 6)), True),
         F.ChunksDropped(2, 1024),
+        F.Hint(_hint_samples()[1]),
+        F.Hinted(_hint_samples()[1]),
     ]
     return [F.encode_frame(f) for f in frames]
+
+
+@cache
+def _hint_samples() -> list[bytes]:
+    hint = PrefetchHint(
+        b"t" * 16, 0, (HintEntry(0, b"a" * 32, 1_000_000), HintEntry(1_000_000, b"b" * 32, 7))
+    )
+    return [encode_hint(hint), seal_hint(ALICE, SPACE, 0, KEYS0.msg, 1_700_000_000_000_000, hint)]
 
 
 @cache
@@ -568,6 +598,7 @@ TARGETS: dict[str, Target] = {
         Target("peer_frame", _peer_frame, _peer_frame_samples),
         Target("envelope", _envelope, _envelope_samples),
         Target("payload", _payload, _payload_samples),
+        Target("prefetch_hint", _prefetch_hint, _hint_samples),
         Target("membership_log", _membership_log, _log_samples),
         Target("member_op", _member_op, _op_samples),
         Target("invite_token", _invite_token, _invite_samples),

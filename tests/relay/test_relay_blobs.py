@@ -136,3 +136,43 @@ async def test_chunk_before_auth_is_refused(relay_url: str) -> None:
     await c.send(F.GetChunk(os.urandom(32)))
     await c.expect_error("unexpected_frame", fatal=True)
     await c.wait_closed()
+
+
+async def test_hints_forwarded_to_subscribers_never_stored(
+    relay: RelayServer, relay_url: str
+) -> None:
+    """A prefetch hint (protocol/hints.py) goes to the space's other *subscribed* connections
+    as it came, is not stored (a later subscriber gets nothing), and is refused when it is not
+    the sender's own or comes from a reader."""
+    space = Space.create(1)
+    reader = space.add(role=Role.reader)
+    a = await authed(relay_url, space, space.admin)
+    b = await authed(relay_url, space, space.members[0], log=False)
+    blob_only = await authed(relay_url, space, space.members[0], log=False)  # no Subscribe
+    await b.send(F.Subscribe(0))
+    await b.expect(F.CaughtUp)
+    await a.send(F.Subscribe(0))
+    await a.expect(F.CaughtUp)
+    hint = space.envelope(space.admin, seq=1_700_000_000_000_000, plaintext=b"sealed hint")
+    await a.send(F.Hint(hint))
+    assert await b.expect(F.Hinted) == F.Hinted(hint)
+    # forwarded, not stored: the log is empty for a new subscriber, nothing came back to a
+    assert await relay.store.head_seq(space.space_id) == 0
+    # someone else's hint, or one for another space: refused (not forwarded)
+    await b.send(F.Hint(hint))
+    await b.expect_error("wrong_sender", fatal=False)
+    r = await authed(relay_url, space, reader, log=False)
+    await r.send(F.Hint(space.envelope(reader, seq=5)))
+    await r.expect_error("read_only", fatal=False)
+    await a.send(F.Hint(b"\x01\x01 truncated envelope"))
+    await a.expect_error("malformed", fatal=False)
+    # a's connection still works, and b got nothing but the one hint
+    await a.send(F.Hint(hint))
+    assert await b.expect(F.Hinted) == F.Hinted(hint)
+    # neither the sender nor an unsubscribed (blob-only) connection got a Hinted: the next
+    # frame each receives is the answer to a request made now
+    for c in (a, blob_only):
+        await c.send(F.GetChunk(bytes(32)))
+        assert await c.recv() == F.ChunkMissing(bytes(32))
+    for c in (a, b, blob_only, r):
+        await c.close()
