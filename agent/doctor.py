@@ -9,7 +9,6 @@ through its control socket.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
 import os
 import socket
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from qmoi_sync.agent.clock import wall
+from qmoi_sync.agent.clock import CLOCK_OFF_S, offset_from_date, wall
 from qmoi_sync.agent.home import Home, UserError
 
 Status = Literal["ok", "warn", "fail"]
@@ -33,7 +32,7 @@ SCHEMA_VERSION = 1
 DISK_WARN_BYTES = 1 << 30
 DISK_WARN_FRACTION = 0.05
 DISK_FAIL_BYTES = 64 << 20
-CLOCK_SKEW_WARN_S = 60.0
+CLOCK_SKEW_WARN_S = CLOCK_OFF_S
 INOTIFY_HEADROOM = 0.5  # warn when our directories alone use more than half the user's watches
 TCP_SAMPLES = 3
 
@@ -304,12 +303,9 @@ async def probe_relay(url: str, timeout: float) -> RelayProbe:
             elapsed = time.perf_counter() - t0
             probe.handshake_s = elapsed
             date = ws.response.headers.get("Date") if ws.response is not None else None
-        if date:
-            server_ts = email.utils.parsedate_to_datetime(date).timestamp()
-            # Date has 1 s resolution (truncated): the relay's clock was in [ts, ts + 1).
-            local_mid = wall0 + elapsed / 2
-            probe.skew_s = server_ts + 0.5 - local_mid
-            probe.skew_uncertainty_s = 0.5 + elapsed / 2
+        offset = offset_from_date(date, wall0, elapsed)
+        if offset is not None:
+            probe.skew_s, probe.skew_uncertainty_s = offset
     except socket.gaierror as exc:
         probe.error = f"cannot resolve {host}: {exc.strerror or exc}"
         probe.fix = "check the relay URL (`qmoi-sync space list`) and this machine's DNS"
@@ -384,7 +380,9 @@ def relay_checks(url: str, probe: RelayProbe) -> list[Check]:
                 Check(
                     f"clock {url}",
                     "warn",
-                    text + ": invite expiry and timestamps will be off",
+                    text + ": invite expiry and timestamps will be off; LAN discovery follows "
+                    "the relay's clock once the agent has reached the relay (a device off by "
+                    "more than 10 min that never reached it finds no LAN peers)",
                     "turn on time sync on both hosts: sudo timedatectl set-ntp true",
                     cdata,
                 )

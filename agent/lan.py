@@ -151,7 +151,7 @@ class LanService:
         space = self.spaces.get(space_id)
         if space is None or self.discovery is None or self.port is None:
             return
-        tag = space.current_tag(wall()) if space.active else None
+        tag = space.current_tag(space.lan_time()) if space.active else None
         if tag is None:
             if self._advertised.pop(space_id, None) is not None:
                 await self.discovery.withdraw(f"space:{space_id}")
@@ -164,16 +164,20 @@ class LanService:
     async def _rotate_loop(self) -> None:
         """Re-publish tags when the window turns or a space's epoch changes; re-match what was
         discovered (our set of accepted tags moves with the window)."""
-        window = L.tag_window(wall())
+        windows = self._windows()
         while True:
             await asyncio.sleep(ROTATE_CHECK_S)
             for space_id in list(self.spaces):
                 await self._advertise(space_id)
-            now_window = L.tag_window(wall())
-            if now_window != window:
-                window = now_window
+            now_windows = self._windows()
+            if now_windows != windows:
+                # A window turned, or a space follows the relay's clock now (lan_time).
+                windows = now_windows
                 for found in list(self._found.values()):
                     self._match(found)
+
+    def _windows(self) -> dict[str, int]:
+        return {sid: L.tag_window(s.lan_time()) for sid, s in self.spaces.items()}
 
     def request_invite_refresh(self) -> None:
         self._invite_refresh.set()
@@ -216,9 +220,8 @@ class LanService:
         self._match(found)
 
     def _match(self, found: Found) -> None:
-        now = wall()
         for space in self.spaces.values():
-            if found.advert.tag in space.accepted_tags(now):
+            if found.advert.tag in space.accepted_tags(space.lan_time()):
                 space.found(Target(found.instance, found.addresses, found.port, found.advert.tag))
             elif found.instance in space.targets:
                 space.lost(found.instance)
@@ -229,9 +232,8 @@ class LanService:
             space.lost(instance)
 
     def resolve_tag(self, tag: bytes) -> SpaceLan | None:
-        now = wall()
         for space in self.spaces.values():
-            if space.active and tag in space.accepted_tags(now):
+            if space.active and tag in space.accepted_tags(space.lan_time()):
                 return space
         return None
 

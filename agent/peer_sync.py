@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from qmoi_sync.agent.causal import BufferFull, CausalBuffer
+from qmoi_sync.agent.clock import CLOCK_OFF_S, wall
 from qmoi_sync.agent.peer_chunks import ChunkCounters, PeerChunks, SealLocal
 from qmoi_sync.agent.peer_link import (
     CLOSE_DUPLICATE,
@@ -159,6 +160,17 @@ class SpaceLan:
         return seal
 
     # -- discovery tags ----------------------------------------------------------------------------
+    def lan_time(self) -> float:
+        """The clock this space's discovery tags follow: this device's (``wall``), or the
+        relay's once this device's was measured more than CLOCK_OFF_S off it (at the relay
+        handshake; the last measurement stays while the relay is unreachable). Tags rotate every
+        TAG_WINDOW_S with one window of tolerance, so two devices more than about 10 min apart
+        never found each other on the LAN; following the relay's clock, they do."""
+        link = self.rt.link
+        offset = link.state.clock_offset_s if link is not None else None
+        now = wall()
+        return now + offset if offset is not None and abs(offset) > CLOCK_OFF_S else now
+
     def current_tag(self, now: float) -> bytes | None:
         ring = self.rt.keyring
         keys = ring.epoch_keys.get(ring.current_epoch)

@@ -14,6 +14,7 @@ import logging
 import random
 import sqlite3
 import ssl
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from qmoi_sync.agent.ack_watch import ACK_TIMEOUT_S, AckWatch
+from qmoi_sync.agent.clock import CLOCK_OFF_S, describe_offset, offset_from_date, wall
 from qmoi_sync.agent.space import SpaceSync
 from qmoi_sync.protocol import frames as F
 from qmoi_sync.protocol.errors import ProtocolError
@@ -83,6 +85,9 @@ class LinkState:
     attempts: int = 0
     #: Set while the relay refuses this device as "revoked" / "not_a_member".
     refused: str | None = None
+    #: How far the relay's clock is ahead of this device's (negative: behind), from the Date
+    #: header of the last handshake; kept while disconnected (LAN discovery uses it then too).
+    clock_offset_s: float | None = None
 
 
 MembershipHandler = Callable[[bytes], Awaitable[None]]
@@ -254,6 +259,7 @@ class RelayLink:
                 w.cancel()
 
     async def _session(self, stop: asyncio.Event) -> None:
+        sent, t0 = wall(), time.monotonic()
         async with connect(
             self.url,
             compression=None,
@@ -264,6 +270,7 @@ class RelayLink:
             ping_timeout=20,
             proxy=None,
         ) as ws:
+            self._note_clock(ws, sent, time.monotonic() - t0)
             await self._handshake(ws)
             self._ws = ws
             self.state.connected = True
@@ -298,6 +305,23 @@ class RelayLink:
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
+
+    def _note_clock(self, ws: ClientConnection, sent: float, elapsed_s: float) -> None:
+        """Measure this device's clock against the relay's (its handshake reply's Date header):
+        kept for LAN discovery, and shown in status when off by more than CLOCK_OFF_S."""
+        date = ws.response.headers.get("Date") if ws.response is not None else None
+        got = offset_from_date(date, sent, elapsed_s)
+        if got is None:
+            return
+        offset, _uncertainty = got
+        self.state.clock_offset_s = offset
+        if abs(offset) > CLOCK_OFF_S:
+            self.sync.warnings["clock"] = (
+                f"this device's clock is {describe_offset(offset)} the relay's: timestamps "
+                "and invite expiry are off; LAN discovery follows the relay's clock"
+            )
+        else:
+            self.sync.warnings.pop("clock", None)
 
     async def _handshake(self, ws: ClientConnection) -> None:
         me = self.sync.identity.public.sign_pk
