@@ -148,7 +148,7 @@ class RelayLink:
         self._hints: deque[bytes] = deque(maxlen=HINTS_QUEUED_MAX)
         # A relay from before hints closes the connection on the unknown frame: none are sent
         # to it again (until the agent restarts), so it costs one reconnect, not one per file.
-        self.hints_refused = False
+        self.hints_unsupported = False
 
     @property
     def latency_ms(self) -> float | None:
@@ -187,7 +187,7 @@ class RelayLink:
     def send_hint(self, sealed: bytes) -> bool:
         """Queue a sealed prefetch hint for the live connection (sent ahead of the outbox).
         False if not connected: hints are never kept for a later session."""
-        if self._ws is None or self.hints_refused:
+        if self._ws is None or self.hints_unsupported:
             return False
         self._hints.append(sealed)
         self.sync.outbox_changed.set()
@@ -391,7 +391,7 @@ class RelayLink:
                     await ws.send(F.encode_frame(reply))
             elif isinstance(frame, F.Error):
                 if frame.code == "malformed" and "0x0d" in frame.message:
-                    self.hints_refused = True
+                    self.hints_unsupported = True
                 if frame.code == "quota_exceeded":
                     self.state.quota_exceeded = True
                 if frame.code in RESEND_CODES:
