@@ -398,6 +398,25 @@ class BinarySync:
             log.info("binary conflict: %s split off as %s", entry.path, name)
         return wrote
 
+    def delete_seen(self, fid: bytes, edits: Mapping[str, int], disk_hash: bytes) -> dict[str, int]:
+        """The edit counters a delete of this binary file by this device may claim to have
+        seen. The index can hold a version that never reached this device's disk: a download
+        not done yet, or one refused because the user had changed the file here meanwhile.
+        Whoever deleted the file here never saw that version, so the delete must not beat it
+        (an edit beats a concurrent delete): for such a head the writer's counter is claimed
+        only up to just below that version. ``disk_hash``: the content last synced at that
+        path (the record's hash); this device's own versions were on its disk when written."""
+        seen = dict(edits)
+        base = self.bases.get(fid, {})
+        for h in manifest_heads(self.sync.index.fields(fid.hex())):
+            own = h.vv[h.dev]
+            if h.dev == self.sync.device or h.manifest.hash == disk_hash:
+                continue
+            if base.get(h.dev, 0) >= own:
+                continue  # the version on this disk descends from it
+            seen[h.dev] = min(seen.get(h.dev, 0), own - 1)
+        return seen
+
     # -- status ------------------------------------------------------------------------------
     def pending(self) -> tuple[int, int, int, int]:
         """(files to upload, their bytes, files to download, bytes still to fetch)."""

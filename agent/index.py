@@ -672,8 +672,14 @@ class IndexDoc:
             raise ValueError(f"bad mtime: {mtime_ns!r}")
         return self._mutate(lambda: self._set(fid, "mtime", mtime_ns))
 
-    def delete(self, fid: str, device: str, now: float) -> bytes:
-        """Mark deleted, recording the edit counters seen so a concurrent edit still wins."""
+    def delete(
+        self, fid: str, device: str, now: float, seen: Mapping[str, int] | None = None
+    ) -> bytes:
+        """Mark deleted, recording the edit counters seen so a concurrent edit still wins.
+
+        ``seen`` (default: every counter of the entry) lets the caller claim less: a binary
+        version that is in this index but never reached this device's disk was not seen by
+        whoever deleted the file there (agent/binary_sync.py ``BinarySync.delete_seen``)."""
         _check_fid(fid)
         _check_device(device)
         if not math.isfinite(now):
@@ -681,7 +687,8 @@ class IndexDoc:
         current = self._current(fid)
         if current is None:
             raise KeyError(f"unknown file id {fid}")
-        record = {"ts": float(now), "dev": device, "seen": dict(current.edits)}
+        counters = dict(current.edits) if seen is None else {k: int(v) for k, v in seen.items()}
+        record = {"ts": float(now), "dev": device, "seen": counters}
         return self._mutate(lambda: self._set(fid, "del", record))
 
 

@@ -25,7 +25,7 @@ import random
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -261,6 +261,10 @@ class SpaceSync:
         self._layouts_of: IndexDoc | None = None
         self._full_at = -math.inf  # time.monotonic() of the last reconcile of every entry
         self._full_cost = 0.0
+        # Paths whose file record went away since the last reconcile: an entry placed there
+        # may have waited for the path (a local file of another entry stood in the way), so
+        # the next scoped pass takes it in even though nothing changed in it.
+        self._vacated: set[str] = set()
         self.seq = 0
         self.cursor = 0
         # Relay sequences of this device's own envelopes above the cursor (the relay never
@@ -665,13 +669,17 @@ class SpaceSync:
                     await asyncio.sleep(0)  # the relay link sends the previous slice meanwhile
             rec = self.files.get(ch.path)
             text = _as_text(ch.data)
-            if text is None:
+            kind = entries[rec.fid.hex()].kind if rec and rec.fid.hex() in entries else None
+            if text is None or (not ch.data and kind == "binary"):
+                # An emptied binary file stays binary: a rewrite in place (truncate, then
+                # write) is seen empty in between, and taken for text it replaced the file's
+                # entry by a text one and then by a new binary one, cutting the file off from
+                # concurrent versions. The binary path waits for the file to be quiet.
                 bins.append(ch.path)
                 continue
-            kind = entries[rec.fid.hex()].kind if rec and rec.fid.hex() in entries else None
             if rec is not None and kind == "binary":
                 # binary -> text: a new text entry replaces the binary one
-                batch.add(INDEX_DOC_ID, self.index.delete(rec.fid.hex(), self.device, self.clock()))
+                batch.add(INDEX_DOC_ID, self._delete_local(rec, entries[rec.fid.hex()]))
                 await self._forget(ch.path)
                 rec = None
             if rec is not None:
@@ -704,15 +712,39 @@ class SpaceSync:
                 await self._forget(moved)
                 gone.remove(moved)
                 continue
+            if path not in self.files:
+                moved = _changed_and_moved(gone, st, self.files, entries)
+            if moved is not None:
+                # The same inode, changed since last synced: renamed with a local edit not
+                # published yet (a binary upload waits for the relay). Still a rename, and the
+                # edit a new version of the same file: ingested as a delete plus a new file, it
+                # claimed to have seen versions from other devices that never reached this disk
+                # (its own change stood there), and killed them (chaos soak seed 1615408819).
+                # The record keeps the old stat, so the edit is still seen as one and uploaded.
+                old = self.files[moved]
+                batch.add(INDEX_DOC_ID, self.index.rename(old.fid.hex(), path, self.device))
+                await self._record_stat(
+                    path, old.fid, old.hash, DiskStat(old.size, old.mtime_ns, old.inode)
+                )
+                await self._forget(moved)
+                gone.remove(moved)
             self.binary.local_changed(path, st.size)
         for path in gone:
             rec = self.files[path]
             entry = entries.get(rec.fid.hex())
             if entry is not None and entry.alive:
-                batch.add(INDEX_DOC_ID, self.index.delete(rec.fid.hex(), self.device, self.clock()))
+                batch.add(INDEX_DOC_ID, self._delete_local(rec, entry))
             await self._forget(path)
         for path, link in links:
             await self._ingest_link(path, link, entries, batch)
+
+    def _delete_local(self, rec: FileRecord, entry: FileEntry) -> bytes:
+        """The index update for a file deleted (or replaced by another kind) on this disk.
+        A binary file's delete claims only the versions that reached this disk."""
+        seen = None
+        if entry.kind == "binary" and self.binary is not None:
+            seen = self.binary.delete_seen(rec.fid, entry.edits, rec.hash)
+        return self.index.delete(rec.fid.hex(), self.device, self.clock(), seen)
 
     async def _publish_slice(self, batch: _Batch) -> None:
         """Commit and seal what a large local batch produced so far: the same transaction as at
@@ -1034,6 +1066,7 @@ class SpaceSync:
     async def _forget(self, path: str) -> None:
         self.files.pop(path, None)
         self._file_ops[path] = None
+        self._vacated.add(path)
 
     async def _record_dir(self, path: str, fid: bytes, st: DiskStat) -> None:
         rec = FileRecord(path, fid, DIR_MARK, 0, 0, st.inode)
@@ -1816,8 +1849,13 @@ class SpaceSync:
         # None: every entry (start-up, a change near a conflict copy, or the periodic full
         # pass); otherwise only the entries this batch touched (placed anew, content, fields).
         scope: set[bytes] | None = None
+        vacated, self._vacated = self._vacated, set()
         if before is not None and not self._full_reconcile_due():
             scope = {bytes.fromhex(h) for h in (*before, *changed)} | dirty | self.unwritten
+            # A remote file that could not be written while a local file of another entry
+            # held its path (kept because the user changed it: an edit beats a delete) is
+            # written once that file is moved or deleted here: nothing else touches it.
+            scope |= {bytes.fromhex(h) for p in vacated if (h := layout.paths.get(p))}
         want_dirs = self._wanted_dirs(cache)
         await self._move_dirs(entries, layout, want_dirs)
         records = self.files if scope is None else self._records_of(scope, layout, before or {})
@@ -2621,6 +2659,26 @@ def _split(items: list[tuple[bytes, bytes]]) -> list[list[tuple[bytes, bytes]]]:
 
 def _same_file(rec: FileRecord, st: DiskStat) -> bool:
     return (rec.size, rec.mtime_ns, rec.inode) == (st.size, st.mtime_ns, st.inode)
+
+
+def _changed_and_moved(
+    gone: list[str],
+    st: DiskStat,
+    files: Mapping[str, FileRecord],
+    entries: Mapping[str, FileEntry],
+) -> str | None:
+    """The vanished binary file whose inode a new binary file has (``mv`` keeps the inode;
+    written in place since last synced, so size/mtime differ), if exactly one: a rename of a
+    file with an unpublished edit."""
+    found = [
+        g
+        for g in gone
+        if files[g].inode == st.inode
+        and (e := entries.get(files[g].fid.hex())) is not None
+        and e.kind == "binary"
+        and e.alive
+    ]
+    return found[0] if len(found) == 1 else None
 
 
 def _as_text(data: bytes) -> str | None:

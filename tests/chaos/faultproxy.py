@@ -192,8 +192,10 @@ class FaultProxy:
         self._vanish[direction] = (frame_type, count)
 
     def clear(self) -> None:
+        """A clean pipe again: no rules, and no frames left to vanish."""
         self.up = Rules()
         self.down = Rules()
+        self._vanish.clear()
 
     def cut(self) -> int:
         """Close every live connection (both sides see a reset). Returns how many."""
