@@ -61,6 +61,7 @@ __all__ = [
     "FileEntry",
     "IndexDoc",
     "Kind",
+    "created_fids",
     "creation_fields",
     "derive_file_id",
     "fid_hex",
@@ -690,6 +691,25 @@ class IndexDoc:
         counters = dict(current.edits) if seen is None else {k: int(v) for k, v in seen.items()}
         record = {"ts": float(now), "dev": device, "seen": counters}
         return self._mutate(lambda: self._set(fid, "del", record))
+
+
+def created_fids(update_doc: Doc[Any], kind: str) -> list[str]:
+    """The fids whose creation stamp (``c``) of kind ``kind`` a document holds: used on a
+    throwaway document with one received index update applied, to see which files that update
+    creates. Junk (a hostile peer's) yields nothing, never an exception."""
+    out: list[str] = []
+    try:
+        files = update_doc.get(FILES, type=Map)
+        for key, raw in files.items():
+            fid, sep, name = key.partition("/")
+            if not sep or name != "c" or not isinstance(raw, str):
+                continue
+            with contextlib.suppress(ValueError, RecursionError):
+                if _parse_creation(json.loads(raw))[0] == kind:
+                    out.append(_check_fid(fid))
+    except Exception:  # a root of another type, or an update pycrdt cannot read as a map
+        return []
+    return out
 
 
 def fid_hex(fid: bytes) -> str:

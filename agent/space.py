@@ -38,7 +38,7 @@ from qmoi_sync.agent.clock import wall
 from qmoi_sync.agent.crashpoint import crashpoint
 from qmoi_sync.agent.home import UserError
 from qmoi_sync.agent.ignore import IgnoreRules
-from qmoi_sync.agent.index import FileEntry, IndexDoc, derive_file_id
+from qmoi_sync.agent.index import FileEntry, IndexDoc, created_fids, derive_file_id
 from qmoi_sync.agent.keyring import Keyring
 from qmoi_sync.agent.layout import Layout, LayoutCache
 from qmoi_sync.agent.materialize import (
@@ -1269,13 +1269,14 @@ class SpaceSync:
                     return consumed()
                 if lacks and peer:
                     return False
-                # An index update past a gap waits for it too: its sender sealed the text of
-                # the files it makes visible no later than itself (_index_last), so the
-                # missing envelope may hold that text (an honest relay delivers a late
-                # envelope after higher ones when its first publish was refused). Applied now,
-                # new files would be written empty. A gap given up on releases it (give_up).
+                # An index update past a gap that creates a text file whose document this
+                # device has nowhere waits for the gap too: its sender sealed that text no
+                # later than the entry (_index_last), so the missing envelope may hold it (an
+                # honest relay delivers a late envelope after higher ones when its first
+                # publish was refused). Applied now, the file would be written empty. A gap
+                # given up on releases it (give_up).
                 lacks = lacks or (
-                    out_of_order and any(i.doc_id == INDEX_DOC_ID for i in payload.items)
+                    out_of_order and await self._creates_unseen_text(payload.items, scratches)
                 )
                 if lacks and self.order.can_hold() and sender not in self.order.unheld:
                     self.order.hold(sender, seq, relay_seq, envelope)
@@ -1532,6 +1533,21 @@ class SpaceSync:
             if diff != b"\x00\x00":
                 items.append((doc_id, diff))
         return items
+
+    async def _creates_unseen_text(self, items: list[DocUpdate], scratches: list[Doc]) -> bool:
+        """An index update among ``items`` creates a text file whose document is neither in
+        ``items`` nor known here (``scratches``: each item applied alone, _scratch_apply)."""
+        carried = {item.doc_id for item in items}
+        for item, scratch in zip(items, scratches, strict=True):
+            if item.doc_id != INDEX_DOC_ID:
+                continue
+            for fid_hex in created_fids(scratch, "text"):
+                fid = bytes.fromhex(fid_hex)
+                if fid in carried or fid in self._docs:
+                    continue
+                if not await self.store.has_doc(self.space_id, fid):
+                    return True
+        return False
 
     async def _release_held(self, batch: _Batch, dirty: set[bytes]) -> None:
         """Apply the held relay envelopes that are next in their sender's order now."""

@@ -26,6 +26,7 @@ from qmoi_sync.protocol.payload import DocUpdate, Updates, decode_payload, encod
 
 DOC = b"\x07" * 16
 OTHER = b"\x08" * 16
+DOC2 = b"\x09" * 16
 
 
 class Writer:
@@ -49,11 +50,18 @@ class Writer:
         payload = encode_payload(Updates(items=[DocUpdate(doc_id=doc_id, update=update)]))
         return seal(self.admin, self.log.space_id, 0, self.key, self.seq, payload)
 
-    def create(self, doc_id: bytes, path: str) -> bytes:
-        """The index entry that makes text document ``doc_id`` the file ``path``."""
+    def create(self, doc_id: bytes, path: str, text: str | None = None) -> bytes:
+        """The index entry that makes text document ``doc_id`` the file ``path`` (with
+        ``text``: the document's first update in the same envelope, before the entry)."""
+        items = []
+        if text is not None:
+            update = ingest_disk_text(self.docs.setdefault(doc_id, new_text_doc()), text)
+            assert update is not None
+            items.append(DocUpdate(doc_id=doc_id, update=update))
         update = self.index.create(doc_id.hex(), path, "text", 0o644, "writer", time.time())
+        items.append(DocUpdate(doc_id=INDEX_DOC_ID, update=update))
         self.seq += 1
-        payload = encode_payload(Updates(items=[DocUpdate(doc_id=INDEX_DOC_ID, update=update)]))
+        payload = encode_payload(Updates(items=items))
         return seal(self.admin, self.log.space_id, 0, self.key, self.seq, payload)
 
 
@@ -108,6 +116,13 @@ async def test_index_entry_past_a_gap_waits_for_the_text_it_makes_visible(
     await sync.handle_remote([(1, e1)])
     assert (folder / "new.txt").read_text() == "the text\n"
     assert not sync.order.held and sync.applied_cursor == 2
+
+    # An entry that carries its text in the same envelope needs nothing from the gap: applied
+    # at once, like any update that lacks no dependency.
+    _e3, e4 = w.edit(OTHER, "x\n"), w.create(DOC2, "whole.txt", "carried along\n")
+    await sync.handle_remote([(4, e4)])
+    assert (folder / "whole.txt").read_text() == "carried along\n"
+    assert not sync.order.held
 
 
 async def test_gap_is_reported_and_repaired_through_the_relay(store: Store, tmp_path: Path) -> None:
