@@ -14,6 +14,12 @@
 
 `QMOI_SYNC_LAN=off` in the environment switches LAN off whatever the file says (the test suite
 sets it for agents in the host's network namespace).
+
+**Test hook** `QMOI_SYNC_TEST_LAN_DIAL="<host>:<port>=<host>:<port>,..."`: when this agent dials
+a LAN peer found at the left address, it dials the right one instead (tests/lan puts a
+fault-injecting proxy there, tests/lan/lan_faults.py). Authentication is end to end (the peer
+proves its key over the connection), so a proxy in between can delay, drop or cut, never
+impersonate. Not a user setting: malformed entries are ignored.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from qmoi_sync.agent.home import UserError
 CONFIG_FILE = "config.json"
 DEFAULT_LAN_PORT = 47700
 KILL_SWITCH_ENV = "QMOI_SYNC_LAN"
+TEST_DIAL_ENV = "QMOI_SYNC_TEST_LAN_DIAL"
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")
 
 
@@ -61,6 +68,18 @@ class DeviceSettings(BaseModel):
 
 def lan_killed() -> bool:
     return os.environ.get(KILL_SWITCH_ENV, "").strip().lower() in ("0", "off", "false", "no")
+
+
+def dial_address(host: str, port: int) -> tuple[str, int]:
+    """Where to dial a peer advertised at ``host:port`` (itself, unless the test hook
+    :data:`TEST_DIAL_ENV` redirects it)."""
+    for entry in os.environ.get(TEST_DIAL_ENV, "").split(","):
+        seen, _, instead = entry.strip().partition("=")
+        h, _, p = seen.rpartition(":")
+        h2, _, p2 = instead.rpartition(":")
+        if h == host and p == str(port) and h2 and p2.isdigit():
+            return h2, int(p2)
+    return host, port
 
 
 def settings_path(home_root: Path) -> Path:

@@ -35,6 +35,7 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from qmoi_sync.agent.causal import BufferFull, CausalBuffer
 from qmoi_sync.agent.clock import CLOCK_OFF_S, wall
+from qmoi_sync.agent.lan_config import dial_address
 from qmoi_sync.agent.peer_chunks import ChunkCounters, PeerChunks, SealLocal
 from qmoi_sync.agent.peer_link import (
     CLOSE_DUPLICATE,
@@ -305,14 +306,16 @@ class SpaceLan:
 
     async def _relay_gap(self, sender: bytes) -> bool:
         """A gap in ``sender``'s relay stream (agent/relay_order.py): resync with that device if
-        it is a peer (its reply covers its whole stream), else with any peer that can answer
-        (it may hold the missing updates). False when no peer can."""
+        it is a peer (its reply covers its whole stream: True, the gap is the LAN's to close),
+        else with any peer that can answer (it may hold the missing updates, but its reply
+        says nothing about ``sender``'s seqs: False, so the relay repairs go on too — their
+        state resync through the relay closes the gap)."""
         sessions = [self.sessions[sender]] if sender in self.sessions else []
         sessions += [s for p, s in self.sessions.items() if p != sender]
         for session in sessions:
             if session.peer_can_write:
                 await session.request_resync("relay sequence gap", gap=True)
-                return True
+                return session.peer_pk == sender
         return False
 
     async def release_after_reply(self, session: PeerSession, covered: int) -> None:
@@ -440,11 +443,10 @@ class SpaceLan:
             conn: PeerConn | None = None
             refused = False
             for address in target.addresses:
-                host = f"[{address}]" if ":" in address else address
+                ip, port = dial_address(address, target.port)  # a test hook may redirect it
+                host = f"[{ip}]" if ":" in ip else ip
                 try:
-                    conn = await dial(
-                        f"ws://{host}:{target.port}/", service.identity, self, target.tag
-                    )
+                    conn = await dial(f"ws://{host}:{port}/", service.identity, self, target.tag)
                     break
                 except Refused as exc:
                     self.stats.refused += 1

@@ -522,6 +522,53 @@ class InjectingProxy:
                         await t
 
 
+# -- a hostile relay's rewrites (InjectingProxy.rewrite) -------------------------------------
+def deliver_from(msg: bytes | str, sender: bytes) -> tuple[F.Deliver, int] | None:
+    """The Deliver frame and its sender seq if ``msg`` delivers an envelope of ``sender``."""
+    if not isinstance(msg, bytes):
+        return None
+    try:
+        frame = F.decode_frame(msg)
+        if not isinstance(frame, F.Deliver):
+            return None
+        header = parse_header(frame.envelope)
+    except ProtocolError:
+        return None
+    return (frame, header.seq) if header.sender == sender else None
+
+
+class Withhold:
+    """Withholds every envelope of ``sender`` but the ``allow`` ones right after the first,
+    while ``capturing``; what was withheld stays withheld (on every later delivery too, e.g.
+    after b subscribes again) until ``release()``. ``capturing = False``: new seqs pass."""
+
+    def __init__(self, sender: bytes, allow: int = 0) -> None:
+        self.sender = sender
+        self.capturing = True
+        self.allow = allow
+        self.withheld: set[int] = set()
+        self.passed: set[int] = set()
+        self._released = False
+        self._lock = threading.Lock()
+
+    def __call__(self, msg: bytes | str) -> list[bytes | str]:
+        d = deliver_from(msg, self.sender)
+        with self._lock:
+            if d is None or self._released:
+                return [msg]
+            seq = d[1]
+            if self.capturing and seq not in self.passed and seq not in self.withheld:
+                if self.withheld and len(self.passed) < self.allow:
+                    self.passed.add(seq)
+                else:
+                    self.withheld.add(seq)
+            return [] if seq in self.withheld else [msg]
+
+    def release(self) -> None:
+        with self._lock:
+            self._released = True
+
+
 # -- the shared real-process world -------------------------------------------------------------
 SYNC_TIMEOUT = 20.0
 
