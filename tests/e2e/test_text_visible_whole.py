@@ -133,14 +133,14 @@ def test_new_text_file_never_appears_empty_before_its_content(tmp_path: Path) ->
 
             wait_landed("b has every new file")
 
-            # Edits of files b already shows, again in a batch larger than one envelope: b
-            # shows each file's versions in order, whole, never an older one after a newer.
-            for rnd in (1, 2):
-                for name, vs in versions.items():
-                    if name == "zz-big.txt" or int(name[5:8]) % 2 == 0:
-                        vs.append(vs[-1][: -40 * KiB] + _body(f"{name} v{rnd}", 40 * KiB))
-                        _save(a.folder / name, vs[-1])
-                wait_landed(f"edit round {rnd}")
+            # Edits of every file b already shows, again more than one envelope per commit
+            # (128 files x 56 KiB, and 1 MiB of the big one): b shows each file's versions in
+            # order, whole, never an older one after a newer.
+            for name, vs in versions.items():
+                cut, new = (1024, 1024) if name == "zz-big.txt" else (40, 56)
+                vs.append(vs[-1][: -cut * KiB] + _body(f"{name} v1", new * KiB))
+                _save(a.folder / name, vs[-1])
+            wait_landed("b has every edit")
         finally:
             watch.close()
 
