@@ -315,3 +315,27 @@ async def test_relay_gap_is_repaired_by_a_lan_resync(trio: tuple[Device, Device,
     assert b.sync.order.gaps(b.sync.windows) == [] and not b.sync.order.held
     assert b.sync.applied_cursor == 2
     assert len(first) == 1
+
+
+async def test_a_lan_peer_that_is_not_the_gaps_sender_does_not_stop_the_relay_repair(
+    trio: tuple[Device, Device, Device],
+) -> None:
+    """The relay withholds C's first edit from B; B's only LAN peer is A. A's resync may bring
+    the content, but its reply says nothing about C's seqs: B asks A and also goes on with the
+    relay repairs (a re-subscription now, then the state resync through the relay, whose covers
+    close the gap)."""
+    a, b, c = trio
+    await c.write("c.txt", "one\n")
+    second = await c.write("c.txt", "one\ntwo\n")
+    now = [1000.0]
+    b.sync.order = RelayOrder(clock=lambda: now[0])
+    b.sync.subscribe_from()
+    await b.sync.handle_remote([(2, second[0])])
+    assert b.sync.order.held
+    space = lan_for(b)
+    session = StubSession(space, a)
+    space.sessions[a.pk] = session  # type: ignore[assignment]
+    now[0] += GAP_REPORT_S
+    await b.sync.repair_gaps()
+    assert session.requests == ["relay sequence gap"]
+    assert b.sync.order.resubscribe_from is not None, "the relay repair goes on"

@@ -259,3 +259,22 @@ def test_large_diffs_are_split_and_capped() -> None:
     assert not complete and sum(len(p) for p in parts) == 5
     assert split_parts([], part_bytes=1000) == ([[]], True)
     assert relay_repair.PART_BYTES < relay_repair.REPLY_MAX_BYTES
+
+
+async def test_hostile_requests_get_a_bounded_answer_or_none(pair: Any) -> None:
+    """A member's request with a state vector that does not decode is answered without that
+    document (nothing breaks); the answer, delivered to b which never sent that request, is not
+    applied; a malformed request is quarantined and charged to the member that signed it,
+    never answered."""
+    sp, a, b, _now = pair
+    await Relay().deliver(a, sp.edit("shared\n"))
+    bogus = sp.seal(sp.b, RepairRequest(os.urandom(16), items=[(DOC, b"\xff\xff\xff")]))
+    await Relay().deliver(a, bogus)
+    [reply_env] = await sent(a)
+    await Relay().deliver(b, reply_env)  # b never asked that: nothing applied
+    assert await text(b) == ""
+    q = a.stats.quarantined
+    truncated = seal(sp.b, sp.log.space_id, 0, sp.key, 50, b"\x07" + b"r" * 16 + b"\x02")
+    await Relay().deliver(a, truncated)
+    assert a.stats.quarantined == q + 1 and a.offenders.count(sp.b.public.sign_pk) == 1
+    assert len(await sent(a)) == 1, "a malformed request is not answered"
