@@ -96,6 +96,13 @@ RELAY_RECHECK_S = 0.5
 _ACK_FLUSH = 8
 #: Chunks the upload's producer thread reads and seals ahead of the socket.
 _PRODUCER_DEPTH = 4
+#: A file still being written (never quiet for MIN_QUIET_S) is uploaded as it grows once it is
+#: this large, by *follow* passes that each read only what the previous one had not (chunk
+#: boundaries depend only on the bytes since the previous boundary) and publish nothing; the
+#: manifest still comes from a full pass once the file is quiet (the stable-read rule).
+FOLLOW_MIN_BYTES = 16 * 1024 * 1024
+#: ... each follow pass starting once this much was added since the last one.
+FOLLOW_STEP_BYTES = 16 * 1024 * 1024
 
 
 class TamperedChunk(Exception):
@@ -190,6 +197,10 @@ class UpJob:
     # id) pairs already announced (a repeat pass announces only what is new).
     transfer: bytes = field(default_factory=lambda: os.urandom(16))
     hinted: set[tuple[int, bytes]] = field(default_factory=set)
+    # Where a pass over a file still being written resumes (the start of the last chunk the
+    # previous pass read: cut at what was then the end of the file).
+    follow_offset: int = 0
+    followed: bool = False
 
 
 @dataclass
@@ -524,7 +535,17 @@ class BinarySync:
         job.size = st.size
         now = time.time()
         quiet = now - max(st.mtime_ns / 1e9, job.changed_at)
-        if quiet < MIN_QUIET_S:
+        follow = (
+            quiet < MIN_QUIET_S
+            and self.link is not None
+            and not self.link.paused
+            # connects on demand; not while its last attempt failed (the relay is down)
+            and (self.link.state.connected or self.link.state.last_error is None)
+            and not job.relay_owed
+            and st.size >= FOLLOW_MIN_BYTES
+            and st.size - job.follow_offset >= FOLLOW_STEP_BYTES
+        )
+        if quiet < MIN_QUIET_S and not follow:
             await asyncio.sleep(MIN_QUIET_S - quiet)
             return
         if not await self._bulk_allowed(st.size, "upload"):
@@ -538,9 +559,19 @@ class BinarySync:
             self._retry(job, "chunks owed to the relay, which is unreachable")
             return
         started = time.time()
-        log.debug("binary up %s: pass starts at %d bytes", job.path, st.size)
+        if follow and not job.followed:
+            job.followed = True
+            log.info(
+                "binary up %s: uploading as it is written (%d bytes so far)", job.path, st.size
+            )
+        log.debug(
+            "binary up %s: %s pass starts at %d bytes",
+            job.path,
+            f"follow (from {job.follow_offset})" if follow else "full",
+            st.size,
+        )
         try:
-            result = await self._pass(job, st, keys, upload)
+            result = await self._pass(job, st, keys, upload, follow=follow)
             log.debug("binary up %s: pass ends, changed meanwhile: %s", job.path, result is None)
         except BlobQuotaExceeded as exc:
             self._quota_paths.add(job.path)
@@ -614,10 +645,11 @@ class BinarySync:
         return await link.wait_up(probe)
 
     async def _pass(
-        self, job: UpJob, st: DiskStat, keys: ChunkKeys, upload: bool = True
+        self, job: UpJob, st: DiskStat, keys: ChunkKeys, upload: bool = True, follow: bool = False
     ) -> Manifest | None:
         """Read, cut, identify and (if ``upload``) upload the file once. None if it changed
-        meanwhile.
+        meanwhile. ``follow``: a file still being written, read from ``job.follow_offset`` to
+        its current end only to upload ahead (always None).
 
         A producer thread reads, identifies and seals chunks ahead (chunker.ChunkProducer);
         this loop checks which ones the relay already holds (one query per batch of ready
@@ -626,9 +658,10 @@ class BinarySync:
         if opened is None:
             return None
         fd, st_open = opened
-        if st_open != st:
+        if st_open != st and not follow:
             os.close(fd)
             return None
+        start = job.follow_offset if follow else 0
         link = self.link if upload else None
         # Chunks acknowledged in this job's earlier passes are not sealed again; others the relay
         # may have are sealed anyway (AES-GCM ~1 ms/MiB in the producer thread) rather than
@@ -638,6 +671,7 @@ class BinarySync:
             keys,
             seal=link is not None,
             skip_seal=frozenset(job.acked),
+            start=start,
         )
         unsealed = False
         known_all: set[bytes] = set()
@@ -655,7 +689,7 @@ class BinarySync:
             and st.size >= HINT_MIN_FILE_BYTES
         )
         puts: dict[bytes, asyncio.Task[bool]] = {}
-        pos = 0
+        pos = last = start
         try:
             producer.start()
             while items := await producer.batch(_PRODUCER_DEPTH):
@@ -663,6 +697,7 @@ class BinarySync:
                 offsets = []
                 for it in items:
                     offsets.append(pos)
+                    last = pos
                     pos += it.size
                 if link is None:
                     continue
@@ -704,7 +739,8 @@ class BinarySync:
                     job.acked.update(acked)
                     acked.clear()
             end = producer.final_stat
-            if end is None or end.st_size != st.size or end.st_mtime_ns != st.mtime_ns or unsealed:
+            changed = end is None or end.st_size != st.size or end.st_mtime_ns != st.mtime_ns
+            if changed or follow or unsealed:
                 # Changed while read (or must be sealed again): the next pass starts now and
                 # re-reads the file while these uploads finish (a file written while it was
                 # read had its re-read wait for the upload's tail, ~0.3 s per 200 MiB).
@@ -713,6 +749,9 @@ class BinarySync:
                 inflight.clear()
                 if unsealed:
                     job.acked.clear()
+                # A follow pass resumes at the last chunk read: it was cut at the end of the
+                # file as it was then (the chunks before it end where they always will).
+                job.follow_offset = 0 if unsealed else last
                 return None
             while inflight:
                 await self._finish_put(inflight, acked)

@@ -64,15 +64,16 @@ class ChunkReader:
     delete loop costing more than the chunk ids). A view is valid until the next call.
     """
 
-    def __init__(self, fd: int, keys: ChunkKeys) -> None:
+    def __init__(self, fd: int, keys: ChunkKeys, start: int = 0) -> None:
         self.fd = fd
         self.keys = keys
         self.buf = bytearray(max(READ_BUFFER, 2 * MAX_CHUNK))
         self.view = memoryview(self.buf)
         self.start = 0  # first byte of buf not yet returned
         self.end = 0  # end of the bytes read into buf
-        self.offset = 0  # file offset of buf[start]
-        self.read_pos = 0  # file offset of buf[end]
+        # file offset of buf[start]: ``start`` > 0 resumes at a chunk boundary found earlier
+        self.offset = start
+        self.read_pos = start  # file offset of buf[end]
         self.eof = False
 
     def _refill(self) -> None:
@@ -135,8 +136,10 @@ class ChunkProducer:
         seal: bool,
         depth: int = 4,
         skip_seal: frozenset[bytes] = frozenset(),
+        start: int = 0,
     ) -> None:
         self.fd = fd
+        self.start_offset = start
         self.keys = keys
         self.seal = seal
         #: ids not worth sealing (the relay acknowledged them): yielded without ciphertext
@@ -162,7 +165,7 @@ class ChunkProducer:
 
     def _run(self) -> None:
         try:
-            reader = ChunkReader(self.fd, self.keys)
+            reader = ChunkReader(self.fd, self.keys, self.start_offset)
             while not self._stop.is_set():
                 while not self._slots.acquire(timeout=0.5):
                     if self._stop.is_set():

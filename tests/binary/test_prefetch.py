@@ -154,3 +154,33 @@ def test_hostile_hints_are_refused_or_bounded_and_materialize_nothing(tmp_path: 
         after = rand_bytes(2 * MiB, 2)
         write_atomic(a.folder / "after.bin", after)
         wait_file(b, "after.bin", sha(after))
+
+
+def test_file_written_without_pauses_uploads_while_written_and_ships_final_bytes(
+    tmp_path: Path,
+) -> None:
+    """A large file written with no pause long enough for a normal pass is followed (uploaded
+    as it grows, agent/binary_sync.py FOLLOW_*); its header is rewritten at the end, as media
+    writers do: b must get the final bytes, never the ones the follow passes read first."""
+    with bin_cluster(tmp_path) as c:
+        a, b = c.devices
+        body = rand_bytes(48 * MiB, 8)
+        header = rand_bytes(MiB, 9)
+        with (a.folder / "media.bin").open("wb") as f:
+            for i in range(0, len(body), MiB):
+                f.write(body[i : i + MiB])
+                f.flush()
+                time.sleep(0.02)  # never quiet for MIN_QUIET_S (50 ms)
+            deadline = time.monotonic() + 60
+            while _first_time(a, "binary up media.bin: uploading as it is written") is None:
+                assert time.monotonic() < deadline, log_excerpt(c)
+                f.write(b"\0" * MiB)  # keep it growing until a follow pass has started
+                f.flush()
+                time.sleep(0.02)
+            tail = f.tell() - len(body)
+            f.seek(0)
+            f.write(header)
+        final = header + body[MiB:] + b"\0" * tail
+        wait_file(b, "media.bin", sha(final), timeout=120)
+        # followed, and published only after the header was rewritten (once the file was quiet)
+        assert len(re.findall(r"binary up media\.bin: \d+ bytes", a.log())) == 1, log_excerpt(c)
