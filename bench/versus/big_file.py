@@ -1,8 +1,9 @@
 """big-file: one 200 MiB random file written on a, until complete and verified on b.
 
-scenario_binary.transfer: the random blocks are made before the clock starts; t0 before a opens
-the file, t1 when b's copy has the full size under its final name (both systems write a temp
-file and rename it into place once complete). Then b's copy is compared by SHA-256 (not timed;
+scenario_binary.transfer: the random blocks are made before the clock starts; t0 when the write on
+a is complete (the file closed: the issue counts "from the write on A"; the write itself is
+``write_s``, open-to-complete ``from_open_s``), t1 when b's copy has the full size under its
+final name (both systems write a temp file and rename it into place once complete). Then b's copy is compared by SHA-256 (not timed;
 the same cost for both). Three files (one of 16 MiB with --quick), settled in between.
 """
 
