@@ -3,8 +3,9 @@
 scenario_binary.transfer: the random blocks are made before the clock starts; t0 when the write on
 a is complete (the file closed: the issue counts "from the write on A"; the write itself is
 ``write_s``, open-to-complete ``from_open_s``), t1 when b's copy has the full size under its
-final name (both systems write a temp file and rename it into place once complete). Then b's copy is compared by SHA-256 (not timed;
-the same cost for both). Three files (one of 16 MiB with --quick), settled in between.
+final name (both systems write a temp file and rename it into place once complete). Then b's
+copy is compared by SHA-256 (not timed; the same cost for both). Three files (one of 16 MiB
+with --quick), settled in between.
 """
 
 from __future__ import annotations

@@ -52,16 +52,17 @@ def _stages(dev: Device) -> list[str]:
 def test_receiver_prefetches_a_file_still_being_written(tmp_path: Path) -> None:
     with bin_cluster(tmp_path) as c:
         a, b = c.devices
-        data = rand_bytes(24 * MiB, 5)
+        data = rand_bytes(32 * MiB, 5)
         stop = threading.Event()
 
         def writer() -> None:
-            # Appends every 50 ms, well inside the stable-read window (0.25 s): a uploads what
-            # is there but cannot publish a manifest while this goes on.
+            # 20 MiB (a follow pass uploads them: agent/binary_sync.py FOLLOW_*), then appends
+            # every 50 ms, well inside the stable-read window (0.25 s): a uploads what is there
+            # but cannot publish a manifest while this goes on.
             with (a.folder / "grow.bin").open("wb") as f:
-                f.write(data[: 12 * MiB])
+                f.write(data[: 20 * MiB])
                 f.flush()
-                pos = 12 * MiB
+                pos = 20 * MiB
                 while not stop.is_set() and pos < len(data) - 4096:
                     f.write(data[pos : pos + 4096])
                     f.flush()
@@ -81,7 +82,7 @@ def test_receiver_prefetches_a_file_still_being_written(tmp_path: Path) -> None:
             thread.join()
         wait_file(b, "grow.bin", sha(data), timeout=120)
         staged = _first_time(b, r"prefetch \w+: staging chunks")
-        published = _first_time(a, r"binary up grow\.bin")
+        published = _first_time(a, r"binary up grow\.bin: \d+ bytes")
         assert staged is not None and published is not None, log_excerpt(c)
         assert staged < published, (staged, published)
         st = space(b)
