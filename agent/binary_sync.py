@@ -690,6 +690,15 @@ class BinarySync:
         )
         puts: dict[bytes, asyncio.Task[bool]] = {}
         pos = last = start
+        if follow:
+            # The uploads the previous pass left running are for chunks before where this one
+            # starts: it will not meet them, so they count against this pass's window (else
+            # each follow pass would add another window of frames to the socket's buffer).
+            for cid, (task, n) in job.puts.items():
+                inflight.append((task, n, cid))
+                inflight_bytes += n
+                sent.add(cid)
+            job.puts.clear()
         try:
             producer.start()
             while items := await producer.batch(_PRODUCER_DEPTH):
