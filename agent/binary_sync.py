@@ -396,8 +396,7 @@ class BinarySync:
                 index.put_fields(
                     cfid,
                     {
-                        "path": name,
-                        **creation_fields("binary", entry.mode, first.ts, first.dev),
+                        **creation_fields("binary", entry.mode, first.ts, first.dev, name),
                         f"e:{first.dev}": 1,
                         f"m:{first.dev}": {**raw, "vv": {first.dev: 1}},
                     },

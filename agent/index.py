@@ -23,18 +23,25 @@ delete — is not decided by LWW at all but by per-device edit counters:
   greater than what the deleter saw — i.e. the edit was concurrent with (or after) the delete.
   An edit beats a concurrent delete; nothing is lost.
 
-Fields per fid (index schema 2, ``INDEX_SCHEMA``): ``path`` (str), ``c`` ([kind, created ts,
-created device]: the kind is part of the fid, so it never changes and rides along with the
-creation stamp; one map entry instead of two), ``mode`` (int; absent while it is the kind's
-default, ``DEFAULT_MODES``), ``del`` (null | {"ts", "dev", "seen": {dev: int}}), ``e:<dev>``
-(int), ``target`` (str, symlinks only), ``mtime`` (int ns: the content's modification time where
-it was last written locally; set with the content, not an edit of its own).
+Fields per fid (index schema 3, ``INDEX_SCHEMA``): ``c`` ([kind, created ts, created device,
+path, mtime]: the creation record; the kind is part of the fid, so it never changes; path and
+mtime are the ones the entry was created with), ``path`` (str: only once the file was renamed,
+or re-created while such a key exists; it then overrides the path in ``c``), ``mode`` (int;
+absent while it is the kind's default, ``DEFAULT_MODES``), ``del`` (null | {"ts", "dev",
+"seen": {dev: int}}), ``e:<dev>`` (int), ``target`` (str, symlinks only), ``mtime`` (int ns: the
+content's modification time where it was last written locally; only after a later content
+change, it then overrides the mtime in ``c``; not an edit of its own).
 
-Every map entry costs ~550 bytes of yrs memory however short its key (bench idle_rss: schema 1's
-6 entries per text file were ~33 MB of an idle agent with 10,000 files; schema 2 has 4). Fields
-written concurrently by different devices (path, mode, del, mtime, target) stay separate
-entries so a merge stays per field; only ``kind`` (fixed per fid) was folded into ``c``.
-Schema 1 (``kind`` and ``created`` entries) is not read: ``legacy_keys`` reports it.
+Every map entry costs ~470-550 bytes of yrs memory however short its key (bench idle_rss:
+schema 1's 6 entries per text file were ~33 MB of an idle agent with 10,000 files; schema 2
+had 4; a text file never renamed or edited since its creation has 2 in schema 3: ``c`` and
+``e:<dev>``, ~85 MB less at 100,000 files). Fields written concurrently by different devices
+(path, mode, del, mtime, target) are still separate entries once written after the creation,
+so a merge stays per field: a rename racing a creation, or two renames, are decided by the map
+as before (any winner is a correct outcome), and the value in ``c`` only counts while no device
+wrote the key. The edit counters stay explicit entries (an edit must beat a concurrent delete
+even when another device's creation record wins ``c``). Schemas 1 (``kind`` and ``created``
+entries) and 2 (a 3-element ``c``) are not read: ``legacy_keys`` reports them.
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ __all__ = [
 ]
 
 FILES = "files"  # root map name
-INDEX_SCHEMA = 2
+INDEX_SCHEMA = 3
 # Field names of index schema 1, folded into ``c`` by schema 2.
 LEGACY_FIELDS: frozenset[str] = frozenset({"kind", "created"})
 Kind = Literal["text", "binary", "dir", "symlink"]
@@ -186,41 +193,60 @@ def _parse_delete(raw: Any) -> tuple[bool, DeleteRecord | None]:
     return True, DeleteRecord(ts, dev, MappingProxyType(clean))
 
 
-def creation_fields(kind: str, mode: int, ts: float, dev: str) -> dict[str, Any]:
-    """The fields a creation writes besides path and edit counter (``put_fields`` callers that
-    write a whole entry, e.g. a binary conflict split): ``c``, and ``mode`` unless default."""
+def creation_fields(
+    kind: str, mode: int, ts: float, dev: str, path: str, mtime_ns: int | None = None
+) -> dict[str, Any]:
+    """The fields a creation writes besides the edit counter (``put_fields`` callers that write
+    a whole new entry, e.g. a binary conflict split): ``c``, and ``mode`` unless default."""
     _check_kind(kind)
-    out: dict[str, Any] = {"c": [kind, float(ts), dev]}
+    if not path:
+        raise ValueError("empty path")
+    out: dict[str, Any] = {"c": [kind, float(ts), dev, path, mtime_ns]}
     if int(mode) != DEFAULT_MODES[kind]:
         out["mode"] = int(mode)
     return out
 
 
-def _parse_creation(raw: Any) -> tuple[str | None, float, str]:
-    """(kind, created ts, created device) from a ``c`` value; kind None if unusable."""
-    if not isinstance(raw, list) or len(raw) != 3:
-        return None, 0.0, ""
-    kind, ts, dev = raw
+def _parse_creation(raw: Any) -> tuple[str | None, float, str, Any, Any]:
+    """(kind, created ts, created device, path, mtime) from a ``c`` value; kind None if
+    unusable (schema 2's 3-element ``c`` included)."""
+    if not isinstance(raw, list) or len(raw) != 5:
+        return None, 0.0, "", None, None
+    kind, ts, dev, path, mtime = raw
     return (
         sys.intern(kind) if isinstance(kind, str) else None,
         _num(ts) or 0.0,
         sys.intern(dev) if isinstance(dev, str) else "",
+        path,
+        mtime,
     )
+
+
+def _legacy_creation(encoded: Any) -> bool:
+    """Whether a ``c`` value (its JSON text) is index schema 2's ``[kind, ts, dev]``."""
+    if not isinstance(encoded, str):
+        return False
+    try:
+        raw = json.loads(encoded)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(raw, list) and len(raw) == 3
 
 
 def _build_entry(fid: str, fields: Mapping[str, Any]) -> FileEntry:
     """Interpret one fid's decoded fields. Garbage (a buggy or hostile peer) degrades to "no
     path" / defaults, never to an exception: ``entries()`` must not fail on remote data."""
-    path = fields.get("path")
+    kind, created_ts, created_dev, first_path, first_mtime = _parse_creation(fields.get("c"))
+    # A written key overrides what the creation record says (a rename, a later content change).
+    path = fields.get("path", first_path)
     if not isinstance(path, str) or not path:
         path = None
-    kind, created_ts, created_dev = _parse_creation(fields.get("c"))
     if kind is None or kind not in KINDS:
         # Unknown kind (e.g. from a newer agent) or no creation record (e.g. schema 1 fields):
         # keep the entry but never materialize it.
         kind, path = "binary" if kind is None else kind, None
     mode = _int(fields.get("mode"))
-    mtime_ns = _int(fields.get("mtime"))
+    mtime_ns = _int(fields.get("mtime", first_mtime))
     target = fields.get("target")
     edits: dict[str, int] = {}
     for k, v in fields.items():
@@ -283,8 +309,8 @@ class IndexDoc:
         self._changed: set[str] = set()
         self._batching = False
         self.legacy_keys = False  # schema 1 fields seen (see ``check_schema``)
-        for key in self._ymap:
-            self._note_key(key, added=True)
+        for key, value in self._ymap.items():
+            self._note_key(key, added=True, value=value)
         self._sub = self._ymap.observe(self._on_map_event)
 
     @classmethod
@@ -353,12 +379,12 @@ class IndexDoc:
 
     # -- change tracking ---------------------------------------------------------------------
 
-    def _note_key(self, key: str, *, added: bool) -> None:
+    def _note_key(self, key: str, *, added: bool, value: Any = None) -> None:
         fid, sep, name = key.partition("/")
         if not sep:
             return
         fid = sys.intern(fid)
-        if name in LEGACY_FIELDS:
+        if name in LEGACY_FIELDS or (name == "c" and added and _legacy_creation(value)):
             self.legacy_keys = True
         names = self._fields.get(fid, ())
         if added:
@@ -376,16 +402,17 @@ class IndexDoc:
     def _on_map_event(self, event: Any) -> None:
         for key, change in event.keys.items():
             action = change.get("action") if isinstance(change, dict) else None
-            self._note_key(key, added=action != "delete")
+            value = change.get("newValue") if isinstance(change, dict) else None
+            self._note_key(key, added=action != "delete", value=value)
 
     def schema_problem(self) -> str | None:
         """Why this index cannot be used by this agent (written with index schema 1), or None."""
         if not self.legacy_keys:
             return None
         return (
-            f"the space's index was written by an older qmoi-sync (index schema 1; this agent "
-            f"reads schema {INDEX_SCHEMA} only, there is no migration): remove the space from "
-            f"this device and join it again from a device running this version"
+            f"the space's index was written by an older qmoi-sync (index schema 1 or 2; this "
+            f"agent reads schema {INDEX_SCHEMA} only, there is no migration): remove the space "
+            f"from this device and join it again from a device running this version"
         )
 
     def take_changed(self) -> set[str]:
@@ -589,11 +616,22 @@ class IndexDoc:
 
         return self._mutate(run)
 
-    def create(self, fid: str, path: str, kind: str, mode: int, device: str, now: float) -> bytes:
+    def create(
+        self,
+        fid: str,
+        path: str,
+        kind: str,
+        mode: int,
+        device: str,
+        now: float,
+        mtime_ns: int | None = None,
+    ) -> bytes:
         """Create the entry, or recreate/undelete it if it exists (deleted or not).
 
-        ``created`` is (re)stamped only when the entry is new or currently deleted: creating
-        an alive fid again (the same file appeared by another route) just merges.
+        ``c`` (with the path and ``mtime_ns``) is (re)stamped only when the entry is new or
+        currently deleted: creating an alive fid again (the same file appeared by another
+        route) just merges. A ``path`` or ``mtime`` key already written overrides ``c``, so a
+        re-creation writes those keys too.
         """
         _check_fid(fid)
         _check_kind(kind)
@@ -602,12 +640,25 @@ class IndexDoc:
             raise ValueError("empty path")
         if not math.isfinite(now):
             raise ValueError("non-finite timestamp")
+        if mtime_ns is not None and (
+            isinstance(mtime_ns, bool) or not isinstance(mtime_ns, int) or mtime_ns < 0
+        ):
+            raise ValueError(f"bad mtime: {mtime_ns!r}")
         current = self._current(fid)
+        written = self._fields.get(fid, ())
 
         def run() -> None:
             if current is None or not current.alive:
-                self._set(fid, "c", [kind, float(now), device])
-            self._set(fid, "path", path)
+                self._set(fid, "c", [kind, float(now), device, path, mtime_ns])
+                if "path" in written:
+                    self._set(fid, "path", path)
+                if "mtime" in written and mtime_ns is not None:
+                    self._set(fid, "mtime", mtime_ns)
+            else:
+                if current.path != path:
+                    self._set(fid, "path", path)
+                if mtime_ns is not None and current.mtime_ns != mtime_ns:
+                    self._set(fid, "mtime", mtime_ns)
             self._set_mode(fid, kind, int(mode))
             if current is not None and current.deleted is not None:
                 self._set(fid, "del", None)

@@ -1016,8 +1016,15 @@ class SpaceSync:
             for ch, _text, fid, create in planned:
                 if create:
                     mode = _mode_of(ch.stat, self.root / ch.path)
-                    self.index.create(fid.hex(), ch.path, "text", mode, self.device, self.clock())
-                    self.index.set_mtime(fid.hex(), ch.stat.mtime_ns)
+                    self.index.create(
+                        fid.hex(),
+                        ch.path,
+                        "text",
+                        mode,
+                        self.device,
+                        self.clock(),
+                        mtime_ns=ch.stat.mtime_ns,
+                    )
         for update in index_updates:
             batch.add(INDEX_DOC_ID, update)
         for ch, text, fid, _create in planned:
@@ -1319,7 +1326,7 @@ class SpaceSync:
                         # An older agent's entries are never materialized (no kind).
                         self.warnings["index-schema"] = (
                             "a device of this space runs an older qmoi-sync (index "
-                            "schema 1): its files are ignored until it is updated"
+                            "schema 1 or 2): its files are ignored until it is updated"
                         )
                 elif not await self._adopt_new_doc(item.doc_id, scratch):
                     (await self._doc(item.doc_id)).apply_update(item.update)

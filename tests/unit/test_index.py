@@ -46,10 +46,11 @@ def test_storage_is_flat_keys_with_json_string_leaves() -> None:
     (a,) = replicas(1)
     a.create(F1, "x", "binary", 0o644, A, 5.0)
     raw = a.doc.get(FILES, type=Map).to_py()
-    # Schema 2: kind rides in "c" with the creation stamp; the kind's default mode is not stored.
-    assert set(raw) == {f"{F1}/{k}" for k in ("path", "c", f"e:{A}")}
+    # Schema 3: kind, path and mtime ride in "c" with the creation stamp; the kind's default
+    # mode is not stored.
+    assert set(raw) == {f"{F1}/{k}" for k in ("c", f"e:{A}")}
     assert all(isinstance(v, str) for v in raw.values())
-    assert json.loads(raw[f"{F1}/c"]) == ["binary", 5.0, A]
+    assert json.loads(raw[f"{F1}/c"]) == ["binary", 5.0, A, "x", None]
     a.set_mode(F1, 0o755, A)
     raw = a.doc.get(FILES, type=Map).to_py()
     assert json.loads(raw[f"{F1}/mode"]) == 0o755

@@ -1,5 +1,6 @@
-"""Index schema 2: fewer map entries per file (kind folded into ``c``, default modes not stored),
-and index state written with schema 1 refused with a clear message instead of misread."""
+"""Index schemas 2 and 3: fewer map entries per file (kind, and the path and mtime a file was
+created with, folded into ``c``; default modes not stored), and index state written with schema 1
+or 2 refused with a clear message instead of misread."""
 
 from __future__ import annotations
 
@@ -36,14 +37,62 @@ def _schema1_state() -> bytes:
     return doc.get_update()
 
 
-def test_text_file_entry_has_four_map_entries_and_reads_back() -> None:
+def _schema2_state() -> bytes:
+    """An index entry exactly as schema 2 wrote it (``c`` = [kind, ts, dev])."""
+    doc: Doc[Any] = Doc()
+    m = doc.get(FILES, type=Map)
+    with doc.transaction():
+        m[f"{F1}/path"] = json.dumps("a.txt")
+        m[f"{F1}/c"] = json.dumps(["text", 1.0, A])
+        m[f"{F1}/e:{A}"] = json.dumps(1)
+        m[f"{F1}/mtime"] = json.dumps(5)
+    return doc.get_update()
+
+
+def test_new_text_file_entry_has_two_map_entries_and_reads_back() -> None:
     idx = IndexDoc(client_id=1)
-    idx.create(F1, "a.txt", "text", 0o644, A, 2.5)
-    idx.set_mtime(F1, 123)
+    idx.create(F1, "a.txt", "text", 0o644, A, 2.5, mtime_ns=123)
     raw = idx.doc.get(FILES, type=Map).to_py()
-    assert sorted(raw) == sorted(f"{F1}/{k}" for k in ("path", "c", f"e:{A}", "mtime"))
+    assert sorted(raw) == sorted(f"{F1}/{k}" for k in ("c", f"e:{A}"))
     e = idx.entries()[F1]
-    assert (e.kind, e.mode, e.created_ts, e.created_dev, e.mtime_ns) == ("text", 0o644, 2.5, A, 123)
+    assert (e.path, e.kind, e.mode, e.created_ts, e.created_dev, e.mtime_ns) == (
+        "a.txt",
+        "text",
+        0o644,
+        2.5,
+        A,
+        123,
+    )
+    # Later changes write their own keys, which override the creation record.
+    idx.rename(F1, "b.txt", A)
+    idx.set_mtime(F1, 456)
+    e = idx.entries()[F1]
+    assert (e.path, e.mtime_ns, e.edits) == ("b.txt", 456, {A: 2})
+
+
+def test_recreation_after_a_rename_and_delete_takes_the_new_path() -> None:
+    """A written ``path`` key overrides ``c``: re-creating a deleted entry must write it too."""
+    idx = IndexDoc(client_id=1)
+    idx.create(F1, "a.txt", "text", 0o644, A, 1.0, mtime_ns=1)
+    idx.rename(F1, "b.txt", A)
+    idx.set_mtime(F1, 2)
+    idx.delete(F1, A, 2.0)
+    assert not idx.entries()[F1].alive
+    idx.create(F1, "c.txt", "text", 0o644, A, 3.0, mtime_ns=3)
+    e = idx.entries()[F1]
+    assert (e.alive, e.path, e.mtime_ns, e.created_ts) == (True, "c.txt", 3, 3.0)
+
+
+def test_rename_racing_a_creation_merges_to_the_rename_everywhere() -> None:
+    a, b = IndexDoc(client_id=10), IndexDoc(client_id=20)
+    a.create(F1, "a.txt", "text", 0o644, A, 1.0, mtime_ns=1)
+    b.apply_update(a.state())
+    b.rename(F1, "moved.txt", B)
+    a.create(F1, "a.txt", "text", 0o644, A, 2.0, mtime_ns=1)  # the same file seen again: a merge
+    for x, y in ((a, b), (b, a)):
+        x.apply_update(y.state())
+    assert a.entries()[F1] == b.entries()[F1]
+    assert a.entries()[F1].path == "moved.txt"
 
 
 @pytest.mark.parametrize("kind", sorted(DEFAULT_MODES))
@@ -68,10 +117,10 @@ def test_concurrent_mode_change_and_creation_with_the_default_merge_to_the_chang
 def test_creation_fields_match_what_create_writes() -> None:
     a, b = IndexDoc(client_id=1), IndexDoc(client_id=2)
     a.create(F1, "p.bin", "binary", 0o755, A, 3.0)
-    b.put_fields(F1, {"path": "p.bin", **creation_fields("binary", 0o755, 3.0, A), f"e:{A}": 1})
+    b.put_fields(F1, {**creation_fields("binary", 0o755, 3.0, A, "p.bin"), f"e:{A}": 1})
     assert a.entries() == b.entries()
     with pytest.raises(ValueError, match="kind"):
-        creation_fields("folder", 0o755, 1.0, A)
+        creation_fields("folder", 0o755, 1.0, A, "p")
 
 
 def test_schema1_entries_are_reported_and_never_materialized() -> None:
@@ -80,6 +129,15 @@ def test_schema1_entries_are_reported_and_never_materialized() -> None:
     idx.apply_update(_schema1_state())
     problem = idx.schema_problem()
     assert problem is not None and "index schema 1" in problem
+    e = idx.entries()[F1]
+    assert e.path is None and not e.alive
+
+
+def test_schema2_entries_are_reported_and_never_materialized() -> None:
+    idx = IndexDoc(client_id=1)
+    idx.apply_update(_schema2_state())
+    problem = idx.schema_problem()
+    assert problem is not None and "index schema 1 or 2" in problem
     e = idx.entries()[F1]
     assert e.path is None and not e.alive
 
@@ -93,4 +151,15 @@ async def test_agent_refuses_a_space_whose_stored_index_is_schema1(
     async with store.transaction():
         await store.compact_doc(space_id, INDEX_DOC_ID, _schema1_state())
     with pytest.raises(UserError, match=r"older qmoi-sync \(index schema 1"):
+        await make_sync(store, tmp_path / "folder", me, log)
+
+
+async def test_agent_refuses_a_space_whose_stored_index_is_schema2(
+    store: Store, tmp_path: Path
+) -> None:
+    me = DeviceIdentity.generate()
+    log, _secret = MembershipLog.create(me, time.time())
+    async with store.transaction():
+        await store.compact_doc(log.space_id.hex(), INDEX_DOC_ID, _schema2_state())
+    with pytest.raises(UserError, match=r"older qmoi-sync \(index schema 1 or 2"):
         await make_sync(store, tmp_path / "folder", me, log)
