@@ -163,3 +163,31 @@ async def test_agent_refuses_a_space_whose_stored_index_is_schema2(
         await store.compact_doc(log.space_id.hex(), INDEX_DOC_ID, _schema2_state())
     with pytest.raises(UserError, match=r"older qmoi-sync \(index schema 1 or 2"):
         await make_sync(store, tmp_path / "folder", me, log)
+
+
+async def test_first_index_stores_two_map_entries_per_new_text_file(
+    store: Store, tmp_path: Path
+) -> None:
+    """Through the store: what a first index commits, loaded back, is 2 entries per new text
+    file (``c`` with path and mtime, and the edit counter), and reads back as the files."""
+    me = DeviceIdentity.generate()
+    log, _secret = MembershipLog.create(me, time.time())
+    folder = tmp_path / "folder"
+    (folder / "d").mkdir(parents=True)
+    names = [f"d/f{i}.txt" for i in range(20)]
+    for name in names:
+        (folder / name).write_text(f"{name}\n")
+    sync = await make_sync(store, folder, me, log)
+    await sync.rescan()
+    state, updates = await store.load_doc(sync.space_id, INDEX_DOC_ID)
+    idx = IndexDoc()
+    for part in [state, *updates] if state else updates:
+        idx.apply_update(part)
+    raw = idx.doc.get(FILES, type=Map).to_py()
+    files = {e.fid: e for e in idx.entries().values() if e.kind == "text"}
+    assert {e.path for e in files.values()} == set(names)
+    for fid, e in files.items():
+        assert sorted(k for k in raw if k.startswith(fid)) == sorted(
+            [f"{fid}/c", f"{fid}/e:{sync.device}"]
+        )
+        assert e.alive and e.mtime_ns == (folder / str(e.path)).stat().st_mtime_ns
