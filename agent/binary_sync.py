@@ -94,6 +94,9 @@ RETRY_OFFLINE_S = 1.0
 RELAY_PROBE_S = 3.0
 RELAY_RECHECK_S = 0.5
 _ACK_FLUSH = 8
+#: A transfer deferred by the resource policy is tried again after this (or as soon as bulk
+#: work is allowed again).
+BULK_RECHECK_S = 5.0
 #: Chunks the upload's producer thread reads and seals ahead of the socket.
 _PRODUCER_DEPTH = 4
 #: A file still being written (never quiet for MIN_QUIET_S) is uploaded as it grows once it is
@@ -193,6 +196,7 @@ class UpJob:
     # still being written): the next pass re-reads the file meanwhile and waits for the ones
     # whose chunks it still has instead of sending them again.
     puts: dict[bytes, tuple[asyncio.Task[bool], int]] = field(default_factory=dict)
+    bulk_deferred: bool = False  # set aside by the resource policy
     # Prefetch hints (agent/prefetch.py): this job's random transfer id, and the (offset, chunk
     # id) pairs already announced (a repeat pass announces only what is new).
     transfer: bytes = field(default_factory=lambda: os.urandom(16))
@@ -213,6 +217,7 @@ class DownJob:
     attempts: int = 0
     done_bytes: int = 0
     bad: str | None = None  # permanent problem with this manifest (until it changes)
+    bulk_deferred: bool = False  # set aside by the resource policy
 
     @property
     def remaining(self) -> int:
@@ -254,6 +259,7 @@ class BinarySync:
     _up_wake: asyncio.Event = field(default_factory=asyncio.Event)
     _down_wake: asyncio.Event = field(default_factory=asyncio.Event)
     _quota_paths: set[str] = field(default_factory=set)
+    _bulk_waiter: asyncio.Future[Any] | None = None
     #: Sends prefetch hints while large files upload (None: no relay).
     hints: HintSender | None = None
     #: Stages chunks other devices hinted (None: no relay).
@@ -504,25 +510,41 @@ class BinarySync:
             keys = self._keys[epoch] = ChunkKeys.for_epoch(epoch, ek)
         return keys
 
-    async def _bulk_allowed(self, size: int, what: str) -> bool:
-        """The resource policy: large transfers wait while bulk work is deferred."""
+    async def _bulk_allowed(self, job: UpJob | DownJob, size: int, what: str) -> bool:
+        """The resource policy: large transfers wait while bulk work is deferred. A deferred
+        job is set aside for ``BULK_RECHECK_S`` (not waited for here): the worker goes on with
+        the small files behind it. Waiting in the worker held every other transfer back for
+        as long as the deferral lasted (chaos soak with > 4 MiB files on a loaded machine: a
+        2 KB file never downloaded behind a deferred 5 MiB one)."""
         gate = self.sync.gate
         if gate is None:
             return True
         reason = gate.defer_bulk(size)
         if reason is None:
             self.sync.warnings.pop(f"binary:defer:{what}", None)
+            job.bulk_deferred = False
             return True
         self.sync.warnings[f"binary:defer:{what}"] = (
             f"large file transfers ({what}) wait until bulk work is allowed: {reason}"
         )
+        job.not_before = time.time() + BULK_RECHECK_S
+        job.bulk_deferred = True
         ok = getattr(gate, "bulk_ok", None)
-        if isinstance(ok, asyncio.Event):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ok.wait(), 5.0)
-        else:
-            await asyncio.sleep(5.0)
+        if isinstance(ok, asyncio.Event) and not ok.is_set() and self._bulk_waiter is None:
+            self._bulk_waiter = asyncio.ensure_future(ok.wait())
+            self._bulk_waiter.add_done_callback(self._bulk_released)
         return False
+
+    def _bulk_released(self, _waiter: asyncio.Future[Any]) -> None:
+        """Bulk work is allowed again: the jobs set aside for it go now."""
+        self._bulk_waiter = None
+        now = time.time()
+        for job in [*self.up.values(), *self.down.values()]:
+            if job.bulk_deferred:
+                job.bulk_deferred = False
+                job.not_before = min(job.not_before, now)
+        self._up_wake.set()
+        self._down_wake.set()
 
     # -- upload --------------------------------------------------------------------------------
     async def _do_up(self, job: UpJob) -> None:
@@ -547,7 +569,7 @@ class BinarySync:
         if quiet < MIN_QUIET_S and not follow:
             await asyncio.sleep(MIN_QUIET_S - quiet)
             return
-        if not await self._bulk_allowed(st.size, "upload"):
+        if not await self._bulk_allowed(job, st.size, "upload"):
             return
         keys = self.chunk_keys(sync.keyring.current_epoch)
         if keys is None:
@@ -898,7 +920,7 @@ class BinarySync:
             self.sync.warnings["disk"] = note
             job.not_before = time.time() + 5.0
             return
-        if not await self._bulk_allowed(manifest.size, "download"):
+        if not await self._bulk_allowed(job, manifest.size, "download"):
             return
         # Chunks prefetched while the sender was still uploading (agent/prefetch.py): their
         # stage becomes this download's temp file.

@@ -142,6 +142,26 @@ def test_quota_exceeded_clear_status_then_resumes(tmp_path: Path) -> None:
         )
 
 
+def test_deferred_large_download_does_not_hold_back_small_ones(tmp_path: Path) -> None:
+    """Found by the chaos soak with > 4 MiB files on a loaded machine: the download worker
+    waited on the deferred large file and picked it again, so a 2 KB binary file behind it
+    never came while the deferral lasted."""
+    with bin_cluster(tmp_path, readings={"b": {"on_ac": False, "battery_percent": 10.0}}) as c:
+        a, b = c.devices
+        big = rand_bytes(5 * MiB, 61)
+        write_atomic(a.folder / "big.bin", big)
+        wait_until(
+            lambda: any("transfers (download)" in w for w in space(b)["warnings"]),
+            what="b defers the large download",
+        )
+        small = b"\x00small" + rand_bytes(2_000, 62)
+        write_atomic(a.folder / "small.bin", small)
+        wait_file(b, "small.bin", sha(small))
+        assert file_sha(b.folder / "big.bin") is None, "the large file must still wait"
+        c.readings["b"].set(on_ac=True)
+        wait_file(b, "big.bin", sha(big))
+
+
 def test_low_battery_defers_binary_transfers(tmp_path: Path) -> None:
     with bin_cluster(tmp_path, readings={"a": {"on_ac": False, "battery_percent": 10.0}}) as c:
         a, b = c.devices
