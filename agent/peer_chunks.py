@@ -202,6 +202,10 @@ class LanChunks:
     def ready(self) -> bool:
         return bool(self._peers())
 
+    def serves(self, sign_pk: bytes) -> bool:
+        """Whether the device ``sign_pk`` is a LAN peer chunks can be fetched from now."""
+        return any(pk == sign_pk for pk, _chunks in self._peers())
+
     async def get(self, epoch: int, chunk_id: bytes) -> bytes | None:
         tried: set[bytes] = set()
         failure: BlobError | None = None

@@ -43,6 +43,7 @@ from qmoi_sync.agent.chunker import (
     sweep_stages,
 )
 from qmoi_sync.agent.materialize import UnsafePathError
+from qmoi_sync.agent.peer_chunks import LanChunks
 from qmoi_sync.protocol.chunks import ChunkKeys, Manifest
 from qmoi_sync.protocol.errors import DecryptError, ProtocolError
 from qmoi_sync.protocol.hints import (
@@ -230,6 +231,10 @@ class Prefetcher:
         self._last_seq[sender] = seq
         if hint.transfer in self._closed or binary.link is None:
             return
+        if any(isinstance(src, LanChunks) and src.serves(sender) for src in binary.remote):
+            # The sender is a LAN peer: bulk chunks come from it over the LAN once the manifest
+            # is here (preferred to the relay's bandwidth), not from the relay ahead of it.
+            return
         stage = self.stages.get(hint.transfer)
         if stage is None:
             keys = binary.chunk_keys(hint.epoch)
@@ -327,6 +332,7 @@ class Prefetcher:
                 "prefetch %s: refused chunk %s: %s", _short(stage), e.chunk_id.hex()[:16], exc
             )
             return
+        self.binary.stats.fetched("relay", len(sealed))
         del sealed
         f = stage.file
         assert f is not None
