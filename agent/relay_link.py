@@ -446,6 +446,7 @@ class RelayLink:
                 seqs.append(acks.get_nowait())
             async with store.transaction():
                 await store.delete_outbox(self.sync.space_id, seqs)
+            await self.sync.save_cursor()
 
     async def _applier(self, deliveries: asyncio.Queue[tuple[int, bytes]]) -> None:
         while True:

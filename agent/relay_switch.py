@@ -62,7 +62,7 @@ async def switch_relay(rt: SpaceRuntime, url: str) -> None:
                 await store.db.execute(
                     "UPDATE spaces SET relay_url=? WHERE space_id=?", (url, space_id)
                 )
-            sync.cursor = cursor
+            sync.reset_cursor(cursor)
         if sync.send_block is not None:
             return
 
