@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import Device, Relay, create_space, invite, join, wait_until
+from resource_env import Readings
 
 from chaos.faultproxy import DropMode, FaultProxy
 from chaos.invariants import OutsideWatch, Violation, check_all, check_processes, log_tracebacks
@@ -123,6 +124,15 @@ class Scenario:
         self.result = Result(cfg.seed)
         self.relay = Relay(tmp / "relay-data")
         self.devices = [Device(tmp / f"home-{n}", tmp / f"folder-{n}", n) for n in names]
+        # The resource policy reads pinned, idle readings: on a loaded soak machine the real
+        # load deferred every file over 1 MiB for the whole run (--big never converged), and
+        # the policy is not what this runner tests (tests/e2e/test_resources.py does).
+        self.readings: list[Path] = []
+        for d in self.devices:
+            r = Readings(tmp / f"resources-{d.name}.json")
+            r.set()
+            d.env["QMOI_SYNC_TEST_RESOURCES"] = str(r.path)
+            self.readings.append(r.path)
         self.proxies: dict[str, FaultProxy] = {}
         self.settings_files = {n: tmp / f"config-{n}" / "app.json" for n in names}
         self.known: list[str] = []  # the shared model of paths (as the test believes)
@@ -177,6 +187,7 @@ class Scenario:
             *(d.home for d in self.devices),
             *(d.log_path for d in self.devices),
             *self.settings_files.values(),
+            *self.readings,
             self.relay.data,
         ]
         if self.relay.log_path is not None:
