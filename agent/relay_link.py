@@ -24,6 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from qmoi_sync.agent.ack_watch import ACK_TIMEOUT_S, AckWatch
 from qmoi_sync.agent.clock import CLOCK_OFF_S, describe_offset, offset_from_date, wall
+from qmoi_sync.agent.deliver_gate import DeliverGate, queue_bytes_from_env
 from qmoi_sync.agent.space import SpaceSync
 from qmoi_sync.protocol import frames as F
 from qmoi_sync.protocol.errors import ProtocolError
@@ -116,6 +117,7 @@ class RelayLink:
         on_join_forward: JoinHandler,
         ssl_context: ssl.SSLContext | None = None,
         rng: random.Random | None = None,
+        deliver_queue_bytes: int | None = None,
     ) -> None:
         self.sync = sync
         self.url = url
@@ -137,9 +139,12 @@ class RelayLink:
         # Log compaction after snapshots: a Truncate to send, and the relay's last answer.
         self._truncate_pending: int | None = None
         self.truncated_before: int | None = None
-        # Envelopes the relay delivered that are not applied yet (queued for the applier).
-        self.pending_in = 0
-        self.pending_in_bytes = 0
+        # Envelopes the relay delivered that are not applied yet (queued for the applier),
+        # bounded in bytes (agent/deliver_gate.py; QMOI_SYNC_DELIVER_QUEUE_BYTES by default).
+        self.gate = DeliverGate(
+            deliver_queue_bytes if deliver_queue_bytes is not None else queue_bytes_from_env(),
+            sync.membership_wanted,
+        )
         # Devices the relay says are connected to it for this space (Presence frames).
         self.online: frozenset[bytes] = frozenset()
         # Prefetch hints (protocol/hints.py): sealed ones waiting to be sent (ephemeral: dropped
@@ -149,6 +154,14 @@ class RelayLink:
         # A relay from before hints closes the connection on the unknown frame: none are sent
         # to it again (until the agent restarts), so it costs one reconnect, not one per file.
         self.hints_unsupported = False
+
+    @property
+    def pending_in(self) -> int:
+        return self.gate.queued
+
+    @property
+    def pending_in_bytes(self) -> int:
+        return self.gate.queued_bytes
 
     @property
     def latency_ms(self) -> float | None:
@@ -298,8 +311,7 @@ class RelayLink:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await t
                 # Undelivered envelopes go with the session; the relay sends them again.
-                self.pending_in = 0
-                self.pending_in_bytes = 0
+                self.gate.reset()
                 self.online = frozenset()
                 self._hints.clear()
             for t in done:
@@ -362,8 +374,11 @@ class RelayLink:
             frame = F.decode_frame(data)
             if isinstance(frame, F.Deliver):
                 self.sync.rates.down.add(len(data))
-                self.pending_in += 1
-                self.pending_in_bytes += len(frame.envelope)
+                del data  # not kept alive (with the envelope's bytes twice) while waiting
+                # Back-pressure (agent/deliver_gate.py): past the bound the socket is not read
+                # until the applier catches up, unless it waits for a membership log.
+                await self.gate.wait_for_room()
+                self.gate.added(len(frame.envelope))
                 deliveries.put_nowait((frame.relay_seq, frame.envelope))
             elif isinstance(frame, F.Ack):
                 acks.put_nowait(frame.sender_seq)
@@ -459,10 +474,7 @@ class RelayLink:
                 try:
                     await self.sync.handle_remote(real)
                 finally:
-                    self.pending_in = max(0, self.pending_in - len(real))
-                    self.pending_in_bytes = max(
-                        0, self.pending_in_bytes - sum(len(e) for _, e in real)
-                    )
+                    self.gate.applied(len(real), sum(len(e) for _, e in real))
             if len(real) != len(batch):
                 self.sync.order.settled()
                 self.state.caught_up = True

@@ -294,6 +294,10 @@ class SpaceSync:
         # Set by the relay link when the relay says this device is not (or no longer) a member.
         self.refused: str | None = None
         self._keyring_changed = asyncio.Event()
+        # Set while handle_remote waits for a longer membership log: the relay link's reader
+        # then reads past its delivery bound, so the Membership frame behind the queued
+        # envelopes is read (agent/deliver_gate.py).
+        self.membership_wanted = asyncio.Event()
         self._gave_up_waiting_on: Keyring | None = None
         # Called synchronously, right after the commit, with every (seq, envelope) this device
         # seals into its stream, so LAN peers get it at once (agent/peer_sync.py).
@@ -1152,6 +1156,7 @@ class SpaceSync:
         if self._gave_up_waiting_on is before:
             return False
         self._keyring_changed.clear()
+        self.membership_wanted.set()
         try:
             async with asyncio.timeout(MEMBERSHIP_WAIT_S):
                 while self.keyring is before:
@@ -1160,6 +1165,8 @@ class SpaceSync:
         except TimeoutError:
             self._gave_up_waiting_on = before
             return False
+        finally:
+            self.membership_wanted.clear()
         return True
 
     async def _apply_envelope(
