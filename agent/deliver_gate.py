@@ -23,7 +23,10 @@ of about the bound's size (a second or two), far below the 20 s ping timeout.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+
+log = logging.getLogger("qmoi_sync.deliver_gate")
 
 #: Default bound on queued, unapplied envelope bytes per relay link.
 DEFAULT_QUEUE_BYTES = 4 << 20
@@ -32,18 +35,23 @@ QUEUE_BYTES_ENV = "QMOI_SYNC_DELIVER_QUEUE_BYTES"
 
 
 def queue_bytes_from_env() -> int:
-    """The bound from QMOI_SYNC_DELIVER_QUEUE_BYTES, or the default; a bad value is an error
-    (raised at link creation, so the agent says so instead of running unbounded)."""
+    """The bound from QMOI_SYNC_DELIVER_QUEUE_BYTES, or the default. A bad value is logged
+    as an error and the default used: a typo in a tuning knob must not stop syncing."""
     raw = os.environ.get(QUEUE_BYTES_ENV)
     if raw is None or raw.strip() == "":
         return DEFAULT_QUEUE_BYTES
     try:
         value = int(raw)
     except ValueError:
-        msg = f"{QUEUE_BYTES_ENV} must be a whole number of bytes, got {raw!r}"
-        raise ValueError(msg) from None
+        value = 0
     if value < 1:
-        raise ValueError(f"{QUEUE_BYTES_ENV} must be at least 1, got {value}")
+        log.error(
+            "%s must be a whole number of bytes >= 1, got %r; using %d",
+            QUEUE_BYTES_ENV,
+            raw,
+            DEFAULT_QUEUE_BYTES,
+        )
+        return DEFAULT_QUEUE_BYTES
     return value
 
 
