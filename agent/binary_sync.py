@@ -260,6 +260,7 @@ class BinarySync:
     _down_wake: asyncio.Event = field(default_factory=asyncio.Event)
     _quota_paths: set[str] = field(default_factory=set)
     _bulk_waiter: asyncio.Future[Any] | None = None
+    _publishing: int = 0  # versions out of ``up`` whose index batch is still being committed
     #: Sends prefetch hints while large files upload (None: no relay).
     hints: HintSender | None = None
     #: Stages chunks other devices hinted (None: no relay).
@@ -439,7 +440,7 @@ class BinarySync:
         up = list(self.up.values())
         down = list(self.down.values())
         return (
-            len(up),
+            len(up) + self._publishing,
             sum(j.size for j in up),
             len(down),
             sum(j.remaining for j in down),
@@ -893,8 +894,16 @@ class BinarySync:
             vv = _vv_of(sync.index.fields(fid.hex()), manifest.hash)
             await sync._record_stat(path, fid, manifest.hash, st)
             sync.warnings.pop(f"held:{path}", None)
+            # The job leaves ``up`` before the batch commits (a change noticed while it commits
+            # starts a new job), but it still counts as pending until the commit: status read
+            # in between said "nothing to upload" while the stored index still held the old
+            # version (a snapshot taken then asked for the old version's chunks).
             self.up.pop(path, None)
-            await sync._finish(batch, dirty=set(), delivered=[])
+            self._publishing += 1
+            try:
+                await sync._finish(batch, dirty=set(), delivered=[])
+            finally:
+                self._publishing -= 1
         self.bases[fid] = vv
         await self.chunks.set_base(fid, vv)
         await self.chunks.set_file_chunks(
