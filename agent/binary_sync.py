@@ -56,7 +56,7 @@ from qmoi_sync.agent.chunker import (
     discard_download,
     open_download,
     open_regular,
-    pwrite_all,
+    pwrite_in_thread,
     read_range,
     verified_prefix,
 )
@@ -1035,15 +1035,7 @@ class BinarySync:
     async def _fetch_at(
         self, keys: ChunkKeys, ref: ChunkRef, fd: int, offset: int, local: bool
     ) -> int:
-        data = await self._fetch(keys, ref, local)
-        write = asyncio.ensure_future(asyncio.to_thread(pwrite_all, fd, data, offset))
-        del data
-        try:
-            await asyncio.shield(write)
-        except asyncio.CancelledError:
-            # never let the caller close the fd while a worker thread still writes to it
-            await asyncio.wait([write])
-            raise
+        await pwrite_in_thread(fd, await self._fetch(keys, ref, local), offset)
         return ref.size
 
     async def _fetch(self, keys: ChunkKeys, ref: ChunkRef, local: bool = True) -> bytes:

@@ -357,6 +357,19 @@ def pwrite_all(fd: int, data: bytes, offset: int) -> None:
     crashpoint("chunk.written")
 
 
+async def pwrite_in_thread(fd: int, data: bytes, offset: int) -> None:
+    """``pwrite_all`` in a worker thread. If the caller is cancelled meanwhile, the thread's
+    write is awaited before the cancellation goes on: the caller must never close (or rename)
+    the fd while a worker thread still writes to it."""
+    write = asyncio.ensure_future(asyncio.to_thread(pwrite_all, fd, data, offset))
+    del data  # the thread holds the chunk; free it as soon as the write is done
+    try:
+        await asyncio.shield(write)
+    except asyncio.CancelledError:
+        await asyncio.wait([write])
+        raise
+
+
 _SYNC_FILE_RANGE_WRITE = 2
 _sync_file_range: Callable[[int, int, int, int], int] | None = None
 _sync_file_range_loaded = False

@@ -39,7 +39,7 @@ from qmoi_sync.agent.chunker import (
     adopt_stage,
     discard_download,
     open_stage,
-    pwrite_all,
+    pwrite_in_thread,
     sweep_stages,
 )
 from qmoi_sync.agent.materialize import UnsafePathError
@@ -337,14 +337,7 @@ class Prefetcher:
         f = stage.file
         assert f is not None
         async with stage.lock:
-            write = asyncio.ensure_future(asyncio.to_thread(pwrite_all, f.fd, data, e.offset))
-            del data
-            try:
-                await asyncio.shield(write)
-            except asyncio.CancelledError:
-                # never let the stage's fd be closed while a worker thread still writes to it
-                await asyncio.wait([write])
-                raise
+            await pwrite_in_thread(f.fd, data, e.offset)
             end = e.offset + e.size
             for off in [o for o, (_c, n) in stage.chunks.items() if o < end and o + n > e.offset]:
                 del stage.chunks[off]

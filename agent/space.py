@@ -1503,17 +1503,7 @@ class SpaceSync:
         sealed: list[tuple[int, bytes]] = []
         async with self.store.transaction():
             for plaintext in plaintexts:
-                self.seq += 1
-                envelope = seal(
-                    identity=self.identity,
-                    space_id=self.space_bytes,
-                    epoch=self.keyring.current_epoch,
-                    msg_key=self.keyring.msg_key,
-                    seq=self.seq,
-                    plaintext=plaintext,
-                )
-                await self.store.add_outbox(self.space_id, self.seq, envelope)
-                sealed.append((self.seq, envelope))
+                sealed.append(await self._seal_next(plaintext))
             await self.store.set_counter(self.space_id, "seq", self.seq)
         self.stats.sent_envelopes += 1
         self.outbox_changed.set()
@@ -2269,7 +2259,6 @@ class SpaceSync:
             if items:
                 due = await self.store.append_doc_updates(self.space_id, items)
                 for i, chunk in enumerate(_split(items)):
-                    self.seq += 1
                     payload = encode_payload(
                         Updates(
                             items=[DocUpdate(doc_id=d, update=u) for d, u in chunk],
@@ -2278,16 +2267,7 @@ class SpaceSync:
                             full_state=full_state and i == 0,
                         )
                     )
-                    envelope = seal(
-                        identity=self.identity,
-                        space_id=self.space_bytes,
-                        epoch=self.keyring.current_epoch,
-                        msg_key=self.keyring.msg_key,
-                        seq=self.seq,
-                        plaintext=payload,
-                    )
-                    await self.store.add_outbox(self.space_id, self.seq, envelope)
-                    sealed.append((self.seq, envelope))
+                    sealed.append(await self._seal_next(payload))
                 await self.store.set_counter(self.space_id, "seq", self.seq)
             cursor = self.applied_cursor
             wrote_cursor: int | None = None
@@ -2456,26 +2436,31 @@ class SpaceSync:
         if capabilities is None and self.capabilities_source is not None:
             capabilities = self.capabilities_source(self.root)
         async with self.lock, self.store.transaction():
-            self.seq += 1
             payload = encode_payload(
                 DeviceInfo(
                     name=name, platform=platform, agent_version=version, capabilities=capabilities
                 )
             )
-            envelope = seal(
-                identity=self.identity,
-                space_id=self.space_bytes,
-                epoch=self.keyring.current_epoch,
-                msg_key=self.keyring.msg_key,
-                seq=self.seq,
-                plaintext=payload,
-            )
-            await self.store.add_outbox(self.space_id, self.seq, envelope)
+            sealed = [await self._seal_next(payload)]
             await self.store.set_counter(self.space_id, "seq", self.seq)
-            sealed = [(self.seq, envelope)]
         self.outbox_changed.set()
         if self.on_sealed is not None:
             self.on_sealed(sealed)
+
+    async def _seal_next(self, plaintext: bytes) -> tuple[int, bytes]:
+        """Seal a payload as the next seq of this device's stream and queue it in the outbox
+        (inside the caller's store transaction; the caller stores the seq counter)."""
+        self.seq += 1
+        envelope = seal(
+            identity=self.identity,
+            space_id=self.space_bytes,
+            epoch=self.keyring.current_epoch,
+            msg_key=self.keyring.msg_key,
+            seq=self.seq,
+            plaintext=plaintext,
+        )
+        await self.store.add_outbox(self.space_id, self.seq, envelope)
+        return self.seq, envelope
 
     # -- snapshots (agent/snapshotter.py, agent/restore.py drive these) -------------------------
     async def update_shared(self, mutate: Callable[[Doc], bytes]) -> bool:
