@@ -470,11 +470,13 @@ class RelayLink:
             while len(batch) < MAX_DELIVER_BATCH and not deliveries.empty():
                 batch.append(deliveries.get_nowait())
             real = [(s, e) for s, e in batch if s >= 0]
+            size = sum(len(e) for _, e in real)
+            self.gate.taken(size)  # the reader may read the next ones while these apply
             if real:
                 try:
                     await self.sync.handle_remote(real)
                 finally:
-                    self.gate.applied(len(real), sum(len(e) for _, e in real))
+                    self.gate.applied(len(real), size)
             if len(real) != len(batch):
                 self.sync.order.settled()
                 self.state.caught_up = True

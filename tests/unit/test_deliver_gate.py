@@ -87,9 +87,11 @@ async def test_a_full_gate_waits_until_the_applier_frees_room() -> None:
     waiter = asyncio.create_task(gate.wait_for_room())
     await asyncio.sleep(0.05)  # give it a chance to (wrongly) pass
     assert not waiter.done()
-    gate.applied(1, 150)
+    gate.taken(150)  # the applier took it: room for the next while it is applied
     await asyncio.wait_for(waiter, 5)
-    assert gate.queued == 0 and gate.queued_bytes == 0
+    assert gate.queued == 1 and gate.queued_bytes == 150  # status: not applied yet
+    gate.applied(1, 150)
+    assert gate.queued == 0 and gate.queued_bytes == 0 and gate.waiting_bytes == 0
 
 
 async def test_a_full_gate_opens_while_a_membership_log_is_wanted() -> None:
