@@ -412,18 +412,18 @@ class Scenario:
             raise FileNotFoundError(path)
         target = self.rng.choice(others)
         dest = dev.folder / target
-        victim = lineage_of(dest.read_bytes()[:64])
+        victim = dest.read_bytes()
         os.rename(dev.folder / path, dest)
         self.known.remove(path)
-        self.ledger.kill_lineage(dev.name, "replace", f"{path} -> {target}", victim)
+        self.ledger.overwritten(dev.name, "replace", f"{path} -> {target}", victim)
 
     def _op_delete(self, dev: Device, texts: list[str], bins: list[str]) -> None:
         path = self.rng.choice(self.known)
         full = dev.folder / path
-        victim = lineage_of(full.read_bytes()[:64])
+        victim = full.read_bytes()
         full.unlink()
         self.known.remove(path)
-        self.ledger.kill_lineage(dev.name, "delete", path, victim)
+        self.ledger.overwritten(dev.name, "delete", path, victim)
 
     def _op_binary(self, dev: Device, texts: list[str], bins: list[str]) -> None:
         rng = self.rng

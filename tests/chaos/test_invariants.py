@@ -105,3 +105,29 @@ def test_short_needles_are_not_grepped_for() -> None:
     led.set_key("a", "app", "k4a", "v")  # 3 bytes occur in random ciphertext by chance
     led.set_key("a", "app", "chaos-opt-5-a", "v")
     assert led.needles() == [b"chaos-opt-5-a"]
+
+
+def test_overwriting_a_file_of_two_merged_lineages_removes_what_it_held() -> None:
+    # Chaos soak seed 924441503: b and c each renamed a file onto docs/doc-b-22.txt while
+    # partitioned; both are edits of that one file, so it held both texts (headers L17 then L2).
+    # b later renamed another file onto it: every line b's disk held was b's user's to remove,
+    # not only the first header's lineage. A line of L2 b had not seen must still survive.
+    led = Ledger()
+    l2, l17 = led.lineage(), led.lineage()
+    t2, t17 = led.token("c"), led.token("b")
+    unseen = led.token("a")
+    led.text_written("c", "create", "src/c.txt", l2, [t2], [])
+    led.text_written("b", "create", "docs/b.txt", l17, [t17], [])
+    merged = _text(l17, t17) + _text(l2, t2)
+    led.overwritten("b", "replace", "docs/x.txt -> docs/b.txt", merged)
+    led.text_written("a", "append", "docs/b.txt", l2, [unseen], [])  # concurrent with b's mv
+    assert check_ledger({"docs/b.txt": _text("L99")}, led)[0].detail.count("tok-") == 1
+    assert unseen in check_ledger({}, led)[0].detail
+    assert check_ledger({"docs/b.txt": _text("L99", unseen)}, led) == []
+
+
+def test_a_whole_longer_token_is_not_an_interleaving() -> None:
+    # Seed 924441503's report said tok-c-4; was interleaved: the tree held tok-c-40;.
+    assert not interleaved("tok-c-4;", b"kappa iota tok-c-40;\n")
+    assert not interleaved("tok-c-13;", b"gamma beta tok-c-103;\n")
+    assert interleaved("tok-c-4;", b"kappa tok-ca-b-41;\n")  # a real character merge still is
