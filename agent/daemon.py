@@ -523,6 +523,7 @@ class Agent:
             raise UserError(f"an agent is already running for {self.home.root}")
         try:
             self.store = await Store.open(self.home.db_path)
+            unregister_shrink = memtrim.trimmer.on_quiet(self._shrink_store)
             try:
                 self.lan = LanService(self)
                 await self.lan.start()
@@ -542,9 +543,26 @@ class Agent:
                 monitor.add_done_callback(self._background.discard)
                 await self.stop.wait()
             finally:
+                unregister_shrink()
                 await self.shutdown()
         finally:
             self.lock.release()
+
+    def _shrink_store(self) -> None:
+        """The agent went quiet after a large batch (agent/memtrim.py): SQLite's page cache
+        goes back too, then the heap is trimmed again (the trim itself ran before this
+        asynchronous step could finish)."""
+        task = asyncio.create_task(self._shrink_store_now())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _shrink_store_now(self) -> None:
+        try:
+            await self.store.shrink_memory()
+        except Exception as exc:  # e.g. the store closed at shutdown meanwhile: nothing to free
+            log.debug("sqlite shrink_memory skipped: %s", exc)
+            return
+        memtrim.malloc_trim()
 
     async def start_space(self, record: SpaceRecord) -> SpaceRuntime:
         data = await self.store.load_membership(record.space_id)

@@ -156,6 +156,11 @@ class Store:
     async def close(self) -> None:
         await self.db.close()
 
+    async def shrink_memory(self) -> None:
+        """Give back the connection's page cache (refilled from disk on demand): after a large
+        batch it holds up to its 2 MiB limit that an idle agent does not need."""
+        await self.db.execute("PRAGMA shrink_memory")
+
     # -- transactions -------------------------------------------------------------------------
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
