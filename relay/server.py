@@ -59,7 +59,7 @@ from websockets.frames import CloseCode
 
 from qmoi_sync.protocol import frames as F
 from qmoi_sync.protocol.chunks import MAX_CHUNK_CIPHERTEXT
-from qmoi_sync.protocol.envelope import verify_envelope_signature
+from qmoi_sync.protocol.envelope import EnvelopeHeader, verify_envelope_signature
 from qmoi_sync.protocol.errors import ProtocolError
 from qmoi_sync.protocol.identity import verify
 from qmoi_sync.protocol.invite import parse_join_request
@@ -670,24 +670,34 @@ class _Conn:
 
     # -- publish ---------------------------------------------------------------------------
 
-    async def _publish(self, frame: F.Publish) -> None:
+    async def _own_sealed(self, blob: bytes, what: str) -> EnvelopeHeader | None:
+        """The header of an envelope-shaped ``blob`` (an envelope, a prefetch hint) if this
+        connection's device sealed it for this space and may write; else None, once the client
+        has been told why (a revoked device is closed). ``what``: "publish", "send hints"."""
         space, me = self._authed()
         try:
-            header = verify_envelope_signature(frame.envelope)
+            header = verify_envelope_signature(blob)
         except ProtocolError as exc:
             await self.error(exc.code, exc.message)
-            return
+            return None
         if header.space_id != space.space_id:
-            await self.error("wrong_space", "envelope belongs to another space")
-            return
+            await self.error("wrong_space", f"cannot {what} for another space")
+            return None
         if header.sender != me:
-            await self.error("wrong_sender", "a device may only publish its own envelopes")
-            return
+            await self.error("wrong_sender", f"a device may only {what} as itself")
+            return None
         role = space.log.role_of(me)
         if role is None:
             raise _Fatal("revoked", "this device is no longer a member of the space")
         if role is Role.reader:
-            await self.error("read_only", "readers may not publish")
+            await self.error("read_only", f"readers may not {what}")
+            return None
+        return header
+
+    async def _publish(self, frame: F.Publish) -> None:
+        space, me = self._authed()
+        header = await self._own_sealed(frame.envelope, "publish")
+        if header is None:
             return
         fut = self.server.store.submit_append(
             space.space_id,
@@ -706,19 +716,7 @@ class _Conn:
         connection whose mailbox is half full misses it (it fetches after the manifest),
         instead of being closed as too slow because of hints."""
         space, me = self._authed()
-        try:
-            header = verify_envelope_signature(frame.hint)
-        except ProtocolError as exc:
-            await self.error(exc.code, f"hint: {exc.message}")
-            return
-        if header.space_id != space.space_id or header.sender != me:
-            await self.error("wrong_sender", "a hint must be sealed by this device for this space")
-            return
-        role = space.log.role_of(me)
-        if role is None:
-            raise _Fatal("revoked", "this device is no longer a member of the space")
-        if role is Role.reader:
-            await self.error("read_only", "readers may not send hints")
+        if await self._own_sealed(frame.hint, "send hints") is None:
             return
         out = F.Hinted(frame.hint)
         for conn in list(space.conns):
