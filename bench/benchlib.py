@@ -516,3 +516,14 @@ def write_result(scenario: str, result: dict[str, Any], quick: bool) -> Path:
 
 def verdict(value: float, target: float) -> str:
     return "MET" if value <= target else "MISSED"
+
+
+def memory_reports(*devices: Device) -> None:
+    """With ``--profile memory``: each agent appends its memory breakdown (bench/memprobe.py)."""
+    out = os.environ.get(PROFILE_ENV)
+    if not out or os.environ.get(PROFILER_ENV) != "memory":
+        return
+    for d in devices:
+        report = Path(out) / f"{d.home.name}-{d.pid}.mem.txt"
+        os.kill(d.pid, signal.SIGUSR1)
+        wait_until(report.exists, timeout=120, what=f"memory report of {d.name}")

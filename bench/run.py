@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         const="cprofile",
         choices=["cprofile", "pyinstrument", "py-spy", "memory"],
         help="run relay and agents under a profiler; profiles go to "
-        "bench/results/profile-<scenario>-<timestamp>/ (memory: idle_rss only, a breakdown "
-        "of each agent's memory once idle, bench/memprobe.py)",
+        "bench/results/profile-<scenario>-<timestamp>/ (memory: idle_rss and scale, a "
+        "breakdown of each agent's memory once idle, bench/memprobe.py)",
     )
     p.add_argument(
         "--lan",

@@ -13,14 +13,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
-from benchlib import PROFILE_ENV, PROFILER_ENV, Device, Relay, verdict, wait_until, workdir
+from benchlib import Device, Relay, memory_reports, verdict, wait_until, workdir
 
 TARGET_RSS_MB = 80.0
 TARGET_IDLE_CPU_PCT = 1.0  # "near zero"
@@ -74,17 +73,6 @@ def _safe_status(d: Device) -> Any:
 def _cpu_s(pid: int) -> float:
     t = psutil.Process(pid).cpu_times()
     return float(t.user + t.system)
-
-
-def _memory_reports(*devices: Device) -> None:
-    """With ``--profile memory``: each agent appends its memory breakdown (bench/memprobe.py)."""
-    out = os.environ.get(PROFILE_ENV)
-    if not out or os.environ.get(PROFILER_ENV) != "memory":
-        return
-    for d in devices:
-        report = Path(out) / f"{d.home.name}-{d.pid}.mem.txt"
-        os.kill(d.pid, signal.SIGUSR1)
-        wait_until(report.exists, timeout=120, what=f"memory report of {d.name}")
 
 
 def run(quick: bool, keep: bool = False) -> dict[str, Any]:
@@ -155,7 +143,7 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
             elapsed = time.perf_counter() - t0
             cpu1 = {k: _cpu_s(p) for k, p in pids.items()}
             mem_after = {k: _mem(p) for k, p in pids.items()}
-            _memory_reports(a, b)
+            memory_reports(a, b)
         except BaseException:
             for d in (a, b):
                 print(f"--- agent {d.name} status: {_safe_status(d)}", file=sys.stderr)

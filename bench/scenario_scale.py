@@ -38,7 +38,7 @@ from typing import Any
 
 import psutil
 import syncthing
-from benchlib import Device, Inotify, Relay, verdict, wait_until, workdir
+from benchlib import Device, Inotify, Relay, memory_reports, verdict, wait_until, workdir
 
 TARGET_INDEX_S = 60.0
 TARGET_RSS_MB = 300.0
@@ -211,6 +211,7 @@ def _qmoi_phases(tmp: Path, n: int, timeline: RssTimeline) -> dict[str, Any]:
             return False
 
         wait_until(a_progress, timeout=3600, what="a indexed and idle", interval=0.25)
+        memory_reports(a)
         scans = _scan_lines(a)
         out["first_index"] = {
             **{k: round(v, 2) for k, v in marks.items()},
@@ -247,6 +248,7 @@ def _qmoi_phases(tmp: Path, n: int, timeline: RssTimeline) -> dict[str, Any]:
         finally:
             for w in watches:
                 w.close()
+        memory_reports(a)
         scan_s, tracked = _scan_lines(a)[-1]
         out["restart"] = {
             "scan_done_s": round(restart_s, 2),
@@ -268,6 +270,7 @@ def _qmoi_phases(tmp: Path, n: int, timeline: RssTimeline) -> dict[str, Any]:
         timeline.watch("b", b.pid)
         t_synced = _wait_synced(b.folder, n, timeout=3600, what="files on b")
         wait_until(b.idle, timeout=600, what="b idle", interval=0.1)
+        memory_reports(b)
         out["sync_to_b"] = {
             "all_files_on_b_s": round(t_synced - b.started_at, 2),
             "cpu_s": _cpu_s(b.pid),
