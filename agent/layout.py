@@ -42,6 +42,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from qmoi_sync.protocol.errors import PathError
 from qmoi_sync.protocol.paths import CONFLICT_MARKER, conflict_name
@@ -57,6 +58,7 @@ __all__ = [
 ]
 
 ConflictNamer = Callable[[str, float, str], str]
+_T = TypeVar("_T")
 
 
 def _fallback_conflict_name(path: str, when: float, short_id: str) -> str:
@@ -251,6 +253,20 @@ def compute_layout(
     )
 
 
+def _many(slot: _T | tuple[_T, ...] | None) -> tuple[_T, ...]:
+    """The values of a ``LayoutCache`` slot, which holds one value as itself and several as a
+    tuple: nearly every path has one claimant and every name one spelling, and a 1-tuple per
+    file cost ~5.6 MB at 100,000 files (twice: claimants and spellings)."""
+    if slot is None:
+        return ()
+    return slot if isinstance(slot, tuple) else (slot,)
+
+
+def _one_or_many(values: tuple[_T, ...]) -> _T | tuple[_T, ...]:
+    """The slot holding ``values`` (at least one): see ``_many``."""
+    return values[0] if len(values) == 1 else values
+
+
 class _Needed(AbstractSet[str]):
     """``Layout.needed`` of a ``LayoutCache``: folders some claimed path lives in (counted,
     so a removal is O(depth)) plus the folders of conflict names (fixed between full
@@ -292,12 +308,17 @@ class LayoutCache:
         self.fold_case = fold_case
         self._namer = namer
         self._layout: Layout | None = None
-        self._claim: dict[str, str] = {}  # fid -> the path its alive entry claims
-        # path -> claiming entries, by rank (tuples for the same reason as _spell)
-        self._claims: dict[str, tuple[FileEntry, ...]] = {}
-        # fold_name -> claimed paths. Tuples, not sets: nearly every fold has one spelling, and
-        # 10,000 one-element sets cost ~2.3 MB of an idle agent (a 1-tuple is a quarter of that).
-        self._spell: dict[str, tuple[str, ...]] = {}
+        # The path each alive entry claims is by_fid's, except for the conflict copies: theirs
+        # are kept here (a second fid -> path dict for every entry cost ~3.8 MB at 100,000).
+        # Exact between updates: an update placing an entry elsewhere than its claim (a
+        # conflict) falls back to ``full``, and any change to a conflict copy is hot.
+        self._lost: dict[str, str] = {}
+        # path -> claiming entries by rank: one entry as itself, several as a tuple (_many).
+        self._claims: dict[str, FileEntry | tuple[FileEntry, ...]] = {}
+        # fold_name -> claimed paths of that name (_spellings): a path as itself, several as a
+        # tuple, and no item when the only claimed spelling is the fold itself (nearly every
+        # name: NFC, and lowercase or not folding case) or none is claimed.
+        self._spell: dict[str, str | tuple[str, ...]] = {}
         self._below: dict[str, int] = {}  # folder -> claimed paths under it (needed_dirs)
         self._extra: frozenset[str] = frozenset()  # folders of conflict names
         self._hot: set[str] = set()  # folded names near a conflict copy: changes go full
@@ -318,21 +339,24 @@ class LayoutCache:
         """Lay out every entry (start-up, or a change near a conflict)."""
         self.full_runs += 1
         out = compute_layout(entries, namer=self._namer, fold_case=self.fold_case)
-        self._claim = {}
         self._claims = {}
         self._spell = {}
-        for e in sorted((e for e in entries.values() if e.alive and e.path is not None), key=_rank):
-            assert e.path is not None
-            self._claim[e.fid] = e.path
-            self._claims[e.path] = (*self._claims.get(e.path, ()), e)
+        for e in entries.values():
+            if e.alive and e.path is not None:
+                prev = self._claims.get(e.path)
+                self._claims[e.path] = e if prev is None else (*_many(prev), e)
+        for p, claimants in self._claims.items():
+            if isinstance(claimants, tuple):  # (only these need sorting: no 100,000-key sort)
+                self._claims[p] = tuple(sorted(claimants, key=_rank))
         for p in self._claims:
             self._add_spelling(p)
         respelled: set[str] = set()
-        for spelled in self._spell.values():
+        for slot in self._spell.values():
+            spelled = _many(slot)
             if len(spelled) > 1 and not all(
-                e.kind == "dir" for p in spelled for e in self._claims[p]
+                e.kind == "dir" for p in spelled for e in self._claimants(p)
             ):
-                keep = min(spelled, key=lambda p: (_rank(self._claims[p][0]), p))
+                keep = min(spelled, key=lambda p: (_rank(self._claimants(p)[0]), p))
                 respelled.update(p for p in spelled if p != keep)
         self._below = {}
         for p in self._claims:
@@ -341,12 +365,14 @@ class LayoutCache:
                     self._below[d] = self._below.get(d, 0) + 1
         extra: set[str] = set()
         hot: set[str] = set()
+        self._lost = {}
         name_of = self._namer or _safe_conflict_name
         for fid in out.conflicts:
             final = out.by_fid[fid]
             extra.update(_ancestors(final))
             e = entries[fid]
             assert e.path is not None
+            self._lost[fid] = e.path
             # The loser's own name (a change there or below it may let it win again) and every
             # name its suffix search passed (freeing one renames it).
             hot.add(self._fold(e.path))
@@ -359,8 +385,10 @@ class LayoutCache:
                 name = _with_suffix(candidate, n)
         self._extra = frozenset(d for d in extra if d not in self._below)
         self._hot = hot
-        self.paths = dict(out.paths)
-        self.by_fid = dict(out.by_fid)
+        # compute_layout's own dicts, not copies (a second pair coexisting with them raised
+        # the peak of ``full`` by ~7.6 MB at 100,000 files): ``out`` is dropped here.
+        self.paths = out.paths if isinstance(out.paths, dict) else dict(out.paths)
+        self.by_fid = out.by_fid if isinstance(out.by_fid, dict) else dict(out.by_fid)
         self.dirs = {p: f for p, f in self.paths.items() if entries[f].kind == "dir"}
         self.links = {p: f for p, f in self.paths.items() if entries[f].kind == "symlink"}
         self._layout = Layout(
@@ -389,7 +417,7 @@ class LayoutCache:
         for fid in changed:
             e = entries.get(fid)
             news[fid] = e.path if e is not None and e.alive and e.path is not None else None
-            for p in (self._claim.get(fid), news[fid]):
+            for p in (self._claimed(fid), news[fid]):
                 if p is None:
                     continue
                 if self._fold(p) in self._hot or any(
@@ -405,12 +433,14 @@ class LayoutCache:
 
         for fid in changed:
             note(fid)
-            old = self._claim.pop(fid, None)
+            # (by_fid still holds what it held before this update for a changed fid: it is
+            # written below, and in the placement loop after this one.)
+            old = self._claimed(fid)
             if old is not None:
                 touched.add(old)
-                rest = tuple(e for e in self._claims.get(old, ()) if e.fid != fid)
+                rest = tuple(e for e in self._claimants(old) if e.fid != fid)
                 if rest:
-                    self._claims[old] = rest
+                    self._claims[old] = _one_or_many(rest)
                 else:
                     self._unclaim(old, touched)
             new = news[fid]
@@ -419,10 +449,9 @@ class LayoutCache:
                 continue
             e = entries[fid]
             touched.add(new)
-            self._claim[fid] = new
             claimants = self._claims.get(new)
             if claimants is None:
-                self._claims[new] = (e,)
+                self._claims[new] = e
                 self._add_spelling(new)
                 for d in _ancestors(new):
                     n = self._below.get(d, 0)
@@ -430,21 +459,21 @@ class LayoutCache:
                     if n == 0:
                         touched.add(d)  # a file claiming d now loses it to the folder
             else:
-                self._claims[new] = tuple(sorted((*claimants, e), key=_rank))
+                self._claims[new] = tuple(sorted((*_many(claimants), e), key=_rank))
         for p in list(touched):
-            touched.update(self._spell.get(self._fold(p), ()))
+            touched.update(self._spellings(self._fold(p)))
         for p in touched:
-            at = self._claims.get(p)
-            if at is None:
+            at = self._claimants(p)
+            if not at:
                 fid_at = self.paths.pop(p, None)
                 self.dirs.pop(p, None)
                 self.links.pop(p, None)
                 if fid_at is not None:
                     note(fid_at)
                 continue
-            spelled = self._spell[self._fold(p)]
+            spelled = self._spellings(self._fold(p))
             if len(spelled) > 1 and not all(
-                e.kind == "dir" for q in spelled for e in self._claims[q]
+                e.kind == "dir" for q in spelled for e in self._claimants(q)
             ):
                 return self._invalid()
             winners, losers = _place_group(at, p in self._below)
@@ -469,20 +498,41 @@ class LayoutCache:
         assert self._layout is not None
         return self._layout, before
 
+    def _claimed(self, fid: str) -> str | None:
+        """The path the alive entry ``fid`` claims (None: no alive entry)."""
+        lost = self._lost.get(fid)
+        return lost if lost is not None else self.by_fid.get(fid)
+
+    def _claimants(self, path: str) -> tuple[FileEntry, ...]:
+        """The alive entries claiming ``path``, by rank."""
+        return _many(self._claims.get(path))
+
+    def _spellings(self, fold: str) -> tuple[str, ...]:
+        """The claimed paths whose fold_name is ``fold`` (in no particular order)."""
+        slot = self._spell.get(fold)
+        if slot is None:
+            # No item: the fold itself if it is claimed and is its own fold (it may be a path
+            # of another name: with fold_case a path is not always its fold's fold).
+            return (fold,) if fold in self._claims and self._fold(fold) == fold else ()
+        return _many(slot)
+
+    def _set_spellings(self, fold: str, spelled: tuple[str, ...]) -> None:
+        if not spelled or spelled == (fold,):
+            self._spell.pop(fold, None)  # what _spellings reads from no item
+        else:
+            self._spell[fold] = _one_or_many(spelled)
+
     def _add_spelling(self, path: str) -> None:
+        """``path`` is claimed now (already in ``_claims``)."""
         fold = self._fold(path)
-        spelled = self._spell.get(fold, ())
+        spelled = self._spellings(fold)
         if path not in spelled:
-            self._spell[fold] = (*spelled, path)
+            self._set_spellings(fold, (*spelled, path))
 
     def _unclaim(self, path: str, touched: set[str]) -> None:
         del self._claims[path]
         fold = self._fold(path)
-        rest = tuple(p for p in self._spell.get(fold, ()) if p != path)
-        if rest:
-            self._spell[fold] = rest
-        else:
-            self._spell.pop(fold, None)
+        self._set_spellings(fold, tuple(p for p in self._spellings(fold) if p != path))
         for d in _ancestors(path):
             n = self._below.get(d, 0) - 1
             if n <= 0:

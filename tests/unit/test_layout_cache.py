@@ -82,7 +82,16 @@ def same(got: Layout, want: Layout) -> None:
     assert len(got.needed) == len(want.needed)
 
 
-def run(batches: list[list[tuple[int, str, str, int, str, bool]]], fold_case: bool) -> None:
+def compact(cache: LayoutCache) -> None:
+    """One claimant or spelling is held as itself, never as a 1-tuple, and a name whose only
+    spelling is itself has no spelling item (what saves the memory, see LayoutCache)."""
+    for claimants in cache._claims.values():
+        assert not isinstance(claimants, tuple) or len(claimants) > 1
+    for fold, spelled in cache._spell.items():
+        assert len(spelled) > 1 if isinstance(spelled, tuple) else spelled != fold
+
+
+def run(batches: list[list[tuple[int, str, str, int, str, bool]]], fold_case: bool) -> LayoutCache:
     entries: dict[str, FileEntry] = {}
     cache = LayoutCache(fold_case=fold_case)
     same(cache.full(entries), compute_layout(entries, fold_case=fold_case))
@@ -96,6 +105,7 @@ def run(batches: list[list[tuple[int, str, str, int, str, bool]]], fold_case: bo
         got, before = step(cache, entries, changed)
         want = compute_layout(entries, fold_case=fold_case)
         same(got, want)
+        compact(cache)
         if before is not None:
             # Every fid whose place changed is reported, with the place it had.
             moved = {f for f in set(old) | set(want.by_fid) if old.get(f) != want.by_fid.get(f)}
@@ -105,6 +115,7 @@ def run(batches: list[list[tuple[int, str, str, int, str, bool]]], fold_case: bo
         assert dict(cache.links) == {
             p: f for p, f in want.paths.items() if entries[f].kind == "symlink"
         }
+    return cache
 
 
 @seed(20261126)
@@ -142,3 +153,104 @@ def test_changes_away_from_conflicts_are_not_laid_out_again() -> None:
     got, before = step(cache, entries, [e.fid])
     assert before is None and cache.full_runs == 2
     same(got, compute_layout(entries))
+
+
+A, B = DEVS
+
+
+def test_a_path_from_one_claimant_to_several_and_back() -> None:
+    """The cache holds one claimant as itself and several as a tuple: every way in and out."""
+    cache = run(
+        [
+            [(1, "photos", "dir", 0, A, True)],
+            [(2, "photos", "dir", 1, B, True)],  # a second folder entry: merged, two claimants
+            [(3, "photos", "dir", 2, A, True)],  # three
+            [(1, "photos", "dir", 0, A, False)],  # two (the winner went)
+            [(2, "photos/x.txt", "text", 1, B, True)],  # one (moved away), and needed now
+            [(2, "photos", "dir", 1, B, True), (3, "elsewhere", "dir", 2, A, True)],
+            [(2, "photos", "dir", 1, B, False), (4, "photos", "dir", 0, B, True)],
+        ],
+        fold_case=False,
+    )
+    assert cache.full_runs == 1  # all incremental: no conflict anywhere
+    run(  # files: the second claimant is a conflict copy (laid out in full), then goes again
+        [
+            [(1, "a.txt", "text", 0, A, True)],
+            [(2, "a.txt", "text", 1, B, True)],
+            [(1, "a.txt", "text", 0, A, False)],
+            [(2, "b.txt", "text", 1, B, True)],
+            [(1, "a.txt", "text", 0, A, True)],
+        ],
+        fold_case=False,
+    )
+
+
+def test_a_name_from_one_spelling_to_several_and_back() -> None:
+    """No item for a name whose only claimed spelling is the name itself, one spelling as
+    itself, several as a tuple: every way between them, NFC/NFD and case."""
+    nfc, nfd = "Caf\u00e9", "Cafe\u0301"
+    cache = run(
+        [
+            [(1, nfd, "dir", 0, A, True)],  # one spelling, not the fold (NFC)
+            [(2, nfc, "dir", 1, B, True)],  # two: folders, so both stay
+            [(1, nfd, "dir", 0, A, False)],  # only the fold itself
+            [(1, nfd, "dir", 0, A, True), (2, nfc, "dir", 1, B, False)],
+            [(3, nfd + "/x.txt", "text", 0, A, True), (1, "y", "dir", 0, A, True)],
+        ],
+        fold_case=False,
+    )
+    assert cache.full_runs == 1
+    cache = run(
+        [
+            [(1, "Docs", "dir", 0, A, True)],
+            [(2, "docs", "dir", 1, B, True), (3, "DOCS", "dir", 2, A, True)],
+            [(1, "Docs", "dir", 0, A, False)],
+            [(2, "docs", "dir", 1, B, False)],
+            [(2, "docs", "dir", 1, B, True), (3, "DOCS", "dir", 2, A, False)],
+        ],
+        fold_case=True,
+    )
+    assert cache.full_runs == 1
+    run(  # files spelled differently: the later one is a conflict copy until one goes
+        [
+            [(1, nfc + ".txt", "text", 0, A, True)],
+            [(2, nfd + ".txt", "text", 1, B, True)],
+            [(1, nfc + ".txt", "text", 0, A, False)],
+            [(1, nfc + ".txt", "text", 0, A, True), (2, nfd + ".txt", "text", 1, B, False)],
+        ],
+        fold_case=False,
+    )
+
+
+def test_a_path_that_is_not_its_own_fold() -> None:
+    """With fold_case, "ß\u0301" folds to "ss\u0301", whose own fold is "s\u015b": a path
+    spelled like a fold may belong to another name, so "no item" must not count it."""
+    sharp, folded = "\u00df\u0301/x.txt", "ss\u0301/x.txt"  # (in folders: `needed` shows it)
+    steps = [
+        [(1, folded, "text", 0, A, True)],
+        [(2, sharp, "text", 1, B, True)],  # another name: no conflict
+        [(1, folded, "text", 0, A, False)],
+        [(1, folded, "text", 0, A, True), (2, sharp, "text", 1, B, False)],
+    ]
+    assert run(steps, fold_case=True).full_runs == 1
+    run(
+        [
+            *steps,
+            [(2, "s\u015b/x.txt", "text", 1, B, True)],  # folded's other spelling: a conflict
+            [(1, folded, "text", 0, A, False)],
+        ],
+        fold_case=True,
+    )
+
+
+def test_plain_names_cost_one_slot_each() -> None:
+    """The memory the cache saves at 100,000 files: no spelling item for a plain name, no
+    tuple for a lone claimant, no claimed path kept beside by_fid."""
+    entries = {
+        e.fid: e for e in (make(i, f"d{i % 3}/f{i}.txt", "text", 0, A, True) for i in range(60))
+    }
+    for fold_case in (False, True):
+        cache = LayoutCache(fold_case=fold_case)
+        cache.full(entries)
+        assert cache._spell == {} and cache._lost == {}
+        assert not any(isinstance(v, tuple) for v in cache._claims.values())
