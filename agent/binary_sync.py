@@ -403,8 +403,8 @@ class BinarySync:
                 index.put_fields(
                     cfid,
                     {
+                        # c:<dev> also counts as first.dev's edit 1 (index schema 4)
                         **creation_fields("binary", entry.mode, first.ts, first.dev, name),
-                        f"e:{first.dev}": 1,
                         f"m:{first.dev}": {**raw, "vv": {first.dev: 1}},
                     },
                 ),

@@ -17,31 +17,38 @@ delete — is not decided by LWW at all but by per-device edit counters:
 
 * Every local change to a file (content edit, rename, mode change, (re)creation) increments
   this device's counter ``e:<device>`` (only that device ever writes that key, so it never
-  races).
+  races). A device's creation record ``c:<device>`` counts as 1 while no ``e:<device>`` key
+  was written (schema 4: a new file then needs no counter entry of its own).
 * A delete records ``seen``: the counters the deleting device had observed.
 * The entry is alive iff it has a path and either no delete record, or some device's counter is
   greater than what the deleter saw — i.e. the edit was concurrent with (or after) the delete.
   An edit beats a concurrent delete; nothing is lost.
 
-Fields per fid (index schema 3, ``INDEX_SCHEMA``): ``c`` ([kind, created ts, created device,
-path, mtime]: the creation record; the kind is part of the fid, so it never changes; path and
-mtime are the ones the entry was created with), ``path`` (str: only once the file was renamed,
-or re-created while such a key exists; it then overrides the path in ``c``), ``mode`` (int;
-absent while it is the kind's default, ``DEFAULT_MODES``), ``del`` (null | {"ts", "dev",
-"seen": {dev: int}}), ``e:<dev>`` (int), ``target`` (str, symlinks only), ``mtime`` (int ns: the
-content's modification time where it was last written locally; only after a later content
-change, it then overrides the mtime in ``c``; not an edit of its own).
+Fields per fid (index schema 4, ``INDEX_SCHEMA``): ``c:<dev>`` ([kind, created ts, path,
+mtime]: the creation record that device wrote; the kind is part of the fid, so it never changes;
+path and mtime are the ones the entry was created with), ``path`` (str: only once the file was
+renamed, or re-created while such a key exists; it then overrides the creation record's path),
+``mode`` (int; absent while it is the kind's default, ``DEFAULT_MODES``), ``del`` (null | {"ts",
+"dev", "seen": {dev: int}}), ``e:<dev>`` (int), ``target`` (str, symlinks only), ``mtime`` (int
+ns: the content's modification time where it was last written locally; only after a later
+content change, it then overrides the creation record's mtime; not an edit of its own).
 
-Every map entry costs ~470-550 bytes of yrs memory however short its key (bench idle_rss:
-schema 1's 6 entries per text file were ~33 MB of an idle agent with 10,000 files; schema 2
-had 4; a text file never renamed or edited since its creation has 2 in schema 3: ``c`` and
-``e:<dev>``, ~85 MB less at 100,000 files). Fields written concurrently by different devices
-(path, mode, del, mtime, target) are still separate entries once written after the creation,
-so a merge stays per field: a rename racing a creation, or two renames, are decided by the map
-as before (any winner is a correct outcome), and the value in ``c`` only counts while no device
-wrote the key. The edit counters stay explicit entries (an edit must beat a concurrent delete
-even when another device's creation record wins ``c``). Schemas 1 (``kind`` and ``created``
-entries) and 2 (a 3-element ``c``) are not read: ``legacy_keys`` reports them.
+Every map entry costs ~330 bytes of yrs memory plus its key and value (bench/README.md: schema
+1's 6 entries per text file were ~33 MB of an idle agent with 10,000 files; schema 2 had 4,
+schema 3 2: ``c`` and ``e:<dev>``). Schema 4 writes ONE for a text file never renamed or edited
+since its creation: ``c:<dev>``, which also stands for that device's first edit count (in-process
+at 100,000 files: yrs memory 78 -> 42 MB, encoded state 19.3 -> 12.8 MB). The creation record
+is keyed by its writer, so it never races: when several devices create the same fid
+concurrently (same path and content, hence the same derived id), every record stays and each
+still counts as its writer's edit, so an edit beats a concurrent delete exactly as with explicit
+counters. The entry's kind, creation time, creating device, first path and mtime come from the
+record with the highest (ts, device); a re-creation stamps its record after every record it has
+seen (``create``), so a device whose clock is behind still re-creates at its own path. Fields
+written concurrently by different devices (path, mode, del, mtime, target) are separate entries
+once written after the creation, so a merge stays per field: a rename racing a creation, or two
+renames, are decided by the map (any winner is a correct outcome), and a creation record's path
+only counts while no device wrote the key. Schemas 1 (``kind`` and ``created`` entries), 2 and 3
+(a shared ``c`` entry) are not read: ``legacy_keys`` reports them.
 """
 
 from __future__ import annotations
@@ -75,9 +82,14 @@ __all__ = [
 ]
 
 FILES = "files"  # root map name
-INDEX_SCHEMA = 3
-# Field names of index schema 1, folded into ``c`` by schema 2.
-LEGACY_FIELDS: frozenset[str] = frozenset({"kind", "created"})
+INDEX_SCHEMA = 4
+# Field names of index schemas 1-3 (schema 1's ``kind``/``created``, schemas 2-3's shared
+# creation record ``c``), replaced by the per-device ``c:<dev>`` in schema 4.
+LEGACY_FIELDS: frozenset[str] = frozenset({"kind", "created", "c"})
+CREATED = "c:"  # prefix of a device's creation record
+# How far after the latest creation record seen a re-creation stamps its own (seconds).
+_RESTAMP = 0.001
+EDITS = "e:"  # prefix of a device's edit counter
 Kind = Literal["text", "binary", "dir", "symlink"]
 KINDS: frozenset[str] = frozenset({"text", "binary", "dir", "symlink"})
 # A mode equal to its kind's default is not stored (one map entry less per file).
@@ -196,47 +208,55 @@ def _parse_delete(raw: Any) -> tuple[bool, DeleteRecord | None]:
 def creation_fields(
     kind: str, mode: int, ts: float, dev: str, path: str, mtime_ns: int | None = None
 ) -> dict[str, Any]:
-    """The fields a creation writes besides the edit counter (``put_fields`` callers that write
-    a whole new entry, e.g. a binary conflict split): ``c``, and ``mode`` unless default."""
+    """The fields a creation writes (``put_fields`` callers that write a whole new entry, e.g.
+    a binary conflict split): ``c:<dev>``, which also counts as ``dev``'s first edit, and
+    ``mode`` unless default."""
     _check_kind(kind)
+    _check_device(dev)
     if not path:
         raise ValueError("empty path")
-    out: dict[str, Any] = {"c": [kind, float(ts), dev, path, mtime_ns]}
+    out: dict[str, Any] = {CREATED + dev: [kind, float(ts), path, mtime_ns]}
     if int(mode) != DEFAULT_MODES[kind]:
         out["mode"] = int(mode)
     return out
 
 
-def _parse_creation(raw: Any) -> tuple[str | None, float, str, Any, Any]:
-    """(kind, created ts, created device, path, mtime) from a ``c`` value; kind None if
-    unusable (schema 2's 3-element ``c`` included)."""
-    if not isinstance(raw, list) or len(raw) != 5:
-        return None, 0.0, "", None, None
-    kind, ts, dev, path, mtime = raw
-    return (
-        sys.intern(kind) if isinstance(kind, str) else None,
-        _num(ts) or 0.0,
-        sys.intern(dev) if isinstance(dev, str) else "",
-        path,
-        mtime,
-    )
+@dataclass(frozen=True, slots=True)
+class _Creation:
+    kind: str
+    ts: float
+    dev: str
+    path: Any
+    mtime: Any
 
 
-def _legacy_creation(encoded: Any) -> bool:
-    """Whether a ``c`` value (its JSON text) is index schema 2's ``[kind, ts, dev]``."""
-    if not isinstance(encoded, str):
-        return False
-    try:
-        raw = json.loads(encoded)
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(raw, list) and len(raw) == 3
+def _parse_creation(dev: str, raw: Any) -> _Creation | None:
+    """A ``c:<dev>`` value; None if unusable (junk from a buggy or hostile peer)."""
+    if not isinstance(raw, list) or len(raw) != 4 or not dev:
+        return None
+    kind, ts, path, mtime = raw
+    if not isinstance(kind, str):
+        return None
+    return _Creation(sys.intern(kind), _num(ts) or 0.0, sys.intern(dev), path, mtime)
+
+
+def _creation(fields: Mapping[str, Any]) -> _Creation | None:
+    """The creation record that speaks for the entry: the highest (ts, device)."""
+    best: _Creation | None = None
+    for name, raw in fields.items():
+        if name.startswith(CREATED):
+            c = _parse_creation(name[len(CREATED) :], raw)
+            if c is not None and (best is None or (c.ts, c.dev) > (best.ts, best.dev)):
+                best = c
+    return best
 
 
 def _build_entry(fid: str, fields: Mapping[str, Any]) -> FileEntry:
     """Interpret one fid's decoded fields. Garbage (a buggy or hostile peer) degrades to "no
     path" / defaults, never to an exception: ``entries()`` must not fail on remote data."""
-    kind, created_ts, created_dev, first_path, first_mtime = _parse_creation(fields.get("c"))
+    c = _creation(fields)
+    kind, created_ts, created_dev = (c.kind, c.ts, c.dev) if c else (None, 0.0, "")
+    first_path, first_mtime = (c.path, c.mtime) if c else (None, None)
     # A written key overrides what the creation record says (a rename, a later content change).
     path = fields.get("path", first_path)
     if not isinstance(path, str) or not path:
@@ -250,10 +270,12 @@ def _build_entry(fid: str, fields: Mapping[str, Any]) -> FileEntry:
     target = fields.get("target")
     edits: dict[str, int] = {}
     for k, v in fields.items():
-        if k.startswith("e:"):
+        if k.startswith(EDITS):
             n = _int(v)
             if n is not None and n >= 0:
-                edits[k[2:]] = n
+                edits[k[2:]] = max(n, edits.get(k[2:], 0))
+        elif k.startswith(CREATED) and _parse_creation(k[2:], v) is not None:
+            edits[k[2:]] = max(1, edits.get(k[2:], 0))  # a creation is its writer's first edit
     valid, deleted = _parse_delete(fields.get("del"))
     if not valid:
         # A malformed delete record is treated as a delete that saw nothing newer than what
@@ -308,9 +330,9 @@ class IndexDoc:
         self._dirty: set[str] = set()
         self._changed: set[str] = set()
         self._batching = False
-        self.legacy_keys = False  # schema 1 fields seen (see ``check_schema``)
-        for key, value in self._ymap.items():
-            self._note_key(key, added=True, value=value)
+        self.legacy_keys = False  # schema 1-3 fields seen (see ``schema_problem``)
+        for key in self._ymap:
+            self._note_key(key, added=True)
         self._sub = self._ymap.observe(self._on_map_event)
 
     @classmethod
@@ -379,12 +401,12 @@ class IndexDoc:
 
     # -- change tracking ---------------------------------------------------------------------
 
-    def _note_key(self, key: str, *, added: bool, value: Any = None) -> None:
+    def _note_key(self, key: str, *, added: bool) -> None:
         fid, sep, name = key.partition("/")
         if not sep:
             return
         fid = sys.intern(fid)
-        if name in LEGACY_FIELDS or (name == "c" and added and _legacy_creation(value)):
+        if name in LEGACY_FIELDS:
             self.legacy_keys = True
         names = self._fields.get(fid, ())
         if added:
@@ -402,15 +424,14 @@ class IndexDoc:
     def _on_map_event(self, event: Any) -> None:
         for key, change in event.keys.items():
             action = change.get("action") if isinstance(change, dict) else None
-            value = change.get("newValue") if isinstance(change, dict) else None
-            self._note_key(key, added=action != "delete", value=value)
+            self._note_key(key, added=action != "delete")
 
     def schema_problem(self) -> str | None:
         """Why this index cannot be used by this agent (written with index schema 1), or None."""
         if not self.legacy_keys:
             return None
         return (
-            f"the space's index was written by an older qmoi-sync (index schema 1 or 2; this "
+            f"the space's index was written by an older qmoi-sync (index schema 1, 2 or 3; this "
             f"agent reads schema {INDEX_SCHEMA} only, there is no migration): remove the space "
             f"from this device and join it again from a device running this version"
         )
@@ -564,9 +585,16 @@ class IndexDoc:
         if mode != (current if current is not None else DEFAULT_MODES.get(kind, 0o644)):
             self._set(fid, "mode", mode)
 
+    def _count(self, fid: str, device: str) -> int:
+        """This device's edit count as the entry reads it: its ``e:`` key, or 1 for its
+        creation record alone. Reads the map (inside a transaction the caches lag)."""
+        n = _int(self._get(fid, EDITS + device))
+        own = n if n is not None and n > 0 else 0
+        created = _parse_creation(device, self._get(fid, CREATED + device)) is not None
+        return max(own, 1 if created else 0)
+
     def _bump(self, fid: str, device: str) -> None:
-        current = _int(self._get(fid, f"e:{device}")) or 0
-        self._set(fid, f"e:{device}", current + 1)
+        self._set(fid, EDITS + device, self._count(fid, device) + 1)
 
     def _current(self, fid: str) -> FileEntry | None:
         # Inside a transaction the observer has not fired yet: read the map directly.
@@ -649,7 +677,17 @@ class IndexDoc:
 
         def run() -> None:
             if current is None or not current.alive:
-                self._set(fid, "c", [kind, float(now), device, path, mtime_ns])
+                before = self._count(fid, device)
+                ts = float(now)
+                if current is not None and ts <= current.created_ts:
+                    # Stamped after every creation record seen, so this one speaks for the
+                    # entry even when this device's clock is behind the earlier creator's.
+                    ts = current.created_ts + _RESTAMP
+                self._set(fid, CREATED + device, [kind, ts, path, mtime_ns])
+                if before:
+                    # The record alone counts 1: a re-creation must count beyond what this
+                    # device counted before (and any delete saw), so it writes the counter.
+                    self._set(fid, EDITS + device, before + 1)
                 if "path" in written:
                     self._set(fid, "path", path)
                 if "mtime" in written and mtime_ns is not None:
@@ -659,10 +697,10 @@ class IndexDoc:
                     self._set(fid, "path", path)
                 if mtime_ns is not None and current.mtime_ns != mtime_ns:
                     self._set(fid, "mtime", mtime_ns)
+                self._bump(fid, device)
             self._set_mode(fid, kind, int(mode))
             if current is not None and current.deleted is not None:
                 self._set(fid, "del", None)
-            self._bump(fid, device)
 
         return self._mutate(run)
 
@@ -753,10 +791,11 @@ def created_fids(update_doc: Doc[Any], kind: str) -> list[str]:
         files = update_doc.get(FILES, type=Map)
         for key, raw in files.items():
             fid, sep, name = key.partition("/")
-            if not sep or name != "c" or not isinstance(raw, str):
+            if not sep or not name.startswith(CREATED) or not isinstance(raw, str):
                 continue
             with contextlib.suppress(ValueError, RecursionError):
-                if _parse_creation(json.loads(raw))[0] == kind:
+                c = _parse_creation(name[len(CREATED) :], json.loads(raw))
+                if c is not None and c.kind == kind and fid not in out:
                     out.append(_check_fid(fid))
     except Exception:  # a root of another type, or an update pycrdt cannot read as a map
         return []

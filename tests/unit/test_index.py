@@ -46,11 +46,12 @@ def test_storage_is_flat_keys_with_json_string_leaves() -> None:
     (a,) = replicas(1)
     a.create(F1, "x", "binary", 0o644, A, 5.0)
     raw = a.doc.get(FILES, type=Map).to_py()
-    # Schema 3: kind, path and mtime ride in "c" with the creation stamp; the kind's default
-    # mode is not stored.
-    assert set(raw) == {f"{F1}/{k}" for k in ("c", f"e:{A}")}
+    # Schema 4: kind, path and mtime ride in the creator's "c:<dev>", which is also its first
+    # edit count; the kind's default mode is not stored.
+    assert set(raw) == {f"{F1}/c:{A}"}
     assert all(isinstance(v, str) for v in raw.values())
-    assert json.loads(raw[f"{F1}/c"]) == ["binary", 5.0, A, "x", None]
+    assert json.loads(raw[f"{F1}/c:{A}"]) == ["binary", 5.0, "x", None]
+    assert a.entries()[F1].edits == {A: 1}
     a.set_mode(F1, 0o755, A)
     raw = a.doc.get(FILES, type=Map).to_py()
     assert json.loads(raw[f"{F1}/mode"]) == 0o755
