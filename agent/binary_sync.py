@@ -1125,7 +1125,7 @@ class BinarySync:
             if st is not None and (
                 rec is None
                 or rec.fid != job.fid
-                or (st.size, st.mtime_ns, st.inode) != (rec.size, rec.mtime_ns, rec.inode)
+                or (st.size, st.mtime_ns, st.inode) != rec.stat_key()
             ):
                 # The user changed (or created) this file meanwhile: never overwrite it; it is
                 # ingested as a version of its own (a conflict if concurrent).

@@ -304,7 +304,7 @@ async def wait_for_scan(policy: Policy, sync: SpaceSync) -> None:
     """Hold a start-up scan back while it would be bulk work and bulk work is deferred."""
     if policy.allow_bulk():
         return
-    known = {p: (r.size, r.mtime_ns, r.inode) for p, r in sync.files.items()}
+    known = {p: r.stat_key() for p, r in sync.files.items()}
     count, size = await asyncio.to_thread(changed_work, sync.root, known)
     cfg = policy.config
     if count <= cfg.bulk_scan_files and size <= cfg.bulk_scan_bytes:
