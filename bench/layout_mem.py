@@ -4,10 +4,12 @@
 
 Each measurement runs in a fresh child process (a heap that already grew would hide what the
 next variant allocates), baseline and current alternated within one invocation, so the ratio
-holds on a loaded machine even when the absolute times do not. Per variant and fold_case:
+holds on a loaded machine even when the absolute times do not. Per variant and names
+(``plain``, ``fold_case``: the same in a case-insensitive folder, ``Caps``):
 
 * ``kept_mb``: what the cache still holds (tracemalloc) after ``full`` over N text files in
-  folders of 1,000 (the bench ``scale`` layout) and after a batch of ``update`` calls;
+  folders of 1,000 (the bench ``scale`` layout: ``d000/f000.txt``; ``Caps``: ``D000/F000.txt``
+  in a case-insensitive folder, where no name is spelled as its own fold);
 * ``peak_mb``: tracemalloc's peak during ``full`` (its transient on top of the entries);
 * ``rss_mb``: VmRSS growth over ``full`` (no tracemalloc);
 * ``full_s`` / ``updates_s``: one ``full`` and the update batch (no tracemalloc): new files,
@@ -72,6 +74,14 @@ def _rss_kb() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def _path(i: int, caps: bool) -> str:
+    return (
+        f"D{i // PER_DIR:03d}/F{i % PER_DIR:03d}.txt"
+        if caps
+        else f"d{i // PER_DIR:03d}/f{i % PER_DIR:03d}.txt"
+    )
+
+
 def _updates(entries: dict[str, FileEntry], n: int, cache: Any) -> None:
     """``UPDATES`` batches: a new file in a new folder, a rename (every 2nd within its folder,
     else to another folder), a delete; each applied to ``entries`` then to the cache."""
@@ -89,10 +99,10 @@ def _updates(entries: dict[str, FileEntry], n: int, cache: Any) -> None:
             raise RuntimeError(f"update {i} fell back to a full layout")
 
 
-def child(layout_py: Path, n: int, fold_case: bool, mode: str) -> dict[str, Any]:
+def child(layout_py: Path, n: int, names: str, mode: str) -> dict[str, Any]:
     mod = _load(layout_py)
-    entries = {e.fid: e for e in (_entry(i, f"d{i // PER_DIR:03d}/f{i % PER_DIR:03d}.txt")
-                                  for i in range(n))}  # fmt: skip
+    fold_case = names != "plain"
+    entries = {e.fid: e for e in (_entry(i, _path(i, names == "Caps")) for i in range(n))}
     gc.collect()
     cache = mod.LayoutCache(fold_case=fold_case)
     out: dict[str, Any] = {}
@@ -130,11 +140,11 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--baseline", default="main", help="git revision of agent/layout.py")
-    ap.add_argument("--child", nargs=4, metavar=("LAYOUT_PY", "N", "FOLD_CASE", "MODE"))
+    ap.add_argument("--child", nargs=4, metavar=("LAYOUT_PY", "N", "NAMES", "MODE"))
     args = ap.parse_args()
     if args.child:
-        path, n, fold, mode = args.child
-        print(json.dumps(child(Path(path), int(n), fold == "1", mode)))
+        path, n, names, mode = args.child
+        print(json.dumps(child(Path(path), int(n), names, mode)))
         return
     old = subprocess.run(
         ["git", "-C", str(REPO), "show", f"{args.baseline}:agent/layout.py"],
@@ -146,15 +156,15 @@ def main() -> None:
         variants = {args.baseline: base, "this tree": REPO / "agent" / "layout.py"}
         print(f"{args.files} files, load average {os.getloadavg()}")
         for r in range(args.rounds):
-            for fold in ("0", "1"):
+            for names in ("plain", "fold_case", "Caps"):  # (the last two fold case)
                 for name, path in variants.items():
                     got: dict[str, Any] = {}
                     for mode in ("mem", "time"):
                         cmd = [sys.executable, __file__, "--child", str(path),
-                               str(args.files), fold, mode]  # fmt: skip
+                               str(args.files), names, mode]  # fmt: skip
                         res = subprocess.run(cmd, check=True, capture_output=True, text=True)
                         got.update(json.loads(res.stdout))
-                    print(f"round {r} fold_case={fold} {name:>10}: {json.dumps(got)}")
+                    print(f"round {r} {names:>9} {name:>10}: {json.dumps(got)}")
         print(f"load average {os.getloadavg()}")
 
 

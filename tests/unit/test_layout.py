@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qmoi_sync.agent.index import DeleteRecord, FileEntry
-from qmoi_sync.agent.layout import Layout, compute_layout, strip_conflict_marker
+from qmoi_sync.agent.layout import Layout, compute_layout, fold_name, strip_conflict_marker
 from qmoi_sync.protocol.paths import conflict_name, is_conflict_name
 
 T0 = 1_764_000_000.0  # 2025-11-24T16:00:00Z
@@ -216,3 +216,17 @@ def test_property_layout_is_deterministic_and_collision_free(
             assert p.count(".sync-conflict-") == 1
         else:
             assert p == by_fid[fid].path
+
+
+def test_a_conflict_name_is_free_beside_a_path_spelled_like_its_fold() -> None:
+    """With fold_case a fold is not always its own fold: "ß\u0301" folds to "ss\u0301", which
+    folds to "s\u015b". A claimed path spelled like the conflict name's fold is another name,
+    so the conflict name needs no suffix."""
+    w = entry(1, "\u00df\u0301.txt", ts=T0)
+    loser = entry(2, "\u00df\u0301.txt", ts=T0 + 60)
+    name = conflict_name(loser.path or "", T0 + 60, "AAAAAAA")
+    other = entry(3, fold_name(name, fold_case=True), ts=T0 + 100)
+    assert fold_name(other.path or "", fold_case=True) != other.path
+    out = compute_layout({e.fid: e for e in (w, loser, other)}, fold_case=True)
+    assert out.path_of(loser.fid) == name
+    assert out.path_of(other.fid) == other.path and out.conflicts == {loser.fid}
