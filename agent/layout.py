@@ -422,7 +422,8 @@ class LayoutCache:
                 hot.add(self._fold(name))
                 n += 1
                 name = _with_suffix(candidate, n)
-        self._extra = frozenset(d for d in extra if d not in self._below)
+        # Every one, also those a claimed path needs now: that path may go, the copy stays.
+        self._extra = frozenset(extra)
         self._hot = hot
         # compute_layout's own dicts, not copies (a second pair coexisting with them raised
         # the peak of ``full`` by ~7.6 MB at 100,000 files): ``out`` is dropped here.

@@ -254,3 +254,18 @@ def test_plain_names_cost_one_slot_each() -> None:
         cache.full(entries)
         assert cache._spell == {} and cache._lost == {}
         assert not any(isinstance(v, tuple) for v in cache._claims.values())
+
+
+def test_a_folder_holding_a_conflict_copy_stays_needed_when_its_files_go() -> None:
+    """Regression: the folders of conflict copies were kept only when no claimed path lived
+    in them at the last full layout; when those paths went later, the folder was no longer
+    needed although a conflict copy still lived in it (found by a randomized run)."""
+    nfc, nfd = "Caf\u00e9", "Cafe\u0301"
+    run(
+        [
+            [(1, nfd + "/x.txt", "text", 1, A, True), (3, nfd + "/y.txt", "text", 0, A, True)],
+            [(2, nfc + "/x.txt", "text", 0, B, True)],  # keeps the name: 1 is a conflict copy
+            [(3, nfd + "/y.txt", "text", 0, A, False)],  # the copy's folder is still needed
+        ],
+        fold_case=False,
+    )
