@@ -83,10 +83,14 @@ def same(got: Layout, want: Layout) -> None:
 
 
 def compact(cache: LayoutCache) -> None:
-    """One claimant or spelling is held as itself, never as a 1-tuple, and a name whose only
-    spelling is itself has no spelling item (what saves the memory, see LayoutCache)."""
-    for claimants in cache._claims.values():
-        assert not isinstance(claimants, tuple) or len(claimants) > 1
+    """One claimant or spelling is held as itself, never as a 1-tuple, a path whose one
+    claimant is placed there has no claims item, and a name whose only spelling is itself has
+    no spelling item (what saves the memory, see LayoutCache)."""
+    for path, claimants in cache._claims.items():
+        if isinstance(claimants, tuple):
+            assert len(claimants) > 1
+        else:
+            assert cache.by_fid[claimants.fid] != path
     for fold, spelled in cache._spell.items():
         assert len(spelled) > 1 if isinstance(spelled, tuple) else spelled != fold
 
@@ -245,15 +249,14 @@ def test_a_path_that_is_not_its_own_fold() -> None:
 
 def test_plain_names_cost_one_slot_each() -> None:
     """The memory the cache saves at 100,000 files: no spelling item for a plain name, no
-    tuple for a lone claimant, no claimed path kept beside by_fid."""
+    claims item for a path its one claimant is placed at, no claimed path beside by_fid."""
     entries = {
         e.fid: e for e in (make(i, f"d{i % 3}/f{i}.txt", "text", 0, A, True) for i in range(60))
     }
     for fold_case in (False, True):
         cache = LayoutCache(fold_case=fold_case)
         cache.full(entries)
-        assert cache._spell == {} and cache._lost == {}
-        assert not any(isinstance(v, tuple) for v in cache._claims.values())
+        assert cache._spell == {} and cache._lost == {} and cache._claims == {}
 
 
 def test_a_folder_holding_a_conflict_copy_stays_needed_when_its_files_go() -> None:
@@ -269,3 +272,27 @@ def test_a_folder_holding_a_conflict_copy_stays_needed_when_its_files_go() -> No
         ],
         fold_case=False,
     )
+
+
+def test_entries_gone_from_the_index_while_others_take_their_paths() -> None:
+    """A path's one placed claimant is read from ``entries``: an entry that left the index
+    altogether (no fields left) in the batch where another entry takes its path must not be
+    looked up there. Ten such pairs, so the set order of ``changed`` cannot hide it."""
+    entries = {
+        e.fid: e
+        for i in range(10)
+        for e in (
+            make(2 * i, f"a{i}.txt", "text", 0, A, True),
+            make(2 * i + 1, f"b{i}", "dir", 0, B, True),
+        )
+    }
+    cache = LayoutCache()
+    cache.full(entries)
+    for i in range(10):
+        del entries[f"{2 * i:032x}"]
+        e = make(2 * i + 1, f"a{i}.txt", "dir", 0, B, True)
+        entries[e.fid] = e
+    got, before = step(cache, entries, [f"{n:032x}" for n in range(20)])
+    assert before is not None  # laid out incrementally
+    same(got, compute_layout(entries))
+    compact(cache)
