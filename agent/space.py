@@ -71,7 +71,13 @@ from qmoi_sync.agent.rate import SpaceRates
 from qmoi_sync.agent.read_retry import ReadRetry
 from qmoi_sync.agent.relay_order import RelayOrder
 from qmoi_sync.agent.relay_repair import RelayRepair, split_parts
-from qmoi_sync.agent.store import COMPACT_AFTER, FileRecord, SpaceRecord, Store
+from qmoi_sync.agent.store import (
+    COMPACT_AFTER,
+    FileRecord,
+    SpaceRecord,
+    Store,
+    records_by_fid,
+)
 from qmoi_sync.agent.textdoc import (
     adopt_text_doc,
     ingest_disk_text,
@@ -1739,7 +1745,7 @@ class SpaceSync:
             ]
 
     async def _absorb_unsaved(self, fids: list[bytes], batch: _Batch) -> None:
-        by_fid = _records_by_fid(self.files, fids)
+        by_fid = records_by_fid(self.files.values(), fids)
         for fid in fids:
             rec = by_fid.get(fid)
             if rec is None:
@@ -2083,8 +2089,9 @@ class SpaceSync:
         for _round in range(8):
             moves = []
             for path, rec in self.dirs.items():
-                target = layout.by_fid.get(rec.fid.hex())
-                e = entries.get(rec.fid.hex())
+                fid_hex = rec.fid.hex()
+                target = layout.by_fid.get(fid_hex)
+                e = entries.get(fid_hex)
                 if target is None or target == path or e is None or e.kind != "dir":
                     continue
                 if path in want or path in layout.needed or target not in want:
@@ -2374,12 +2381,12 @@ class SpaceSync:
             if fid == INDEX_DOC_ID or fid in self._inflight_bases or fid in self._bases:
                 continue
             if tracked is None:
-                tracked = _records_by_fid(self.files, fids)
+                tracked = records_by_fid(self.files.values(), fids)
             if fid in tracked:
                 self._inflight_bases[fid] = (await self._doc(fid)).get_update()
 
     async def _keep_bases(self, fids: list[bytes]) -> None:
-        tracked = _records_by_fid(self.files, fids)
+        tracked = records_by_fid(self.files.values(), fids)
         for fid in fids:
             if fid in tracked and fid not in self._bases and fid not in self.unwritten:
                 self._bases[fid] = (await self._doc(fid)).get_update()
@@ -2693,18 +2700,6 @@ def _split(items: list[tuple[bytes, bytes]]) -> list[list[tuple[bytes, bytes]]]:
         out[-1].append((doc_id, update))
         size += len(update) + 32
     return out
-
-
-def _records_by_fid(
-    files: Mapping[str, FileRecord], fids: Iterable[bytes]
-) -> dict[bytes, FileRecord]:
-    """The records of these fids, in one pass that keeps only the matches: a table of every
-    tracked fid (built per applied envelope) cost ~5 MB of transient memory at 100,000 files,
-    and a record's fid is decoded from its packed value on each read."""
-    want = set(fids)
-    if not want:
-        return {}
-    return {fid: rec for rec in files.values() if (fid := rec.fid) in want}
 
 
 def _same_file(rec: FileRecord, st: DiskStat) -> bool:
