@@ -1327,10 +1327,17 @@ class SpaceSync:
         """Apply verified, scratch-checked updates of ``sender`` to the live documents."""
         # Before a remote change lands on a document, make sure any edit the user already
         # saved to that file is in the CRDT; otherwise materializing would overwrite it.
-        await self._absorb_unsaved([i.doc_id for i in items if i.doc_id != INDEX_DOC_ID], batch)
+        # The records of these documents are found in one pass over every tracked file, shared
+        # by the three steps (a pass per step cost ~8 ms each at 100,000 files, per envelope),
+        # and found again only if absorbing an edit changed the records.
+        doc_ids = [i.doc_id for i in items]
+        tracked = records_by_fid(self.files.values(), doc_ids)
+        text_ids = [d for d in doc_ids if d != INDEX_DOC_ID]
+        if await self._absorb_unsaved(text_ids, batch, tracked):
+            tracked = records_by_fid(self.files.values(), doc_ids)
         if self._disk_note is not None:
-            await self._keep_bases([i.doc_id for i in items])
-        await self._note_inflight_bases([i.doc_id for i in items])
+            await self._keep_bases(doc_ids, tracked)
+        await self._note_inflight_bases(doc_ids, tracked)
         applied: list[tuple[bytes, bytes]] = []
         for item, scratch in zip(items, scratches, strict=True):
             try:
@@ -1744,8 +1751,14 @@ class SpaceSync:
                 for chunk in _split(items)
             ]
 
-    async def _absorb_unsaved(self, fids: list[bytes], batch: _Batch) -> None:
-        by_fid = records_by_fid(self.files.values(), fids)
+    async def _absorb_unsaved(
+        self, fids: list[bytes], batch: _Batch, by_fid: Mapping[bytes, FileRecord] | None = None
+    ) -> bool:
+        """Ingest the unsaved local edits of these files (``by_fid``: their records, if the
+        caller has them). True if there were any (the records may have changed)."""
+        if by_fid is None:
+            by_fid = records_by_fid(self.files.values(), fids)
+        absorbed = False
         for fid in fids:
             rec = by_fid.get(fid)
             if rec is None:
@@ -1754,6 +1767,8 @@ class SpaceSync:
             if st is None or (st.size, st.mtime_ns, st.inode) == rec.stat_key():
                 continue
             await self._ingest_local({rec.path}, batch, set_aside=True)
+            absorbed = True
+        return absorbed
 
     async def _reload_doc(self, doc_id: bytes) -> None:
         """Rebuild a document from its durable state after a failed apply (it may be poisoned)."""
@@ -2372,21 +2387,20 @@ class SpaceSync:
         self.unwritten.add(fid)
         self._changed_on_disk.add(path)
 
-    async def _note_inflight_bases(self, fids: list[bytes]) -> None:
+    async def _note_inflight_bases(
+        self, fids: list[bytes], tracked: Mapping[bytes, FileRecord]
+    ) -> None:
         """Remember, until this batch is written, what tracked documents were before a remote
         change: the base to merge a save against if one lands before the write (ChangedOnDisk).
-        In memory only; it becomes a durable base only in that (rare) case."""
-        tracked: Mapping[bytes, FileRecord] | None = None
+        In memory only; it becomes a durable base only in that (rare) case. ``tracked``: the
+        records of ``fids``."""
         for fid in fids:
             if fid == INDEX_DOC_ID or fid in self._inflight_bases or fid in self._bases:
                 continue
-            if tracked is None:
-                tracked = records_by_fid(self.files.values(), fids)
             if fid in tracked:
                 self._inflight_bases[fid] = (await self._doc(fid)).get_update()
 
-    async def _keep_bases(self, fids: list[bytes]) -> None:
-        tracked = records_by_fid(self.files.values(), fids)
+    async def _keep_bases(self, fids: list[bytes], tracked: Mapping[bytes, FileRecord]) -> None:
         for fid in fids:
             if fid in tracked and fid not in self._bases and fid not in self.unwritten:
                 self._bases[fid] = (await self._doc(fid)).get_update()

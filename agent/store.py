@@ -561,10 +561,11 @@ class Store:
         # ~30 MB of row tuples, bytes and ints at 100,000 files next to the records made of them.
         out: dict[str, FileRecord] = {}
         select = "SELECT path, fid, hash, size, mtime_ns, inode FROM files WHERE space_id=?"
-        sql, args = f"{select} ORDER BY path LIMIT ?", (space_id, _FILE_ROWS_PER_PAGE)
+        sql = f"{select} ORDER BY path LIMIT ?"
+        args: tuple[str | int, ...] = (space_id, _FILE_ROWS_PER_PAGE)
         while True:
             async with self.db.execute(sql, args) as cur:
-                rows = await cur.fetchall()
+                rows = list(await cur.fetchall())
             for r in rows:
                 out[r[0]] = FileRecord(r[0], r[1], r[2], r[3], _int(r[4]), _int(r[5]))
             if len(rows) < _FILE_ROWS_PER_PAGE:
