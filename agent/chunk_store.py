@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from qmoi_sync.agent.clock import wall
-from qmoi_sync.agent.store import Store
+from qmoi_sync.agent.store import Store, from_sql_int, to_sql_int
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunk_acked (
@@ -117,7 +117,10 @@ class ChunkStore:
             " WHERE space_id=? AND chunk_id=? LIMIT ?",
             (self.space_id, chunk_id, MAX_SOURCES),
         )
-        return [ChunkSource(r[0], int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows]
+        # mtime past 2262 or before 1677: stored as a blob (store.to_sql_int)
+        return [
+            ChunkSource(r[0], int(r[1]), int(r[2]), int(r[3]), from_sql_int(r[4])) for r in rows
+        ]
 
     async def with_sources(self, ids: Iterable[bytes]) -> set[bytes]:
         """Which of ``ids`` some local file is recorded to hold (one query per 500 ids: a
@@ -140,8 +143,9 @@ class ChunkStore:
         """Record the chunks of the file now at ``path`` (replacing what was recorded there)."""
         rows = []
         offset = 0
+        mtime = to_sql_int(mtime_ns)  # SQLite's INTEGER is 64-bit: a far-future mtime is not
         for cid, length in chunks:
-            rows.append((self.space_id, cid, path, offset, length, file_size, mtime_ns))
+            rows.append((self.space_id, cid, path, offset, length, file_size, mtime))
             offset += length
         async with self.store.transaction():
             await self.store.db.execute(

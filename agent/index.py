@@ -146,6 +146,16 @@ class FileEntry:
     target: str | None = None  # a symlink's target, as read from the link
 
 
+# An mtime is what os.stat can report: time_t seconds (signed 64-bit) in nanoseconds, before
+# 1970 included. A value outside (another device's junk) would fail os.utime when written.
+_MTIME_MIN = -(1 << 63) * 1_000_000_000
+_MTIME_MAX = ((1 << 63) - 1) * 1_000_000_000 + 999_999_999
+
+
+def _valid_mtime(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and _MTIME_MIN <= v <= _MTIME_MAX
+
+
 def _is_alive(path: str | None, edits: Mapping[str, int], deleted: DeleteRecord | None) -> bool:
     if path is None:
         return False
@@ -290,7 +300,7 @@ def _build_entry(fid: str, fields: Mapping[str, Any]) -> FileEntry:
         created_dev=created_dev,
         edits=MappingProxyType(edits),  # read-only: entries are cached and shared
         deleted=deleted,
-        mtime_ns=mtime_ns if mtime_ns is not None and mtime_ns >= 0 else None,
+        mtime_ns=mtime_ns if _valid_mtime(mtime_ns) else None,
         target=target if isinstance(target, str) and target else None,
         alive=_is_alive(path, edits, deleted),
     )
@@ -668,9 +678,7 @@ class IndexDoc:
             raise ValueError("empty path")
         if not math.isfinite(now):
             raise ValueError("non-finite timestamp")
-        if mtime_ns is not None and (
-            isinstance(mtime_ns, bool) or not isinstance(mtime_ns, int) or mtime_ns < 0
-        ):
+        if mtime_ns is not None and not _valid_mtime(mtime_ns):
             raise ValueError(f"bad mtime: {mtime_ns!r}")
         current = self._current(fid)
         written = self._fields.get(fid, ())
@@ -758,7 +766,7 @@ class IndexDoc:
         the content change it belongs to; concurrent writes: the highest client id wins."""
         _check_fid(fid)
         self._require(fid)
-        if isinstance(mtime_ns, bool) or not isinstance(mtime_ns, int) or mtime_ns < 0:
+        if not _valid_mtime(mtime_ns):
             raise ValueError(f"bad mtime: {mtime_ns!r}")
         return self._mutate(lambda: self._set(fid, "mtime", mtime_ns))
 

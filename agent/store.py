@@ -567,7 +567,9 @@ class Store:
             async with self.db.execute(sql, args) as cur:
                 rows = list(await cur.fetchall())
             for r in rows:
-                out[r[0]] = FileRecord(r[0], r[1], r[2], r[3], _int(r[4]), _int(r[5]))
+                out[r[0]] = FileRecord(
+                    r[0], r[1], r[2], r[3], from_sql_int(r[4]), from_sql_int(r[5])
+                )
             if len(rows) < _FILE_ROWS_PER_PAGE:
                 return out
             sql = f"{select} AND path>? ORDER BY path LIMIT ?"
@@ -713,14 +715,14 @@ class Store:
 _SQL_INT_MIN, _SQL_INT_MAX = -(1 << 63), (1 << 63) - 1
 
 
-def _sql_int(v: int) -> int | bytes:
+def to_sql_int(v: int) -> int | bytes:
     return v if _SQL_INT_MIN <= v <= _SQL_INT_MAX else v.to_bytes(16, "big", signed=True)
 
 
-def _int(v: int | bytes) -> int:
+def from_sql_int(v: int | bytes) -> int:
     return v if isinstance(v, int) else int.from_bytes(v, "big", signed=True)
 
 
 def _file_row(space_id: str, rec: FileRecord) -> tuple[str, str, bytes, bytes, int, Any, Any]:
     size, mtime_ns, inode = rec.stat_key()
-    return space_id, rec.path, rec.fid, rec.hash, size, _sql_int(mtime_ns), _sql_int(inode)
+    return space_id, rec.path, rec.fid, rec.hash, size, to_sql_int(mtime_ns), to_sql_int(inode)

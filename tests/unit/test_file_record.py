@@ -21,6 +21,7 @@ import pytest
 from local_space import make_sync
 
 from qmoi_sync.agent import store as store_mod
+from qmoi_sync.agent.chunk_store import ChunkStore
 from qmoi_sync.agent.index import FID_BYTES
 from qmoi_sync.agent.store import FileRecord, Store
 from qmoi_sync.protocol.identity import DeviceIdentity
@@ -192,23 +193,34 @@ def test_fid_width_is_the_index_fid_width() -> None:
     assert FileRecord("p", bytes(FID_BYTES), b"", 0, 0, 0).fid == bytes(FID_BYTES)
 
 
-async def test_agent_tracks_a_file_dated_after_2262_across_a_restart(
-    store: Store, tmp_path: Path
+@pytest.mark.parametrize(
+    "when",
+    [
+        10_413_792_000 * NS + 123_456_789,  # 2300-01-01T00:00:00.123456789Z
+        -2_208_988_800 * NS + 5,  # 1900-01-01, before the epoch
+    ],
+    ids=["after-2262", "before-1970"],
+)
+async def test_agent_tracks_a_file_dated_outside_64_bit_ns_or_before_1970_across_a_restart(
+    store: Store, tmp_path: Path, when: int
 ) -> None:
     """A file whose mtime does not fit in 64 bits of nanoseconds (touch -d 2300-01-01: any
-    file system with 64-bit seconds allows it) is tracked, and the agent's state reloads. Before
-    the store wrote such values as blobs, the rescan failed with SQLite's OverflowError."""
+    file system with 64-bit seconds allows it), or is before 1970 (old archives), is tracked
+    with that mtime in the index too, and the agent's state reloads. Before the store wrote
+    such values as blobs, the rescan failed with SQLite's OverflowError; before the index took
+    negative mtimes, a pre-1970 file failed it with "bad mtime"."""
     me = DeviceIdentity.generate()
     log, _secret = MembershipLog.create(me, time.time())
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "future.txt").write_text("from the future\n")
-    future = 10_413_792_000 * NS + 123_456_789  # 2300-01-01T00:00:00.123456789Z
-    os.utime(folder / "future.txt", ns=(future, future))
+    os.utime(folder / "future.txt", ns=(when, when))
     st = os.stat(folder / "future.txt")  # what this file system kept of it
     sync = await make_sync(store, folder, me, log)
     await sync.rescan()
     assert sync.files["future.txt"].stat_key() == (st.st_size, st.st_mtime_ns, st.st_ino)
+    (entry,) = [e for e in sync.index.entries().values() if e.path == "future.txt"]
+    assert entry.mtime_ns == st.st_mtime_ns
     before = dict(sync.files)
     sent = await store.outbox_count(sync.space_id)
     again = await make_sync(store, folder, me, log)  # the agent restarted
@@ -216,3 +228,22 @@ async def test_agent_tracks_a_file_dated_after_2262_across_a_restart(
     await again.rescan()  # nothing changed on disk: the same records, nothing new to send
     assert again.files == before
     assert await store.outbox_count(sync.space_id) == sent
+
+
+@pytest.mark.parametrize("mtime", [MTIME_MAX, MTIME_MIN, I64_MAX + 1, -5, 0])
+async def test_chunk_index_keeps_a_binary_file_dated_beyond_64_bit_ns(
+    store: Store, mtime: int
+) -> None:
+    """The chunk index (where a binary file's chunks can be read locally) records the file's
+    mtime in SQLite too: a binary file dated after 2262 used to fail its ingest there."""
+    chunks = ChunkStore(store, "s" * 32)
+    await chunks.ensure_schema()
+    await chunks.set_file_chunks("far.bin", 10, mtime, [(b"\x01" * 32, 4), (b"\x02" * 32, 6)])
+    (src,) = await chunks.sources(b"\x02" * 32)
+    assert (src.path, src.offset, src.length, src.file_size, src.mtime_ns) == (
+        "far.bin",
+        4,
+        6,
+        10,
+        mtime,
+    )

@@ -310,3 +310,27 @@ async def test_first_index_stores_one_map_entry_per_new_text_file(
         assert [k for k in raw if k.startswith(fid)] == [f"{fid}/c:{sync.device}"]
         assert e.edits == {sync.device: 1}
         assert e.alive and e.mtime_ns == (folder / str(e.path)).stat().st_mtime_ns
+
+
+def test_mtimes_before_1970_travel_and_junk_mtimes_read_as_none() -> None:
+    """Any mtime os.stat can report is kept, before 1970 included; a peer's value outside that
+    range (os.utime would fail on it) reads as no mtime, and a local one is refused."""
+    a, b = IndexDoc(client_id=1), IndexDoc(client_id=2)
+    old = -2_208_988_800_000_000_000  # 1900
+    a.create(F1, "old.txt", "text", 0o644, A, 1.0, mtime_ns=old)
+    b.apply_update(a.state())
+    assert b.entries()[F1].mtime_ns == old
+    a.set_mtime(F1, old - 1)
+    b.apply_update(a.state())
+    assert b.entries()[F1].mtime_ns == old - 1
+    for bad in (10**40, -(10**40), True, 1.5):
+        with pytest.raises(ValueError, match="bad mtime"):
+            a.set_mtime(F1, bad)  # type: ignore[arg-type]
+        doc: Doc[Any] = Doc(client_id=10**6)  # above a's: its concurrent write wins the key
+        with doc.transaction():
+            doc.get(FILES, type=Map)[f"{F1}/mtime"] = json.dumps(bad)
+        c = IndexDoc.from_state(a.state(), client_id=3)
+        c.apply_update(doc.get_update())
+        e = c.entries()[F1]
+        assert c.fields(F1)["mtime"] == bad  # the junk is what the map holds
+        assert e.alive and e.path == "old.txt" and e.mtime_ns is None
