@@ -66,6 +66,7 @@ from qmoi_sync.agent.layout import compute_layout, strip_conflict_marker
 from qmoi_sync.agent.materialize import DiskStat, UnsafePathError, delete_file, stat_file
 from qmoi_sync.agent.peer_chunks import LanChunks
 from qmoi_sync.agent.prefetch import HINT_MIN_FILE_BYTES, HintSender, Prefetcher
+from qmoi_sync.agent.tasks import cancel_and_wait
 from qmoi_sync.protocol.chunks import ChunkKeys, ChunkRef, Manifest
 from qmoi_sync.protocol.errors import DecryptError, ProtocolError
 from qmoi_sync.protocol.hints import HintEntry
@@ -287,11 +288,7 @@ class BinarySync:
         try:
             await stop.wait()
         finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(BaseException):
-                    await t
+            await cancel_and_wait(*tasks)
 
     # -- hooks called by SpaceSync (its lock held) -----------------------------------------
     def local_changed(self, path: str, size: int = 0) -> None:
@@ -1026,11 +1023,7 @@ class BinarySync:
                 for t in done:
                     job.done_bytes += t.result()  # a failure ends the pass (finally: cancel)
         finally:
-            for t in running:
-                t.cancel()
-            for t in running:
-                with contextlib.suppress(BaseException):
-                    await t
+            await cancel_and_wait(*running)
 
     async def _fetch_at(
         self, keys: ChunkKeys, ref: ChunkRef, fd: int, offset: int, local: bool

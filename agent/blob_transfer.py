@@ -28,6 +28,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from qmoi_sync.agent.rate import SpaceRates
 from qmoi_sync.agent.relay_link import BACKOFF_MAX, BACKOFF_MIN, RelayRefused, recv_frame
+from qmoi_sync.agent.tasks import cancel_and_wait
 from qmoi_sync.protocol import frames as F
 from qmoi_sync.protocol.errors import ProtocolError
 from qmoi_sync.protocol.identity import DeviceIdentity
@@ -260,10 +261,7 @@ class BlobLink:
             finally:
                 self._up.clear()
                 self._ws = None
-                for t in (reader, stopper, dead):
-                    t.cancel()
-                    with contextlib.suppress(BaseException):
-                        await t
+                await cancel_and_wait(reader, stopper, dead)
 
     async def handshake(self, ws: ClientConnection) -> None:
         """Authenticate ``ws`` for this space (also used by agent/blob_gc.py's own connection)."""

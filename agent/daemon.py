@@ -53,6 +53,7 @@ from qmoi_sync.agent.status import (
     StatusReport,
 )
 from qmoi_sync.agent.store import SpaceRecord, Store
+from qmoi_sync.agent.tasks import cancel_and_wait
 from qmoi_sync.agent.watcher import watch_folder
 from qmoi_sync.protocol import frames as F
 from qmoi_sync.protocol.errors import ProtocolError
@@ -321,9 +322,7 @@ class SpaceRuntime:
                 self.lan.cancel()
             for t in self.tasks:
                 t.cancel()
-        for t in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(*self.tasks)  # cancelled under the lock above: no second cancel
         if self.agent.lan is not None:
             await self.agent.lan.remove_space(self.record.space_id)
         self.snapshots.close()

@@ -34,6 +34,7 @@ from qmoi_sync.agent.peer_link import (
 )
 from qmoi_sync.agent.peer_sync import PeerSession, SpaceLan, Target
 from qmoi_sync.agent.status import LanStatus
+from qmoi_sync.agent.tasks import cancel_and_wait
 from qmoi_sync.protocol import lan as L
 from qmoi_sync.protocol.identity import DeviceIdentity
 
@@ -110,11 +111,7 @@ class LanService:
         return server
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(*self._tasks)
         for space in list(self.spaces.values()):
             await space.close()
         self.spaces.clear()

@@ -27,6 +27,7 @@ import ifaddr
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from qmoi_sync.agent.tasks import cancel_and_wait
 from qmoi_sync.protocol import lan as L
 from qmoi_sync.protocol.errors import ProtocolError
 
@@ -116,10 +117,7 @@ class Discovery:
         self._task = asyncio.create_task(self._watch_interfaces())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await cancel_and_wait(self._task)
         for t in list(self._resolving):
             t.cancel()
         async with self._lock:

@@ -14,7 +14,6 @@ With an invite that names a relay, both paths are tried at once and the first ac
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 from collections.abc import Coroutine
@@ -28,6 +27,7 @@ from qmoi_sync.agent.lan_config import lan_killed, load_settings
 from qmoi_sync.agent.lan_discovery import Discovery, Found
 from qmoi_sync.agent.membership_ops import Joined, join_via_relay, local_expiry_note
 from qmoi_sync.agent.peer_link import CONNECT_TIMEOUT_S, Refused, recv_frame, ws_log
+from qmoi_sync.agent.tasks import cancel_and_wait
 from qmoi_sync.protocol import lan as L
 from qmoi_sync.protocol.errors import InviteError, ProtocolError
 from qmoi_sync.protocol.identity import DeviceIdentity
@@ -141,9 +141,5 @@ async def join_any(
             except UserError as exc:
                 errors.append(exc)
     finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(*tasks)
     raise UserError("; ".join(str(e) for e in errors))

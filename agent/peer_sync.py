@@ -22,7 +22,6 @@ stream it covers) has been applied; the set-aside envelopes are then replayed in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -44,6 +43,7 @@ from qmoi_sync.agent.peer_link import (
     Refused,
     dial,
 )
+from qmoi_sync.agent.tasks import cancel_and_wait
 from qmoi_sync.protocol import lan as L
 from qmoi_sync.protocol.envelope import open_envelope, parse_header
 from qmoi_sync.protocol.errors import ProtocolError
@@ -225,9 +225,7 @@ class SpaceLan:
 
     async def close(self) -> None:
         self.cancel()
-        for t in self._all_tasks():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(*self._all_tasks())  # cancelled above: waits, no second cancel
         waits = [s.done.wait() for s in list(self.sessions.values())]
         if waits:
             await asyncio.wait([asyncio.ensure_future(w) for w in waits], timeout=5)
@@ -559,11 +557,7 @@ class PeerSession:
         finally:
             self.ready = False
             self.chunks.close()
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            await cancel_and_wait(*tasks)
             self.done.set()
             await self.conn.close(self._stop_code, self._stop_reason or "")
             log.info(

@@ -44,6 +44,7 @@ from qmoi_sync.agent.chunker import (
 )
 from qmoi_sync.agent.materialize import UnsafePathError
 from qmoi_sync.agent.peer_chunks import LanChunks
+from qmoi_sync.agent.tasks import cancel_and_wait
 from qmoi_sync.protocol.chunks import ChunkKeys, Manifest
 from qmoi_sync.protocol.errors import DecryptError, ProtocolError
 from qmoi_sync.protocol.hints import (
@@ -302,11 +303,7 @@ class Prefetcher:
                     continue
                 _done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in running:
-                t.cancel()
-            for t in running:
-                with contextlib.suppress(BaseException):
-                    await t
+            await cancel_and_wait(*running)
 
     async def _fetch(self, stage: Stage, e: HintEntry) -> None:
         link = self.binary.link
@@ -346,10 +343,7 @@ class Prefetcher:
 
     async def _stop(self, stage: Stage) -> None:
         task, stage.task = stage.task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(task)
 
     async def _drop(self, stage: Stage, why: str, quiet: bool = False) -> None:
         self.stages.pop(stage.transfer, None)

@@ -8,7 +8,6 @@ burst of a thousand files costs a handful of transactions while a single edit go
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import random
@@ -26,6 +25,7 @@ from qmoi_sync.agent.ack_watch import ACK_TIMEOUT_S, AckWatch
 from qmoi_sync.agent.clock import CLOCK_OFF_S, describe_offset, offset_from_date, wall
 from qmoi_sync.agent.deliver_gate import DeliverGate, queue_bytes_from_env
 from qmoi_sync.agent.space import SpaceSync
+from qmoi_sync.agent.tasks import cancel_and_wait
 from qmoi_sync.protocol import frames as F
 from qmoi_sync.protocol.errors import ProtocolError
 
@@ -305,11 +305,7 @@ class RelayLink:
                 done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 self._ws = None
-                for t in tasks:
-                    t.cancel()
-                for t in tasks:
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await t
+                await cancel_and_wait(*tasks)
                 # Undelivered envelopes go with the session; the relay sends them again.
                 self.gate.reset()
                 self.online = frozenset()

@@ -76,6 +76,7 @@ from qmoi_sync.agent.snapshotter import (
     load_manifest,
 )
 from qmoi_sync.agent.space import INDEX_DOC_ID, SpaceSync
+from qmoi_sync.agent.tasks import cancel_and_wait
 from qmoi_sync.agent.textdoc import text_of
 from qmoi_sync.protocol.chunks import ChunkKeys
 from qmoi_sync.protocol.chunks import ChunkRef as PChunkRef
@@ -292,11 +293,7 @@ class _Fetcher:
                 await asyncio.to_thread(write_all, fd, data)
                 written += len(data)
         finally:
-            for t in ahead:
-                t.cancel()
-            for t in ahead:
-                with contextlib.suppress(BaseException):
-                    await t
+            await cancel_and_wait(*ahead)
         return written
 
     async def state(self, ref: DocRef, what: str) -> bytes:

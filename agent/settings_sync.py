@@ -75,6 +75,7 @@ from qmoi_sync.agent.settings_formats import (
 from qmoi_sync.agent.shared_options import AGENT_DOC, OPTIONS, apply_option
 from qmoi_sync.agent.space import INDEX_DOC_ID
 from qmoi_sync.agent.status import SettingsDocStatus
+from qmoi_sync.agent.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from qmoi_sync.agent.daemon import SpaceRuntime
@@ -387,9 +388,7 @@ class SettingsService:
         m.stop.set()
         task, m.task = m.task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)
             if task in self.rt.tasks:
                 self.rt.tasks.remove(task)
 
