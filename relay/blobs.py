@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from .tasks import cancel_and_wait
+
 log = logging.getLogger("qmoi_sync.relay.blobs")
 
 _SYNC_FILE_RANGE_WRITE = 2
@@ -137,9 +139,7 @@ class BlobStore:
             try:
                 await asyncio.wait_for(asyncio.shield(self._writer), timeout=30)
             except (TimeoutError, asyncio.CancelledError):
-                self._writer.cancel()
-                with contextlib.suppress(BaseException):
-                    await self._writer
+                await cancel_and_wait(self._writer)
         while not self._queue.empty():
             p = self._queue.get_nowait()
             if p is not None and not p.future.done():

@@ -99,6 +99,7 @@ from .store import (
     StoredEnvelope,
     StoreError,
 )
+from .tasks import cancel_and_wait
 
 __all__ = ["RelayConfig", "RelayServer", "run_relay"]
 
@@ -608,16 +609,10 @@ class _Conn:
             space.conns.discard(self)
             space.presence_waiting.discard(self)
             space.announce_presence()
-        if self.sub is not None and self.sub.task is not None:
-            self.sub.task.cancel()
         tasks = list(self.tasks)
         if self.sub is not None and self.sub.task is not None:
             tasks.append(self.sub.task)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await cancel_and_wait(*tasks)
 
     # -- authentication --------------------------------------------------------------------
 
@@ -900,10 +895,8 @@ class _Conn:
     async def _subscribe(self, frame: F.Subscribe) -> None:
         space, _me = self._authed()
         old = self.sub
-        if old is not None and old.task is not None:
-            old.task.cancel()
-            with contextlib.suppress(BaseException):
-                await old.task
+        if old is not None:
+            await cancel_and_wait(old.task)
         sub = _Subscription(self, space, frame.from_seq, self.server.config.subscriber_buffer_bytes)
         self.sub = sub  # registered for live delivery before reading the backlog
         sub.task = asyncio.create_task(self._run_sub(sub), name=f"relay-sub-{self.cid}")
@@ -998,9 +991,7 @@ class _Conn:
                 )
         finally:
             space.joins.pop(rid, None)
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
+            await cancel_and_wait(reader)
         result = pj.result.result()
         await self.send(result)
         _ev(

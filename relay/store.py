@@ -37,6 +37,8 @@ from pathlib import Path
 
 import aiosqlite
 
+from .tasks import cancel_and_wait
+
 log = logging.getLogger("qmoi_sync.relay.store")
 
 DB_FILENAME = "relay.sqlite3"
@@ -244,9 +246,7 @@ class RelayStore:
             try:
                 await asyncio.wait_for(asyncio.shield(task), timeout=30)
             except (TimeoutError, asyncio.CancelledError):
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+                await cancel_and_wait(task)
         # Fail anything that raced in after the sentinel.
         while not self._queue.empty():
             p = self._queue.get_nowait()
