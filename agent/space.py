@@ -1347,7 +1347,7 @@ class SpaceSync:
                         # An older agent's entries are never materialized (no kind).
                         self.warnings["index-schema"] = (
                             "a device of this space runs an older qmoi-sync (index "
-                            "schema 1 or 2): its files are ignored until it is updated"
+                            "schema 1, 2 or 3): its files are ignored until it is updated"
                         )
                 elif not await self._adopt_new_doc(item.doc_id, scratch):
                     (await self._doc(item.doc_id)).apply_update(item.update)

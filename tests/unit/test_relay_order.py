@@ -5,14 +5,15 @@ store and protocol objects; envelopes are handed to `handle_remote` as a relay l
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from local_space import make_sync
-from pycrdt import Doc
+from pycrdt import Doc, Map
 
-from qmoi_sync.agent.index import IndexDoc
+from qmoi_sync.agent.index import FILES, IndexDoc
 from qmoi_sync.agent.offenders import RELAY
 from qmoi_sync.agent.relay_order import GAP_REPORT_S, RelayOrder
 from qmoi_sync.agent.space import INDEX_DOC_ID
@@ -234,3 +235,26 @@ async def test_a_full_state_after_a_relay_move_is_not_a_gap(store: Store, tmp_pa
     await sync.handle_remote([(2, after)])
     [gap] = sync.order.gaps(sync.windows)
     assert (gap.first_missing, gap.missing) == (43, 1)
+
+
+async def test_an_older_agents_index_entry_is_reported_and_never_materialized(
+    store: Store, tmp_path: Path
+) -> None:
+    """A member still running index schema 3 (one shared ``c`` record): its entry is not read
+    as a file of this space (it could not count its creation as an edit), and status says why."""
+    w = Writer()
+    sync = await make_sync(store, tmp_path / "f", w.me, w.log)
+    sync.subscribe_from()
+    doc: Doc[Any] = Doc()
+    files = doc.get(FILES, type=Map)
+    with doc.transaction():
+        files[f"{DOC.hex()}/c"] = json.dumps(["text", 1.0, "writer", "old.txt", None])
+        files[f"{DOC.hex()}/e:writer"] = json.dumps(1)
+    w.seq += 1
+    payload = encode_payload(
+        Updates(items=[DocUpdate(doc_id=INDEX_DOC_ID, update=doc.get_update())])
+    )
+    await sync.handle_remote([(1, seal(w.admin, w.log.space_id, 0, w.key, w.seq, payload))])
+    assert "schema 1, 2 or 3" in sync.warnings["index-schema"]
+    assert not (tmp_path / "f" / "old.txt").exists()
+    assert all(not e.alive for e in sync.index.entries().values())
