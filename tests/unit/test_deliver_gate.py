@@ -79,13 +79,20 @@ def make_world() -> World:
 # -- the gate alone ----------------------------------------------------------------------------
 
 
+async def _let_the_loop_run(rounds: int = 20) -> None:
+    """Let every ready callback run a number of times (the gate waits on events of this loop
+    only, so a waiter that wrongly passes is done after a few rounds): no wall-clock wait."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
 async def test_a_full_gate_waits_until_the_applier_frees_room() -> None:
     wanted = asyncio.Event()
     gate = DeliverGate(100, wanted)
     await asyncio.wait_for(gate.wait_for_room(), 5)
     gate.added(150)  # one envelope larger than the bound still goes, alone
     waiter = asyncio.create_task(gate.wait_for_room())
-    await asyncio.sleep(0.05)  # give it a chance to (wrongly) pass
+    await _let_the_loop_run()  # give it a chance to (wrongly) pass
     assert not waiter.done()
     gate.taken(150)  # the applier took it: room for the next while it is applied
     await asyncio.wait_for(waiter, 5)
@@ -99,7 +106,7 @@ async def test_a_full_gate_opens_while_a_membership_log_is_wanted() -> None:
     gate = DeliverGate(10, wanted)
     gate.added(10)
     waiter = asyncio.create_task(gate.wait_for_room())
-    await asyncio.sleep(0.05)
+    await _let_the_loop_run()
     assert not waiter.done()
     wanted.set()  # SpaceSync.handle_remote waits for a longer log
     await asyncio.wait_for(waiter, 5)
